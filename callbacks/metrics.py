@@ -1,0 +1,117 @@
+"""L0, R², MSE and dead fraction with the definitions of SPEC §6, logged under train/… and val/….
+
+R² sums squared errors and variances over the whole window before dividing (never a mean of per-batch
+ratios); the states are sums, so torchmetrics' synchronization makes them exact under DDP too.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class ReconstructionMetrics(Metric):
+    """Window sums for R² = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², MSE, L0 and the latents that fired."""
+
+    full_state_update = False
+
+    def __init__(self, d_in: int, width: int) -> None:
+        super().__init__()
+        self.add_state("squared_error", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_x", torch.zeros(d_in, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_squares", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("active", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("fired", torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor, x_hat: Tensor, codes: Tensor) -> None:
+        x, x_hat = x.double(), x_hat.double()
+        self.squared_error += (x - x_hat).pow(2).sum()
+        self.sum_x += x.sum(0)
+        self.sum_squares += x.pow(2).sum()
+        nonzero = codes != 0
+        self.active += nonzero.sum()
+        self.tokens += len(x)
+        self.fired += nonzero.any(0)
+
+    def compute(self) -> dict[str, Tensor]:
+        total_variance = self.sum_squares - self.sum_x.pow(2).sum() / self.tokens
+        return {
+            "r2": 1 - self.squared_error / total_variance,
+            "mse": self.squared_error / (self.tokens * self.sum_x.numel()),
+            "l0": self.active / self.tokens,
+            "silent_fraction": (self.fired == 0).double().mean(),
+        }
+
+
+def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
+    """R² of one batch (window = the batch), used for the gate path's auxiliary reconstruction."""
+    x, x_hat = x.double(), x_hat.double()
+    return 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+
+class SAEMetrics(L.Callback):
+    """Logs train/{mse,l0,r2,dead_fraction,aux_r2,tokens_per_s} every step and val/… over the held-out set.
+
+    train/dead_fraction uses the module's window of `dead_window_tokens` training tokens; val/dead_fraction
+    is the share of latents that never fired on the held-out tokens (the window is the validation set).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._train: ReconstructionMetrics | None = None
+        self._eval: ReconstructionMetrics | None = None
+        self._last_time: float | None = None
+
+    def _metric(self, existing: ReconstructionMetrics | None, pl_module) -> ReconstructionMetrics:
+        if existing is None:
+            existing = ReconstructionMetrics(pl_module.sae.d_in, pl_module.sae.width).to(pl_module.device)
+        return existing
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs: dict[str, Any], batch, batch_idx) -> None:
+        self._train = self._metric(self._train, pl_module)
+        self._train.update(outputs["x"], outputs["x_hat"], outputs["codes"])
+        values = self._train.compute()
+        self._train.reset()
+        log = dict(sync_dist=False, on_step=True, on_epoch=False)
+        pl_module.log("train/mse", values["mse"].float(), **log)
+        pl_module.log("train/l0", values["l0"].float(), prog_bar=True, **log)
+        pl_module.log("train/r2", values["r2"].float(), prog_bar=True, **log)
+        pl_module.log("train/dead_fraction", pl_module.dead_mask().float().mean(), prog_bar=True, **log)
+        if "gate_x_hat" in outputs:
+            pl_module.log("train/aux_r2", explained_variance(outputs["x"], outputs["gate_x_hat"]).float(), **log)
+        now = time.perf_counter()
+        if self._last_time is not None:
+            tokens = len(outputs["x"]) * trainer.world_size
+            pl_module.log("train/tokens_per_s", tokens / (now - self._last_time), prog_bar=True, **log)
+        self._last_time = now
+
+    def _evaluation_batch_end(self, pl_module, outputs: dict[str, Any]) -> None:
+        self._eval = self._metric(self._eval, pl_module)
+        self._eval.update(outputs["x"], outputs["x_hat"], outputs["codes"])
+
+    def _evaluation_epoch_end(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if self._eval is None:
+            return
+        values = self._eval.compute()
+        self._eval.reset()
+        for name, key in [("mse", "mse"), ("l0", "l0"), ("r2", "r2"), ("dead_fraction", "silent_fraction")]:
+            pl_module.log(f"{stage}/{name}", values[key].float(), sync_dist=False, prog_bar=(name == "r2"))
+        self._last_time = None  # validation time is not training throughput
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._evaluation_batch_end(pl_module, outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._evaluation_batch_end(pl_module, outputs)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._evaluation_epoch_end(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._evaluation_epoch_end(trainer, pl_module, "test")

@@ -1,0 +1,83 @@
+"""What a researcher needs around a run: its metadata on disk, a finite progress bar, where things landed."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+
+_PACKAGES = ("sagsae", "torch", "lightning", "torchmetrics", "transformers", "datasets", "gguf")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+class RunInfo(L.Callback):
+    """Writes run_metadata.json (versions, seed, data, SAE) into the log folder and prints where to look."""
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        datamodule = trainer.datamodule
+        info = {
+            "versions": {name: _version(name) for name in _PACKAGES} | {"python": platform.python_version()},
+            "git_commit": _git_commit(),
+            "seed": _seed(),
+            "architecture": pl_module.sae.architecture,
+            "d_in": pl_module.sae.d_in,
+            "width": pl_module.sae.width,
+            "input_scale": float(pl_module.sae.input_scale),
+            "data": datamodule.describe() if hasattr(datamodule, "describe") else None,
+            "world_size": trainer.world_size,
+        }
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "run_metadata.json").write_text(json.dumps(info, indent=2))
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in
+                          ("train/l0", "train/r2", "train/dead_fraction", "train/tokens_per_s",
+                           "val/l0", "val/r2", "val/dead_fraction") if k in metrics)
+        checkpoint = trainer.checkpoint_callback
+        log_root = Path(trainer.logger.save_dir) if trainer.logger is not None else Path(trainer.default_root_dir)
+        print(f"\nFinished at step {trainer.global_step}: {shown}")
+        print(f"Logs, config and metadata: {trainer.log_dir}")
+        if checkpoint is not None and checkpoint.dirpath:
+            print(f"Checkpoints (last.ckpt resumes with --ckpt_path): {checkpoint.dirpath}")
+        print(f"Open the dashboards with: tensorboard --logdir {log_root}")
+
+
+def _seed() -> int | None:
+    import os
+
+    value = os.environ.get("PL_GLOBAL_SEED")
+    return int(value) if value is not None else None
+
+
+class StepProgressBar(RichProgressBar):
+    """A rich bar whose total is max_steps: the activation stream has no length of its own."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        max_steps = self.trainer.max_steps
+        return max_steps if max_steps and max_steps > 0 else super().total_train_batches

@@ -1,0 +1,57 @@
+"""From LM activations to training batches: the massive-activation guard and the shuffle buffer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+
+class NormGuard:
+    """Drops tokens whose norm exceeds `multiple` × the running median norm, and non-finite tokens (SPEC §5).
+
+    The median runs over the last `history` kept tokens; the very first chunk is judged against its own median.
+    """
+
+    def __init__(self, multiple: float | None, history: int = 65_536) -> None:
+        if multiple is not None and multiple <= 1:
+            raise ValueError(f"norm_guard_multiple must be > 1 (or null to switch the guard off), got {multiple}")
+        self.multiple = multiple
+        self.history = history
+        self._norms = torch.empty(0)
+        self.dropped_massive = 0
+        self.dropped_nonfinite = 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        finite = torch.isfinite(x).all(-1)
+        self.dropped_nonfinite += int((~finite).sum())
+        x = x[finite]
+        if self.multiple is None or len(x) == 0:
+            return x
+        norms = x.norm(dim=-1).float().cpu()
+        reference = self._norms if len(self._norms) else norms
+        keep = norms <= self.multiple * reference.median()
+        self.dropped_massive += int((~keep).sum())
+        self._norms = torch.cat([self._norms, norms[keep]])[-self.history :]
+        return x[keep.to(x.device)]
+
+
+def shuffled_batches(
+    chunks: Iterable[Tensor], batch_size: int, buffer_tokens: int, generator: torch.Generator
+) -> Iterator[Tensor]:
+    """Mix tokens from many contexts: fill a buffer, shuffle it, emit batches until half of it is left."""
+    if buffer_tokens < 2 * batch_size:
+        raise ValueError(f"shuffle_buffer_tokens ({buffer_tokens}) must be at least 2 × batch_size ({batch_size})")
+    pending: list[Tensor] = []
+    filled = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        filled += len(chunk)
+        if filled < buffer_tokens:
+            continue
+        pool = torch.cat(pending)
+        pool = pool[torch.randperm(len(pool), generator=generator).to(pool.device)]
+        emitted = (len(pool) - buffer_tokens // 2) // batch_size * batch_size
+        yield from pool[:emitted].split(batch_size)
+        pending, filled = [pool[emitted:]], len(pool) - emitted

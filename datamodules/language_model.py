@@ -1,0 +1,44 @@
+"""Loading the frozen LM and its tokenizer: an embedded GGUF model, any HF hub name, or a local folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sagsae.embedded import embedded_model_files, is_embedded
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' = bfloat16 on GPU, float32 on CPU (CPU bf16 matmuls are slow on most machines)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"Unknown lm_dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_language_model(source: str, gguf_file: str | None, dtype: torch.dtype, device: torch.device):
+    """(model in eval mode with gradients off, tokenizer). Fails with what was looked for."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if is_embedded(source):
+        folder, gguf_file = embedded_model_files(source)
+        location = str(folder)
+    else:
+        location = source
+        if gguf_file is not None and not (Path(source) / gguf_file).is_file() and Path(source).is_dir():
+            raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {source}")
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"Could not load the language model {source!r} (looked for a local folder or a hub model of that "
+            f"name{', GGUF file ' + repr(gguf_file) if gguf_file else ''}): {error}"
+        ) from error
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,203 @@
+"""LightningDataModule that streams activations live from a hookpoint of a frozen causal LM."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.activation_stream import NormGuard, shuffled_batches
+from datamodules.language_model import load_language_model, resolve_dtype
+from datamodules.text import TextSource, is_validation_document, pack_contexts, select_documents, tokenize_documents
+from sagsae.hookpoints import ActivationReader, parse_hookpoint
+
+
+class _GeneratorDataset(IterableDataset):
+    def __init__(self, make_iterator: Callable[[], Iterator[Tensor]]) -> None:
+        self.make_iterator = make_iterator
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self.make_iterator()
+
+
+class LMActivationDataModule(L.LightningDataModule):
+    """Yields [batch_size, d_model] activation batches (raw: the SAE applies its normalization scalar).
+
+    Args:
+        model: "embedded:smollm2-135m", any HF hub name, or a local folder.
+        gguf_file: GGUF file inside `model` (embedded models set it themselves).
+        hookpoint: resid_pre, resid_mid, resid_post, attn_out, mlp_out, or "blocks.L.hook_…".
+        layer: block index; None = mid-depth ⌊n_layers/2⌋.
+        dataset: "embedded:wiki-summaries" or a `datasets` name/path/builder (with data_files).
+        context_length: tokens per context, BOS included (the BOS position is never trained on).
+        lm_batch_size: contexts per LM forward.
+        batch_size: tokens per SAE batch.
+        shuffle_buffer_tokens: tokens mixed before batches are drawn.
+        val_fraction: share of documents held out (whole documents) for validation and test.
+        val_tokens: held-out tokens evaluated at each validation.
+        norm_guard_multiple: drop tokens above this multiple of the running median norm; None = off.
+        normalization_tokens: tokens used to estimate the normalization scalar (E‖x‖² = d).
+        lm_dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.
+        seed: document order and shuffle buffer.
+    """
+
+    def __init__(
+        self,
+        model: str = "embedded:smollm2-135m",
+        gguf_file: str | None = None,
+        hookpoint: str = "mlp_out",
+        layer: int | None = None,
+        dataset: str = "embedded:wiki-summaries",
+        dataset_config: str | None = None,
+        data_files: str | list[str] | None = None,
+        split: str = "train",
+        text_column: str = "text",
+        streaming: bool = False,
+        context_length: int = 128,
+        lm_batch_size: int = 32,
+        batch_size: int = 4096,
+        shuffle_buffer_tokens: int = 32_768,
+        val_fraction: float = 0.02,
+        val_tokens: int = 32_768,
+        norm_guard_multiple: float | None = 10.0,
+        normalization_tokens: int = 16_384,
+        lm_dtype: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        parse_hookpoint(hookpoint, layer)  # an unknown name fails here, before anything loads
+        for name, value in [("context_length", context_length), ("lm_batch_size", lm_batch_size),
+                            ("batch_size", batch_size), ("val_tokens", val_tokens),
+                            ("normalization_tokens", normalization_tokens)]:
+            if value <= 0:
+                raise ValueError(f"data.{name} must be positive, got {value}")
+        if context_length < 2:
+            raise ValueError("data.context_length must be at least 2 (BOS plus one trained token)")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.source = TextSource(dataset, dataset_config, data_files, split, text_column, streaming)
+        self.guard = NormGuard(norm_guard_multiple)
+        self.reader: ActivationReader | None = None
+        self._validation_batches: list[Tensor] | None = None
+
+    # ----- set-up ---------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.reader is not None:
+            return
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        lm, self.tokenizer = load_language_model(hp.model, hp.gguf_file, resolve_dtype(hp.lm_dtype, device), device)
+        self.reader = ActivationReader(lm, hp.hookpoint, hp.layer)
+        self.device = device
+        self.bos_id = self.tokenizer.bos_token_id
+        if self.bos_id is None:
+            self.bos_id = self.tokenizer.eos_token_id
+        if self.bos_id is None:
+            raise ValueError(f"The tokenizer of {hp.model!r} has neither a BOS nor an EOS token to start contexts")
+        self.separator_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.bos_id
+        self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids) | {self.bos_id, self.separator_id}))
+
+    @property
+    def d_model(self) -> int:
+        if self.reader is None:
+            raise RuntimeError("The datamodule is not set up yet: call setup() first")
+        return self.reader.d_model
+
+    def describe(self) -> dict:
+        """What a run records about its activations."""
+        return {"model": self.hparams.model, "hookpoint": self.reader.hookpoint, "layer": self.reader.layer,
+                "d_model": self.d_model, "dropped_massive": self.guard.dropped_massive,
+                "dropped_nonfinite": self.guard.dropped_nonfinite}
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    # ----- documents → contexts → activations ------------------------------------------------------
+    def _documents(self, validation: bool, pass_index: int) -> Iterator:
+        rank, world = self._rank_and_world()
+        if not self.source.indexable:
+            yield from select_documents(self.source.documents(), validation=validation,
+                                        val_fraction=self.hparams.val_fraction, rank=rank, world_size=world)
+            return
+        indices = [i for i in range(len(self.source))
+                   if is_validation_document(i, self.hparams.val_fraction) == validation][rank::world]
+        if not indices:
+            raise ValueError(f"Dataset {self.hparams.dataset!r} has no {'validation' if validation else 'training'} "
+                             f"documents for rank {rank}: add documents or change data.val_fraction")
+        if not validation:
+            order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.hparams.seed + pass_index))
+            indices = [indices[i] for i in order.tolist()]
+        for index in indices:
+            yield self.source.document(index)
+
+    def _activation_chunks(self, validation: bool, passes: Iterator[int]) -> Iterator[Tensor]:
+        """Guarded activations of the trainable positions, one chunk per LM forward."""
+        hp = self.hparams
+        for pass_index in passes:
+            tokens = tokenize_documents(self._documents(validation, pass_index), self.tokenizer)
+            contexts = pack_contexts(tokens, hp.context_length, self.bos_id, self.separator_id)
+            produced = False
+            while batch := list(itertools.islice(contexts, hp.lm_batch_size)):
+                produced = True
+                input_ids = torch.tensor(batch)
+                trainable = ~torch.isin(input_ids, self.special_ids)
+                trainable[:, 0] = False
+                activations = self.reader(input_ids.to(self.device))
+                yield self.guard(activations[trainable.to(self.device)].float())
+            if not produced:
+                raise ValueError(f"Dataset {hp.dataset!r} yields fewer than {hp.context_length} tokens "
+                                 f"for {'validation' if validation else 'training'}; add text or shorten contexts")
+
+    def _training_chunks(self) -> Iterator[Tensor]:
+        return self._activation_chunks(validation=False, passes=itertools.count())
+
+    def _training_batches(self) -> Iterator[Tensor]:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return shuffled_batches(self._training_chunks(), self.hparams.batch_size,
+                                self.hparams.shuffle_buffer_tokens, generator)
+
+    @torch.no_grad()
+    def estimate_input_scale(self) -> float:
+        """The scalar s with E‖s·x‖² = d over the first `normalization_tokens` training tokens (SPEC §5)."""
+        needed, total, count = self.hparams.normalization_tokens, 0.0, 0
+        for chunk in self._training_chunks():
+            chunk = chunk[: needed - count]
+            total += float(chunk.double().pow(2).sum())
+            count += len(chunk)
+            if count >= needed:
+                break
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            stats = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(stats)
+            total, count = stats.tolist()
+        return math.sqrt(self.d_model / (total / count))
+
+    # ----- dataloaders ------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_GeneratorDataset(self._training_batches), batch_size=None)
+
+    def _held_out_batches(self) -> list[Tensor]:
+        """The first `val_tokens` held-out tokens, computed once and kept (the LM is the slow part)."""
+        if self._validation_batches is None:
+            rank, world = self._rank_and_world()
+            wanted = math.ceil(self.hparams.val_tokens / world)
+            chunks, count = [], 0
+            for chunk in self._activation_chunks(validation=True, passes=iter([0])):
+                chunks.append(chunk[: wanted - count])
+                count += len(chunks[-1])
+                if count >= wanted:
+                    break
+            self._validation_batches = list(torch.cat(chunks).split(self.hparams.batch_size))
+        return self._validation_batches
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._held_out_batches(), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

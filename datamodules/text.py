@@ -1,0 +1,136 @@
+"""Documents in, packed BOS-first token contexts out.
+
+Sources: the embedded Wikipedia summaries, or any `datasets` dataset (hub name, local folder, builder such as
+"json"/"text"/"parquet" with data_files), streamed or not, with a text column or pre-tokenized `input_ids`.
+The validation split holds out whole documents, chosen by a hash of their index, so no article is split.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from sagsae.embedded import embedded_corpus_file, is_embedded
+
+Document = str | list[int]
+
+
+@dataclass
+class TextSource:
+    dataset: str = "embedded:wiki-summaries"
+    dataset_config: str | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    text_column: str = "text"
+    streaming: bool = False
+    _rows: object = field(default=None, init=False, repr=False)
+
+    def _load(self):
+        if self._rows is not None:
+            return self._rows
+        if is_embedded(self.dataset):
+            with open(embedded_corpus_file(self.dataset), encoding="utf-8") as handle:
+                articles = json.load(handle)
+            self._rows = [article["extract"] for article in articles.values() if article.get("extract")]
+        else:
+            self._rows = self._load_hf_dataset()
+        return self._rows
+
+    def _load_hf_dataset(self):
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(
+                self.dataset, self.dataset_config, data_files=self.data_files, split=self.split,
+                streaming=self.streaming,
+            )
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"Could not load dataset {self.dataset!r} (config={self.dataset_config!r}, "
+                f"data_files={self.data_files!r}, split={self.split!r}): {error}. Give a hub name, a local "
+                f"folder, or a builder such as 'json' or 'text' with data_files."
+            ) from error
+        columns = rows.column_names or []
+        if columns and self.text_column not in columns and "input_ids" not in columns:
+            raise ValueError(
+                f"Dataset {self.dataset!r} has no text column {self.text_column!r} and no 'input_ids' "
+                f"column; its columns are {columns}. Set text_column to one of them."
+            )
+        return rows
+
+    @property
+    def indexable(self) -> bool:
+        """Lists and non-streamed datasets can be read in any order (and so shuffled per pass)."""
+        return hasattr(self._load(), "__getitem__")
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def _document(self, row) -> Document:
+        if isinstance(row, str):
+            return row
+        if "input_ids" in row and self.text_column not in row:
+            return list(row["input_ids"])
+        return row[self.text_column]
+
+    def document(self, index: int) -> Document:
+        return self._document(self._load()[index])
+
+    def documents(self) -> Iterator[Document]:
+        for row in self._load():
+            yield self._document(row)
+
+
+def is_validation_document(index: int, val_fraction: float) -> bool:
+    """Stable, seed-independent choice of held-out documents."""
+    return zlib.crc32(index.to_bytes(8, "little")) % 1_000_000 < val_fraction * 1_000_000
+
+
+def select_documents(
+    documents: Iterable[Document], *, validation: bool, val_fraction: float, rank: int = 0, world_size: int = 1
+) -> Iterator[Document]:
+    """The train or validation documents of this rank (documents are dealt round-robin to ranks)."""
+    position = 0
+    for index, document in enumerate(documents):
+        if is_validation_document(index, val_fraction) != validation:
+            continue
+        if position % world_size == rank:
+            yield document
+        position += 1
+
+
+def pack_contexts(
+    token_documents: Iterable[list[int]], context_length: int, bos_id: int, separator_id: int
+) -> Iterator[list[int]]:
+    """Concatenate documents (separated by `separator_id`) and cut contexts of `context_length` that each
+    start with BOS: the first position carries the LM's attention-sink activation and is never trained on."""
+    body = context_length - 1
+    buffer: list[int] = []
+    for tokens in token_documents:
+        buffer.extend(tokens)
+        buffer.append(separator_id)
+        while len(buffer) >= body:
+            yield [bos_id, *buffer[:body]]
+            del buffer[:body]
+
+
+def tokenize_documents(documents: Iterable[Document], tokenizer, chunk: int = 64) -> Iterator[list[int]]:
+    """Token ids without special tokens; pre-tokenized documents pass through."""
+    pending: list[str] = []
+
+    def flush() -> Iterator[list[int]]:
+        if pending:
+            yield from tokenizer(pending, add_special_tokens=False)["input_ids"]
+            pending.clear()
+
+    for document in documents:
+        if isinstance(document, str):
+            pending.append(document)
+            if len(pending) == chunk:
+                yield from flush()
+        else:
+            yield from flush()
+            yield list(document)
+    yield from flush()

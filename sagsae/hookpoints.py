@@ -1,0 +1,156 @@
+"""Hookpoint resolution and truncated activation reading for Hugging Face causal LMs (SPEC §5).
+
+A hookpoint is a sum of module inputs/outputs ("terms"): usually one, but Pythia's parallel residual has no
+resid_mid tensor, so there it is resid_pre + attn_out. The reader raises out of the forward as soon as the
+last term is captured, so the layers above the hook are never computed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+HOOKPOINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+_TRANSFORMER_LENS_ALIAS = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps its blocks and the modules that bound each residual write."""
+
+    layers: str  # dotted path to the list of decoder blocks
+    attn: str  # module whose output is the attention block's write to the residual
+    mlp: str  # module whose output is the MLP block's write to the residual
+    mid_norm: str | None  # module whose input is resid_mid (the MLP's norm); None for a parallel residual
+
+
+_LLAMA_LIKE = Family("model.layers", "self_attn", "mlp", "post_attention_layernorm")
+# Gemma 2/3 normalize each block's output before adding it to the residual, so the writes are the norms' outputs.
+_GEMMA_SANDWICH = Family("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "pre_feedforward_layernorm")
+FAMILIES: dict[str, Family] = {
+    **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma")},
+    **{name: _GEMMA_SANDWICH for name in ("gemma2", "gemma3", "gemma3_text")},
+    "gpt2": Family("transformer.h", "attn", "mlp", "ln_2"),
+    "gpt_neox": Family("gpt_neox.layers", "attention", "mlp", "post_attention_layernorm"),
+}
+
+Term = tuple[str, Literal["input", "output"]]
+
+
+class UnknownHookpointError(ValueError):
+    pass
+
+
+def parse_hookpoint(name: str, layer: int | None) -> tuple[str, int | None]:
+    """Accept our names (`mlp_out` + layer) and TransformerLens/SAELens ones (`blocks.15.hook_mlp_out`)."""
+    alias = _TRANSFORMER_LENS_ALIAS.match(name)
+    if alias:
+        alias_layer = int(alias.group(1))
+        if layer is not None and layer != alias_layer:
+            raise UnknownHookpointError(f"Hookpoint {name!r} names layer {alias_layer} but layer={layer} was given")
+        return alias.group(2), alias_layer
+    if name not in HOOKPOINTS:
+        raise UnknownHookpointError(
+            f"Unknown hookpoint {name!r}. Valid hookpoints: {', '.join(HOOKPOINTS)} "
+            f"(with a layer), or TransformerLens-style names such as 'blocks.15.hook_mlp_out'."
+        )
+    return name, layer
+
+
+def model_family(model: nn.Module) -> Family:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnknownHookpointError(
+            f"No hookpoint table for model type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}."
+        )
+    return FAMILIES[model_type]
+
+
+def _is_parallel_residual(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "use_parallel_residual", False))
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(model.get_submodule(model_family(model).layers))
+
+
+def mid_depth_layer(model: nn.Module) -> int:
+    """The paper's "mid-depth": ⌊n_layers / 2⌋."""
+    return num_layers(model) // 2
+
+
+def resolve_hookpoint(model: nn.Module, hookpoint: str, layer: int | None) -> tuple[str, int, list[Term]]:
+    """(canonical name, layer, terms whose sum is the hookpoint's tensor); fails with the valid choices."""
+    name, layer = parse_hookpoint(hookpoint, layer)
+    family = model_family(model)
+    n_layers = num_layers(model)
+    layer = mid_depth_layer(model) if layer is None else layer
+    if not 0 <= layer < n_layers:
+        raise UnknownHookpointError(f"Layer {layer} is out of range: this model has layers 0..{n_layers - 1}.")
+    block = f"{family.layers}.{layer}"
+    if name == "resid_pre":
+        terms: list[Term] = [(block, "input")]
+    elif name == "resid_post":
+        terms = [(block, "output")]
+    elif name == "attn_out":
+        terms = [(f"{block}.{family.attn}", "output")]
+    elif name == "mlp_out":
+        terms = [(f"{block}.{family.mlp}", "output")]
+    elif family.mid_norm is None or _is_parallel_residual(model):
+        terms = [(block, "input"), (f"{block}.{family.attn}", "output")]  # parallel residual: defined, SPEC §5
+    else:
+        terms = [(f"{block}.{family.mid_norm}", "input")]
+    return name, layer, terms
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every term is captured: nothing above the hook runs."""
+
+
+def _first_tensor(value) -> Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+class ActivationReader:
+    """Runs a frozen LM up to a hookpoint and returns its activations [batch, seq, d]."""
+
+    def __init__(self, model: nn.Module, hookpoint: str, layer: int | None = None) -> None:
+        self.model = model
+        self.hookpoint, self.layer, self.terms = resolve_hookpoint(model, hookpoint, layer)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        captured: dict[int, Tensor] = {}
+        handles = []
+
+        def store(index: int, value: Tensor) -> None:
+            captured[index] = value
+            if len(captured) == len(self.terms):
+                raise _StopForward
+
+        for index, (path, kind) in enumerate(self.terms):
+            module = self.model.get_submodule(path)
+            if kind == "input":
+                hook = lambda _m, args, kwargs, i=index: store(i, args[0] if args else kwargs["hidden_states"])
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                hook = lambda _m, _args, output, i=index: store(i, _first_tensor(output))
+                handles.append(module.register_forward_hook(hook))
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(captured) != len(self.terms):
+            raise RuntimeError(f"Hookpoint {self.hookpoint} at layer {self.layer} was never reached in the forward")
+        return sum(captured[i] for i in range(len(self.terms)))
