@@ -100,7 +100,8 @@ class SAEModule(L.LightningModule):
         return self.hparams.sparsity_coefficient * ramp
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        betas = tuple(float(beta) for beta in self.hparams.betas)
+        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr, betas=betas)
         warmup = self.hparams.lr_warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0

@@ -11,14 +11,23 @@ import torch
 from torch import Tensor
 
 
-def rectangle_kernel(t: Tensor) -> Tensor:
-    """K(t) = 1[|t| < 1/2], the JumpReLU pseudo-derivative kernel."""
-    return (t.abs() < 0.5).to(t.dtype)
+def open_gate(z: Tensor, theta_pos: Tensor, theta_neg: Tensor) -> Tensor:
+    """Boolean two-sided gate: z > θ⁺ or z < −θ⁻."""
+    return (z > theta_pos) | (z < -theta_neg)
 
 
-def _sum_to_shape(grad: Tensor, shape: torch.Size) -> Tensor:
-    """Reduce a broadcast gradient back to a per-latent parameter's shape."""
-    return grad.reshape(-1, *shape).sum(0) if grad.shape != shape else grad
+def _kernel_sum(z: Tensor, grad: Tensor, center: Tensor, bandwidth: float, side: Tensor | None = None) -> Tensor:
+    """Σ_batch grad · K((z − center)/ε), K(t) = 1[|t| < ½], per latent (z is [..., H]); only where `side`."""
+    half = bandwidth / 2
+    band = (z > center - half) & (z < center + half)
+    if side is not None:
+        band &= side
+    return torch.where(band, grad, 0).reshape(-1, z.shape[-1]).sum(0)
+
+
+def _threshold_grad(grad: Tensor, like: Tensor) -> Tensor:
+    """Per-latent gradient [H] for a threshold that may have been broadcast or shared."""
+    return grad.reshape(like.shape) if like.dim() else grad.sum()
 
 
 class _TwoSidedStep(torch.autograd.Function):
@@ -28,15 +37,16 @@ class _TwoSidedStep(torch.autograd.Function):
     def forward(ctx, z: Tensor, theta_pos: Tensor, theta_neg: Tensor, bandwidth: float) -> Tensor:
         ctx.save_for_backward(z, theta_pos, theta_neg)
         ctx.bandwidth = bandwidth
-        return ((z > theta_pos) | (-z > theta_neg)).to(z.dtype)
+        return open_gate(z, theta_pos, theta_neg).to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         z, theta_pos, theta_neg = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_pos = -grad * rectangle_kernel((z - theta_pos) / eps) / eps
-        grad_neg = -grad * rectangle_kernel((-z - theta_neg) / eps) / eps
-        return None, _sum_to_shape(grad_pos, theta_pos.shape), _sum_to_shape(grad_neg, theta_neg.shape), None
+        # ∂H(z − θ⁺)/∂θ⁺ = −K((z − θ⁺)/ε)/ε;  ∂H(−z − θ⁻)/∂θ⁻ = −K((−z − θ⁻)/ε)/ε.
+        grad_pos = -_kernel_sum(z, grad, theta_pos, eps) / eps
+        grad_neg = -_kernel_sum(z, grad, -theta_neg, eps) / eps
+        return None, _threshold_grad(grad_pos, theta_pos), _threshold_grad(grad_neg, theta_neg), None
 
 
 class _BiJumpReLU(torch.autograd.Function):
@@ -44,19 +54,20 @@ class _BiJumpReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, theta_pos: Tensor, theta_neg: Tensor, bandwidth: float) -> Tensor:
-        gate = ((z > theta_pos) | (-z > theta_neg)).to(z.dtype)
+        gate = open_gate(z, theta_pos, theta_neg)
         ctx.save_for_backward(z, theta_pos, theta_neg, gate)
         ctx.bandwidth = bandwidth
-        return z * gate
+        return torch.where(gate, z, 0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         z, theta_pos, theta_neg, gate = ctx.saved_tensors
         eps = ctx.bandwidth
         # z > 0: ∂/∂θ⁺ = −(θ⁺/ε) K((z − θ⁺)/ε);  z < 0: ∂/∂θ⁻ = +(θ⁻/ε) K((−z − θ⁻)/ε).
-        grad_pos = -grad * (z > 0) * theta_pos / eps * rectangle_kernel((z - theta_pos) / eps)
-        grad_neg = grad * (z < 0) * theta_neg / eps * rectangle_kernel((-z - theta_neg) / eps)
-        return grad * gate, _sum_to_shape(grad_pos, theta_pos.shape), _sum_to_shape(grad_neg, theta_neg.shape), None
+        # θ/ε is per latent, so it multiplies after the batch sum.
+        grad_pos = -theta_pos / eps * _kernel_sum(z, grad, theta_pos, eps, side=z > 0)
+        grad_neg = theta_neg / eps * _kernel_sum(z, grad, -theta_neg, eps, side=z < 0)
+        return torch.where(gate, grad, 0), _threshold_grad(grad_pos, theta_pos), _threshold_grad(grad_neg, theta_neg), None
 
 
 def two_sided_step(z: Tensor, theta_pos: Tensor, theta_neg: Tensor, bandwidth: float) -> Tensor:

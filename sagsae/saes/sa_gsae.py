@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sagsae.saes.base import SAELoss, SparseAutoencoder, register, squared_error
-from sagsae.straight_through import bi_jump_relu, two_sided_soft_threshold, two_sided_step
+from sagsae.straight_through import bi_jump_relu, open_gate, two_sided_soft_threshold, two_sided_step
 
 GatePath = Literal["jump", "soft"]
 
@@ -90,15 +90,20 @@ class SignAwareGatedSAE(SparseAutoencoder):
         u = (x - self.b_dec) @ self.W_gate.T
         return u, u + self.b_gate
 
-    def _code(self, u: Tensor, pi: Tensor, gate: Tensor) -> Tensor:
-        """f = g · m with m = exp(r^{sign π}) u + b_mag; zero where m opposes the gate's polarity."""
+    def _code(self, u: Tensor, pi: Tensor) -> Tensor:
+        """f = g · m with m = exp(r^{sign π}) u + b_mag; zero where m opposes the gate's polarity.
+
+        The gate passes no gradient to π; it reaches θ (rectangle kernel) only with `recon_trains_theta`.
+        """
         r_pos, r_neg = self.magnitude_rescales()
-        rescale = torch.where(pi > 0, r_pos, r_neg).exp()
+        rescale = r_pos.exp() if self.tie_r else torch.where(pi > 0, r_pos, r_neg).exp()
         magnitude = rescale * u + self.b_mag
         if self.sign_consistency:
-            polarity = torch.sign(pi)
-            magnitude = polarity * torch.relu(polarity * magnitude)
-        return gate * magnitude
+            magnitude = torch.where((pi > 0) == (magnitude > 0), magnitude, 0)
+        theta_pos, theta_neg = self.thresholds()
+        if self.recon_trains_theta:  # the gate's θ pseudo-derivative sees the magnitude it switches
+            return magnitude * two_sided_step(pi, theta_pos, theta_neg, self.bandwidth)
+        return torch.where(open_gate(pi, theta_pos.detach(), theta_neg.detach()), magnitude, 0)
 
     def gate_activation(self, pi: Tensor) -> Tensor:
         """The gate path's code, BiJump_θ(π) (or the soft-threshold switch), used by sparsity and aux terms."""
@@ -107,17 +112,10 @@ class SignAwareGatedSAE(SparseAutoencoder):
             return two_sided_soft_threshold(pi, theta_pos, theta_neg)
         return bi_jump_relu(pi, theta_pos, theta_neg, self.bandwidth)
 
-    def gate(self, pi: Tensor) -> Tensor:
-        """The two-sided gate; it passes no gradient to π, and reaches θ only with `recon_trains_theta`."""
-        theta_pos, theta_neg = self.thresholds()
-        if not self.recon_trains_theta:
-            theta_pos, theta_neg = theta_pos.detach(), theta_neg.detach()
-        return two_sided_step(pi, theta_pos, theta_neg, self.bandwidth)
-
     def encode(self, x: Tensor) -> Tensor:
         self.check_input(x)
         u, pi = self._paths(x)
-        return self._code(u, pi, self.gate(pi))
+        return self._code(u, pi)
 
     def decode(self, codes: Tensor) -> Tensor:
         return codes @ self.W_dec.T + self.b_dec
@@ -125,12 +123,12 @@ class SignAwareGatedSAE(SparseAutoencoder):
     def loss(self, x: Tensor, sparsity_coefficient: float) -> SAELoss:
         self.check_input(x)
         u, pi = self._paths(x)
-        codes = self._code(u, pi, self.gate(pi))
+        codes = self._code(u, pi)
         x_hat = self.decode(codes)
         gate_codes = self.gate_activation(pi)
         gate_x_hat = self.decode(gate_codes)
         decoder_norms = self.W_dec.norm(dim=0)
-        sparsity = (gate_codes.abs() * decoder_norms).sum(-1).mean()
+        sparsity = (gate_codes.abs() @ decoder_norms).mean()
         terms = {
             "recon": squared_error(x, x_hat),
             "sparsity": sparsity_coefficient * sparsity,

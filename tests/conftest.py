@@ -1,0 +1,75 @@
+"""Fixtures: tiny random causal LMs with their own tokenizer, and a small local text dataset (no hub needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = ("the of and a to in is was for on as with by he at from his an were are which this be or had not "
+         "first one their its new after who they have her she two been other when there all during into "
+         "school time may years more most only over city some world would where later up such used many "
+         "can state about national out known university united then made").split()
+
+
+def sample_texts(count: int, seed: int = 0) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    texts = []
+    for _ in range(count):
+        length = int(torch.randint(20, 80, (1,), generator=generator))
+        ids = torch.randint(0, len(WORDS), (length,), generator=generator).tolist()
+        texts.append(" ".join(WORDS[i] for i in ids) + ".")
+    return texts
+
+
+def save_word_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", ".", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_tiny_model(kind: str, folder: Path) -> Path:
+    """A random 4-layer model of the given family, saved with a tokenizer as a local HF folder."""
+    import transformers
+
+    tokenizer = save_word_tokenizer(folder)
+    vocab = len(tokenizer)
+    common = dict(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if kind == "llama":
+        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                          num_attention_heads=4, num_key_value_heads=2, **common)
+    elif kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=4, n_head=4, **common)
+    elif kind == "gpt_neox":
+        config = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                            num_attention_heads=4, use_parallel_residual=True, **common)
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_model("llama", tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("texts") / "texts.jsonl"
+    path.write_text("\n".join(json.dumps({"text": text}) for text in sample_texts(400)))
+    return path

@@ -1,0 +1,124 @@
+"""The whole path through `python -m sagsae`: a tiny random Llama saved locally, a local JSON dataset."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sagsae.cli import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(model: Path, data: Path, root: Path, steps: int = 30) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "default.yaml"),
+        "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", "10",
+        "--trainer.default_root_dir", str(root),
+        "--trainer.logger.init_args.save_dir", str(root),
+        "--model.init_args.width", "64",
+        "--model.init_args.lr", "0.01",
+        "--model.init_args.sparsity_coefficient", "0.5",
+        "--model.init_args.sparsity_warmup_steps", "10",
+        "--model.init_args.lr_warmup_steps", "5",
+        "--model.init_args.dead_window_tokens", "2048",
+        "--data.init_args.model", str(model),
+        "--data.init_args.dataset", "json",
+        "--data.init_args.data_files", str(data),
+        "--data.init_args.layer", "2",
+        "--data.init_args.context_length", "32",
+        "--data.init_args.lm_batch_size", "16",
+        "--data.init_args.batch_size", "256",
+        "--data.init_args.shuffle_buffer_tokens", "1024",
+        "--data.init_args.val_fraction", "0.1",
+        "--data.init_args.val_tokens", "512",
+        "--data.init_args.normalization_tokens", "512",
+    ]
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir))
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tiny_llama, text_file, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    run(["fit", *tiny_args(tiny_llama, text_file, root)])
+    return root
+
+
+def test_fit_writes_finite_rising_metrics_config_and_checkpoint(fitted_run):
+    version = fitted_run / "sagsae" / "version_0"
+    logged = scalars(version)
+    for tag in ("train/loss", "train/mse", "train/l0", "train/r2", "train/dead_fraction",
+                "val/loss", "val/mse", "val/l0", "val/r2", "val/dead_fraction"):
+        assert tag in logged, f"missing TensorBoard tag {tag}; have {sorted(logged)}"
+        assert all(math.isfinite(value) for _, value in logged[tag]), tag
+    r2 = [value for _, value in logged["train/r2"]]
+    assert len(r2) == 30
+    assert sum(r2[-5:]) / 5 > sum(r2[:5]) / 5 + 0.1, f"R² did not rise: {r2}"
+    config = yaml.safe_load((version / "config.yaml").read_text())
+    assert config["model"]["init_args"]["width"] == 64
+    assert (version / "checkpoints" / "last.ckpt").is_file()
+    assert (version / "run_metadata.json").is_file()
+
+
+def test_resume_from_last_checkpoint_continues_the_step_count(fitted_run, tiny_llama, text_file):
+    import torch
+
+    last = fitted_run / "sagsae" / "version_0" / "checkpoints" / "last.ckpt"
+    run(["fit", *tiny_args(tiny_llama, text_file, fitted_run, steps=40), "--ckpt_path", str(last)])
+    resumed = fitted_run / "sagsae" / "version_1" / "checkpoints" / "last.ckpt"
+    state = torch.load(resumed, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 40
+    original = torch.load(last, map_location="cpu", weights_only=False)
+    assert float(state["state_dict"]["sae.input_scale"]) == float(original["state_dict"]["sae.input_scale"])
+
+
+def test_validate_with_checkpoint_reports_val_metrics(fitted_run, tiny_llama, text_file, capsys):
+    last = fitted_run / "sagsae" / "version_0" / "checkpoints" / "last.ckpt"
+    run(["validate", *tiny_args(tiny_llama, text_file, fitted_run), "--ckpt_path", str(last)])
+    assert "val/r2" in capsys.readouterr().out
+
+
+def test_print_config_prints_the_full_config():
+    result = subprocess.run([sys.executable, "-m", "sagsae", "fit", "--config", "configs/default.yaml",
+                             "--print_config"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert config["model"]["class_path"] == "lightning_modules.SAGSAE"
+    assert config["model"]["init_args"]["width"] == 4608
+    assert config["data"]["init_args"]["hookpoint"] == "mlp_out"
+    assert "max_steps" in config["trainer"]
+
+
+def test_unknown_hookpoint_fails_with_the_valid_names():
+    result = subprocess.run([sys.executable, "-m", "sagsae", "fit", "--config", "configs/default.yaml",
+                             "--data.init_args.hookpoint", "resid_nonsense"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "resid_nonsense" in result.stderr
+    for name in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+        assert name in result.stderr
+
+
+def test_layer_out_of_range_fails_before_training(tiny_llama, text_file, tmp_path):
+    with pytest.raises(ValueError, match=r"Layer 9 is out of range: this model has layers 0\.\.3"):
+        run(["fit", *tiny_args(tiny_llama, text_file, tmp_path), "--data.init_args.layer", "9"])
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_missing_model_names_what_was_looked_for(text_file, tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(FileNotFoundError, match="no_such_model"):
+        run(["fit", *tiny_args(missing, text_file, tmp_path)])
