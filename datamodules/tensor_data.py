@@ -1,0 +1,47 @@
+"""Activations already in memory (synthetic benchmarks, small experiments) as a LightningDataModule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from datamodules.lm_activations import _GeneratorDataset
+
+
+class TensorActivationDataModule(L.LightningDataModule):
+    """Shuffled [batch_size, d] batches drawn without replacement from `train`, reshuffled every pass."""
+
+    def __init__(self, train: Tensor, val: Tensor | None = None, batch_size: int = 4096,
+                 normalization_tokens: int = 16_384, seed: int = 0) -> None:
+        super().__init__()
+        if train.dim() != 2 or len(train) < batch_size:
+            raise ValueError(f"train must be [n ≥ batch_size, d]; got shape {tuple(train.shape)} and batch_size {batch_size}")
+        self.train, self.val = train, val
+        self.batch_size, self.normalization_tokens, self.seed = batch_size, normalization_tokens, seed
+
+    @property
+    def d_model(self) -> int:
+        return self.train.shape[1]
+
+    def estimate_input_scale(self) -> float:
+        sample = self.train[: self.normalization_tokens].double()
+        return math.sqrt(self.d_model / float(sample.pow(2).sum(1).mean()))
+
+    def _batches(self) -> Iterator[Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            order = torch.randperm(len(self.train), generator=generator)
+            yield from (self.train[order[i : i + self.batch_size]]
+                        for i in range(0, len(order) - self.batch_size + 1, self.batch_size))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_GeneratorDataset(self._batches), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        held_out = self.val if self.val is not None else self.train[: self.batch_size]
+        return DataLoader(list(held_out.split(self.batch_size)), batch_size=None)

@@ -1,0 +1,67 @@
+"""Packing, validation split, the massive-activation guard and the shuffle buffer."""
+
+from __future__ import annotations
+
+import torch
+
+from datamodules import LMActivationDataModule
+from datamodules.activation_stream import NormGuard, shuffled_batches
+from datamodules.text import is_validation_document, pack_contexts, select_documents
+
+
+def test_contexts_start_with_bos_and_keep_every_token_in_order():
+    documents = [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34]]
+    contexts = list(pack_contexts(documents, context_length=4, bos_id=1, separator_id=2))
+    assert all(len(c) == 4 and c[0] == 1 for c in contexts)
+    body = [token for c in contexts for token in c[1:]]
+    assert body == [10, 11, 12, 2, 20, 21, 2, 30, 31, 32, 33, 34][: len(body)]
+    assert len(body) == 12
+
+
+def test_validation_holds_out_whole_documents_and_ranks_are_disjoint():
+    docs = [f"doc {i}" for i in range(1000)]
+    val = list(select_documents(docs, validation=True, val_fraction=0.1))
+    train = list(select_documents(docs, validation=False, val_fraction=0.1))
+    assert set(val).isdisjoint(train) and len(val) + len(train) == 1000
+    assert 60 < len(val) < 140
+    assert [d for i, d in enumerate(docs) if is_validation_document(i, 0.1)] == val
+    shards = [list(select_documents(docs, validation=False, val_fraction=0.1, rank=r, world_size=2)) for r in (0, 1)]
+    assert set(shards[0]).isdisjoint(shards[1]) and sorted(shards[0] + shards[1]) == sorted(train)
+
+
+def test_norm_guard_drops_massive_and_nonfinite_tokens():
+    torch.manual_seed(0)
+    guard = NormGuard(multiple=10.0)
+    x = torch.randn(1000, 16)
+    x[5] *= 100.0
+    x[7, 3] = float("nan")
+    kept = guard(x)
+    assert len(kept) == 998 and guard.dropped_massive == 1 and guard.dropped_nonfinite == 1
+    later = torch.randn(10, 16)
+    later[0] *= 50.0  # judged against the running median of earlier tokens
+    assert len(guard(later)) == 9 and guard.dropped_massive == 2
+    assert len(NormGuard(multiple=None)(x)) == 999
+
+
+def test_shuffle_buffer_emits_full_batches_of_mixed_tokens():
+    chunks = [torch.full((100, 1), float(i)) for i in range(20)]
+    batches = list(shuffled_batches(iter(chunks), batch_size=50, buffer_tokens=400, generator=torch.Generator().manual_seed(0)))
+    assert all(len(b) == 50 for b in batches)
+    assert len(batches) * 50 >= 2000 - 400
+    first = batches[0].flatten().unique()
+    assert len(first) > 1, "a batch should mix tokens from several contexts"
+
+
+def test_embedded_datamodule_drops_bos_and_specials(tiny_llama, text_file):
+    data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file), layer=1,
+                                  context_length=16, lm_batch_size=4, batch_size=64, shuffle_buffer_tokens=128,
+                                  val_tokens=100, normalization_tokens=200)
+    data.setup()
+    chunk = next(data._training_chunks())
+    # 4 contexts of 16 tokens: BOS never trained on, separators (EOS) dropped
+    assert chunk.shape[1] == 32 and len(chunk) <= 4 * 15
+    scale = data.estimate_input_scale()
+    sample = torch.cat([c for _, c in zip(range(3), data._training_chunks())])
+    assert abs(float((sample * scale).pow(2).sum(-1).mean()) / 32 - 1) < 0.2
+    val = data._held_out_batches()
+    assert sum(len(b) for b in val) == 100
