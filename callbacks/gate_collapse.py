@@ -1,7 +1,11 @@
 """Gate-collapse warning (SPEC §6): the gates shut and reconstruction falls back on the bias.
 
-Fires when, after the sparsity warmup, either the gate path's auxiliary R² stays below 0 over `smoothing`
-steps, or the share of alive latents falls by half within `window_steps` steps.
+Three signs, any of which warns once (with the step, the numbers and what to try):
+- the share of alive latents falls by half within `window_steps` steps (SPEC §6);
+- after the sparsity warmup, the gate path's auxiliary R² stays below 0 for `smoothing` steps (SPEC §6);
+- the reconstruction R² (averaged over `smoothing` steps) falls below half of its best value, once that best
+  exceeded 0.2: our addition, because a collapse can happen during the λ warmup, before the other two signs
+  can show (measured on Protocol A without the auxiliary loss at λ 16, docs/method.md).
 """
 
 from __future__ import annotations
@@ -24,34 +28,46 @@ class GateCollapseMonitor(L.Callback):
             raise ValueError("GateCollapseMonitor: window_steps and smoothing must be positive")
         self.window_steps, self.smoothing, self.stop_training = window_steps, smoothing, stop_training
         self._aux_r2: deque[float] = deque(maxlen=smoothing)
+        self._r2: deque[float] = deque(maxlen=smoothing)
         self._alive: deque[float] = deque(maxlen=window_steps + 1)
+        self.best_r2 = float("-inf")
         self.collapsed_at: int | None = None
 
-    def _armed(self, pl_module) -> bool:
-        return pl_module.global_step >= pl_module.hparams.sparsity_warmup_steps
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._alive.append(1.0 - float(pl_module.dead_mask().float().mean()))
-        if "gate_x_hat" in outputs:
-            self._aux_r2.append(float(explained_variance(outputs["x"], outputs["gate_x_hat"])))
-        if self.collapsed_at is not None or not self._armed(pl_module):
-            return
+    def _reasons(self, pl_module) -> list[str]:
         reasons = []
-        if len(self._aux_r2) == self.smoothing and max(self._aux_r2) < 0:
-            reasons.append(f"the gate path's auxiliary R² stayed below 0 for {self.smoothing} steps "
-                           f"(latest {self._aux_r2[-1]:.3f})")
         if len(self._alive) > self.window_steps and self._alive[-1] < 0.5 * self._alive[0]:
             reasons.append(f"alive latents fell from {self._alive[0]:.1%} to {self._alive[-1]:.1%} "
                            f"within {self.window_steps} steps")
+        warmed_up = pl_module.global_step >= pl_module.hparams.sparsity_warmup_steps
+        if warmed_up and len(self._aux_r2) == self.smoothing and max(self._aux_r2) < 0:
+            reasons.append(f"the gate path's auxiliary R² stayed below 0 for {self.smoothing} steps "
+                           f"(latest {self._aux_r2[-1]:.3f})")
+        if len(self._r2) == self.smoothing:
+            r2 = sum(self._r2) / self.smoothing
+            self.best_r2 = max(self.best_r2, r2)
+            if self.best_r2 > 0.2 and r2 < 0.5 * self.best_r2:
+                reasons.append(f"R² fell to {r2:.3f} from a best of {self.best_r2:.3f}")
+        return reasons
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._alive.append(1.0 - float(pl_module.dead_mask().float().mean()))
+        self._r2.append(float(explained_variance(outputs["x"], outputs["x_hat"])))
+        if "gate_x_hat" in outputs:
+            self._aux_r2.append(float(explained_variance(outputs["x"], outputs["gate_x_hat"])))
+        if self.collapsed_at is not None:
+            return
+        reasons = self._reasons(pl_module)
         if reasons:
             self.collapsed_at = pl_module.global_step
             pl_module.log("train/gate_collapse", 1.0)
-            rank_zero_warn(f"SA-GSAE gate collapse at step {pl_module.global_step}: {'; '.join(reasons)}. Try: {ADVICE}.")
+            rank_zero_warn(f"SA-GSAE gate collapse at step {pl_module.global_step}: {'; '.join(reasons)}. "
+                           f"Try: {ADVICE}.")
             if self.stop_training:
                 trainer.should_stop = True
 
     def state_dict(self) -> dict:
-        return {"collapsed_at": self.collapsed_at}
+        return {"collapsed_at": self.collapsed_at, "best_r2": self.best_r2}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.collapsed_at = state_dict.get("collapsed_at")
+        self.best_r2 = state_dict.get("best_r2", float("-inf"))

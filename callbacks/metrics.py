@@ -7,6 +7,7 @@ ratios); the states are sums, so torchmetrics' synchronization makes them exact 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import lightning as L
@@ -62,11 +63,11 @@ class SAEMetrics(L.Callback):
     is the share of latents that never fired on the held-out tokens (the window is the validation set).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, throughput_window: int = 20) -> None:
         super().__init__()
         self._train: ReconstructionMetrics | None = None
         self._eval: ReconstructionMetrics | None = None
-        self._last_time: float | None = None
+        self._step_times: deque[tuple[float, int]] = deque(maxlen=throughput_window + 1)
 
     def _metric(self, existing: ReconstructionMetrics | None, pl_module) -> ReconstructionMetrics:
         if existing is None:
@@ -85,11 +86,12 @@ class SAEMetrics(L.Callback):
         pl_module.log("train/dead_fraction", pl_module.dead_mask().float().mean(), prog_bar=True, **log)
         if "gate_x_hat" in outputs:
             pl_module.log("train/aux_r2", explained_variance(outputs["x"], outputs["gate_x_hat"]).float(), **log)
-        now = time.perf_counter()
-        if self._last_time is not None:
-            tokens = len(outputs["x"]) * trainer.world_size
-            pl_module.log("train/tokens_per_s", tokens / (now - self._last_time), prog_bar=True, **log)
-        self._last_time = now
+        # Averaged over the last steps: the shuffle buffer refills in bursts, so single steps mislead.
+        self._step_times.append((time.perf_counter(), len(outputs["x"]) * trainer.world_size))
+        if len(self._step_times) > 1:
+            elapsed = self._step_times[-1][0] - self._step_times[0][0]
+            tokens = sum(n for _, n in list(self._step_times)[1:])
+            pl_module.log("train/tokens_per_s", tokens / elapsed, prog_bar=True, **log)
 
     def _evaluation_batch_end(self, pl_module, outputs: dict[str, Any]) -> None:
         self._eval = self._metric(self._eval, pl_module)
@@ -102,7 +104,7 @@ class SAEMetrics(L.Callback):
         self._eval.reset()
         for name, key in [("mse", "mse"), ("l0", "l0"), ("r2", "r2"), ("dead_fraction", "silent_fraction")]:
             pl_module.log(f"{stage}/{name}", values[key].float(), sync_dist=False, prog_bar=(name == "r2"))
-        self._last_time = None  # validation time is not training throughput
+        self._step_times.clear()  # validation time is not training throughput
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._evaluation_batch_end(pl_module, outputs)

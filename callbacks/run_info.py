@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -68,16 +69,25 @@ class RunInfo(L.Callback):
 
 
 def _seed() -> int | None:
-    import os
-
     value = os.environ.get("PL_GLOBAL_SEED")
     return int(value) if value is not None else None
 
 
 class StepProgressBar(RichProgressBar):
-    """A rich bar whose total is max_steps: the activation stream has no length of its own."""
+    """A rich bar counted in steps up to max_steps (the activation stream has no length of its own), showing
+    the SAE's health at a glance: L0, R², dead fraction and tokens/s."""
+
+    SHOWN = {"train/l0": "L0", "train/r2": "R²", "train/dead_fraction": "dead", "train/tokens_per_s": "tok/s",
+             "val/r2": "val R²"}
 
     @property
     def total_train_batches(self) -> int | float:
         max_steps = self.trainer.max_steps
         return max_steps if max_steps and max_steps > 0 else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "Training steps"
+
+    def get_metrics(self, trainer: L.Trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        return {short: metrics[name] for name, short in self.SHOWN.items() if name in metrics}

@@ -21,7 +21,6 @@ def tiny_args(model: Path, data: Path, root: Path, steps: int = 30) -> list[str]
         "--trainer.max_steps", str(steps),
         "--trainer.val_check_interval", "10",
         "--trainer.default_root_dir", str(root),
-        "--trainer.logger.init_args.save_dir", str(root),
         "--model.init_args.width", "64",
         "--model.init_args.lr", "0.01",
         "--model.init_args.sparsity_coefficient", "0.5",
@@ -58,7 +57,7 @@ def fitted_run(tiny_llama, text_file, tmp_path_factory) -> Path:
 
 
 def test_fit_writes_finite_rising_metrics_config_and_checkpoint(fitted_run):
-    version = fitted_run / "sagsae" / "version_0"
+    version = fitted_run / "lightning_logs" / "version_0"
     logged = scalars(version)
     for tag in ("train/loss", "train/mse", "train/l0", "train/r2", "train/dead_fraction",
                 "val/loss", "val/mse", "val/l0", "val/r2", "val/dead_fraction"):
@@ -76,9 +75,9 @@ def test_fit_writes_finite_rising_metrics_config_and_checkpoint(fitted_run):
 def test_resume_from_last_checkpoint_continues_the_step_count(fitted_run, tiny_llama, text_file):
     import torch
 
-    last = fitted_run / "sagsae" / "version_0" / "checkpoints" / "last.ckpt"
+    last = fitted_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     run(["fit", *tiny_args(tiny_llama, text_file, fitted_run, steps=40), "--ckpt_path", str(last)])
-    resumed = fitted_run / "sagsae" / "version_1" / "checkpoints" / "last.ckpt"
+    resumed = fitted_run / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
     state = torch.load(resumed, map_location="cpu", weights_only=False)
     assert state["global_step"] == 40
     original = torch.load(last, map_location="cpu", weights_only=False)
@@ -86,7 +85,7 @@ def test_resume_from_last_checkpoint_continues_the_step_count(fitted_run, tiny_l
 
 
 def test_validate_with_checkpoint_reports_val_metrics(fitted_run, tiny_llama, text_file, capsys):
-    last = fitted_run / "sagsae" / "version_0" / "checkpoints" / "last.ckpt"
+    last = fitted_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     run(["validate", *tiny_args(tiny_llama, text_file, fitted_run), "--ckpt_path", str(last)])
     assert "val/r2" in capsys.readouterr().out
 

@@ -21,14 +21,14 @@ def test_short_fit_on_embedded_smollm2_mlp_out(tmp_path):
     run([
         "fit", "--config", str(REPO / "configs" / "default.yaml"),
         "--trainer.max_steps", "12", "--trainer.val_check_interval", "12",
-        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.default_root_dir", str(tmp_path),
         "--model.init_args.width", "1152", "--model.init_args.sparsity_warmup_steps", "10",
         "--model.init_args.lr_warmup_steps", "2",
         "--data.init_args.batch_size", "1024", "--data.init_args.lm_batch_size", "8",
         "--data.init_args.shuffle_buffer_tokens", "4096", "--data.init_args.val_tokens", "2048",
         "--data.init_args.normalization_tokens", "2048",
     ])
-    logged = scalars(tmp_path / "sagsae" / "version_0")
+    logged = scalars(tmp_path / "lightning_logs" / "version_0")
     for tag in ("train/loss", "train/l0", "train/r2", "train/dead_fraction", "val/r2", "val/l0"):
         assert all(math.isfinite(v) for _, v in logged[tag]), tag
     r2 = [v for _, v in logged["train/r2"]]
