@@ -1,6 +1,6 @@
 """The training loop shared by every SAE: optimizer, LR and λ warmup, normalization, dead-latent tracking.
 
-A subclass only names its architecture and passes that architecture's switches up; the SAE itself (pure
+A subclass only names its architecture and lists which of its arguments configure it; the SAE itself (pure
 torch, `sagsae.saes`) is built lazily in `configure_model`, once the datamodule knows the activation size.
 """
 
@@ -29,7 +29,8 @@ class SAEModule(L.LightningModule):
         reset_dead_latents: let the architecture react to dead latents (SA-GSAE: threshold reset).
     """
 
-    architecture: str = ""
+    architecture: str = ""  # registry name of the SAE in sagsae.saes
+    architecture_args: tuple[str, ...] = ()  # the subclass's __init__ arguments that configure that SAE
 
     def __init__(
         self,
@@ -42,7 +43,6 @@ class SAEModule(L.LightningModule):
         betas: tuple[float, float] = (0.0, 0.999),
         dead_window_tokens: int = 1_000_000,
         reset_dead_latents: bool = True,
-        architecture_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         for name, value in [("sparsity_coefficient", sparsity_coefficient), ("lr", lr)]:
@@ -50,8 +50,7 @@ class SAEModule(L.LightningModule):
                 raise ValueError(f"model.{name} must be a finite non-negative number, got {value}")
         if dead_window_tokens <= 0:
             raise ValueError(f"model.dead_window_tokens must be positive, got {dead_window_tokens}")
-        self.save_hyperparameters(ignore=["architecture_kwargs"])
-        self.architecture_kwargs = dict(architecture_kwargs or {})
+        self.save_hyperparameters()  # the subclass's architecture switches included
         self.sae: SparseAutoencoder | None = None
         if d_in is not None:
             self._build(d_in)
@@ -59,7 +58,8 @@ class SAEModule(L.LightningModule):
     # ----- construction -------------------------------------------------------------------------------
     def _build(self, d_in: int) -> None:
         width = self.hparams.width or 8 * d_in
-        self.sae = build_sae(self.architecture, d_in=d_in, width=width, **self.architecture_kwargs)
+        switches = {name: self.hparams[name] for name in self.architecture_args}
+        self.sae = build_sae(self.architecture, d_in=d_in, width=width, **switches)
         self.sae.input_scale.fill_(math.nan)  # unset until estimated on the data (or restored)
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(False))
@@ -111,8 +111,8 @@ class SAEModule(L.LightningModule):
     # ----- steps ----------------------------------------------------------------------------------------
     def _step(self, batch: Tensor, stage: str) -> dict[str, Tensor]:
         x = self.sae.normalize(batch)
-        out = self.sae.loss(x, self.sparsity_coefficient())
         on_step = stage == "train"
+        out = self.sae.loss(x, self.sparsity_coefficient(), dead=self.dead_mask() if on_step else None)
         self.log(f"{stage}/loss", out.total, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
         for name, value in out.terms.items():
             self.log(f"{stage}/loss_{name}", value, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
@@ -150,6 +150,9 @@ class SAEModule(L.LightningModule):
     def dead_mask(self) -> Tensor:
         """Latents with no non-zero code in the last `dead_window_tokens` training tokens."""
         return self.tokens_since_fired >= self.hparams.dead_window_tokens
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.sae.before_optimizer_step()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.sae.after_optimizer_step()

@@ -19,10 +19,16 @@ class SAGSAE(SAEModule):
         log_theta: store log θ instead of θ.
         theta_init: initial θ; None = 1e-3·√d.
         bandwidth: ε of the rectangle kernel; None = 1e-3·√d.
+        one_sided_gate: ablation — gate H(π − θ) and codes ≥ 0 (a Gated SAE with a learned jump threshold).
+        signed_magnitude: false = ablation — the code is the gate path's BiJump_θ(π) (shrunk by the penalty).
+        unit_norm_decoder: SPEC §3 form (a) instead of the default form (b).
         **kwargs: the shared training arguments of `SAEModule` (width, λ, LR, …).
     """
 
     architecture = "sagsae"
+    architecture_args = ("tie_r", "tie_theta", "sign_consistency", "aux_weight", "gate_path", "recon_trains_theta",
+                         "log_theta", "theta_init", "bandwidth", "one_sided_gate", "signed_magnitude",
+                         "unit_norm_decoder")
 
     def __init__(
         self,
@@ -35,13 +41,9 @@ class SAGSAE(SAEModule):
         log_theta: bool = False,
         theta_init: float | None = None,
         bandwidth: float | None = None,
+        one_sided_gate: bool = False,
+        signed_magnitude: bool = True,
+        unit_norm_decoder: bool = False,
         **kwargs,
     ) -> None:
-        super().__init__(
-            architecture_kwargs=dict(
-                tie_r=tie_r, tie_theta=tie_theta, sign_consistency=sign_consistency, aux_weight=aux_weight,
-                gate_path=gate_path, recon_trains_theta=recon_trains_theta, log_theta=log_theta,
-                theta_init=theta_init, bandwidth=bandwidth,
-            ),
-            **kwargs,
-        )
+        super().__init__(**kwargs)

@@ -25,8 +25,12 @@ def _kernel_sum(z: Tensor, grad: Tensor, center: Tensor, bandwidth: float, side:
     return torch.where(band, grad, 0).reshape(-1, z.shape[-1]).sum(0)
 
 
-def _threshold_grad(grad: Tensor, like: Tensor) -> Tensor:
-    """Per-latent gradient [H] for a threshold that may have been broadcast or shared."""
+def _threshold_grad(grad: Tensor | None, like: Tensor) -> Tensor | None:
+    """Per-latent gradient [H] (or a scalar threshold's sum); None where no gradient is needed.
+
+    Thresholds that need none may be infinite (a one-sided gate), where θ/ε · 0 would give NaN."""
+    if grad is None:
+        return None
     return grad.reshape(like.shape) if like.dim() else grad.sum()
 
 
@@ -44,8 +48,8 @@ class _TwoSidedStep(torch.autograd.Function):
         z, theta_pos, theta_neg = ctx.saved_tensors
         eps = ctx.bandwidth
         # ∂H(z − θ⁺)/∂θ⁺ = −K((z − θ⁺)/ε)/ε;  ∂H(−z − θ⁻)/∂θ⁻ = −K((−z − θ⁻)/ε)/ε.
-        grad_pos = -_kernel_sum(z, grad, theta_pos, eps) / eps
-        grad_neg = -_kernel_sum(z, grad, -theta_neg, eps) / eps
+        grad_pos = -_kernel_sum(z, grad, theta_pos, eps) / eps if ctx.needs_input_grad[1] else None
+        grad_neg = -_kernel_sum(z, grad, -theta_neg, eps) / eps if ctx.needs_input_grad[2] else None
         return None, _threshold_grad(grad_pos, theta_pos), _threshold_grad(grad_neg, theta_neg), None
 
 
@@ -65,8 +69,8 @@ class _BiJumpReLU(torch.autograd.Function):
         eps = ctx.bandwidth
         # z > 0: ∂/∂θ⁺ = −(θ⁺/ε) K((z − θ⁺)/ε);  z < 0: ∂/∂θ⁻ = +(θ⁻/ε) K((−z − θ⁻)/ε).
         # θ/ε is per latent, so it multiplies after the batch sum.
-        grad_pos = -theta_pos / eps * _kernel_sum(z, grad, theta_pos, eps, side=z > 0)
-        grad_neg = theta_neg / eps * _kernel_sum(z, grad, -theta_neg, eps, side=z < 0)
+        grad_pos = -theta_pos / eps * _kernel_sum(z, grad, theta_pos, eps, side=z > 0) if ctx.needs_input_grad[1] else None
+        grad_neg = theta_neg / eps * _kernel_sum(z, grad, -theta_neg, eps, side=z < 0) if ctx.needs_input_grad[2] else None
         return torch.where(gate, grad, 0), _threshold_grad(grad_pos, theta_pos), _threshold_grad(grad_neg, theta_neg), None
 
 

@@ -72,7 +72,7 @@ def test_forward_and_loss_match_direct_computation(switches):
     torch.testing.assert_close(out.total.detach(), sum(terms.values()), rtol=1e-5, atol=1e-5)
     assert (codes != 0).any() and (codes == 0).any(), "the fixture must open some gates and close others"
     if sae.sign_consistency:  # a code never fires against its gate's polarity
-        assert ((codes * sae._paths(x)[1].detach()) >= 0).all()
+        assert ((codes * sae.paths(x)[1].detach()) >= 0).all()
 
 
 def test_bijump_pseudo_derivatives_match_spec_formulas():

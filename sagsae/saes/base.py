@@ -50,42 +50,73 @@ def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x - x_hat).pow(2).sum(-1).mean()
 
 
+def random_unit_columns(d_in: int, width: int) -> Tensor:
+    decoder = torch.randn(d_in, width)
+    return decoder / decoder.norm(dim=0, keepdim=True)
+
+
 class SparseAutoencoder(nn.Module):
     """Interface: `encode` → codes [B, H], `decode` → x̂ [B, d], `loss` → SAELoss for training.
+
+    Every architecture shares the decoder (W_dec [d, H] with random unit columns at init, b_dec = mean of the
+    first batch). `unit_norm_decoder` keeps its columns at unit norm: the gradient's component along each
+    column is removed before the step and the columns are renormalized after it. Otherwise the sparsity
+    penalty must weight each latent by its decoder norm, so that shrinking the encoder while growing the
+    decoder cannot dodge it.
 
     `input_scale` is the scalar that maps raw activations to E‖x‖² = d (SPEC §5); it is stored with the SAE
     and applied by `normalize`, so that exports can fold it into the weights.
     """
 
     architecture: str = ""
+    signed_codes: bool = False  # codes of both signs (SA-GSAE, AbsTopK) or non-negative ones
 
-    def __init__(self, d_in: int, width: int) -> None:
+    def __init__(self, d_in: int, width: int, unit_norm_decoder: bool = False) -> None:
         super().__init__()
         if d_in <= 0 or width <= 0:
             raise ValueError(f"d_in and width must be positive, got d_in={d_in}, width={width}")
         self.d_in = d_in
         self.width = width
+        self.unit_norm_decoder = unit_norm_decoder
         self.register_buffer("input_scale", torch.tensor(1.0))
+        self.W_dec = nn.Parameter(random_unit_columns(d_in, width))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def decode(self, codes: Tensor) -> Tensor:
-        raise NotImplementedError
+        return codes @ self.W_dec.T + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
-    def loss(self, x: Tensor, sparsity_coefficient: float) -> SAELoss:
+    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
+        """`dead` (bool [H]) marks latents silent for the module's window, for losses that use them (AuxK)."""
         raise NotImplementedError
+
+    def weighted_l1(self, codes: Tensor) -> Tensor:
+        """Σᵢ ‖W_dec[:, i]‖ · |fᵢ| averaged over the batch (plain L1 when the decoder has unit norm)."""
+        if self.unit_norm_decoder:
+            return codes.abs().sum(-1).mean()
+        return (codes.abs() @ self.W_dec.norm(dim=0)).mean()
 
     @torch.no_grad()
     def initialize_from_batch(self, x: Tensor) -> None:
-        """Data-dependent initialization on the first (normalized) batch; default: nothing."""
+        """Data-dependent initialization on the first (normalized) batch: b_dec = its mean."""
+        self.b_dec.copy_(x.mean(0))
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            columns = self.W_dec / self.W_dec.norm(dim=0, keepdim=True)
+            self.W_dec.grad -= columns * (columns * self.W_dec.grad).sum(0, keepdim=True)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Projections that keep parameters valid after each step (threshold floors, unit norms)."""
+        """Projections that keep parameters valid after each step (unit norms, threshold floors)."""
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=0, keepdim=True)
 
     @torch.no_grad()
     def reset_dead(self, dead: Tensor) -> None:
@@ -100,3 +131,58 @@ class SparseAutoencoder(nn.Module):
                 f"The SAE expects activations of size d_in={self.d_in} but got {x.shape[-1]}: set the SAE's "
                 f"d_in to the hookpoint's size (or leave it unset to take it from the data)."
             )
+
+
+class LinearEncoderSAE(SparseAutoencoder):
+    """Architectures with one affine encoder, π = W_enc (x − b_dec) + b_enc, W_enc = W_decᵀ at init."""
+
+    def __init__(self, d_in: int, width: int, unit_norm_decoder: bool = False) -> None:
+        super().__init__(d_in, width, unit_norm_decoder)
+        self.W_enc = nn.Parameter(self.W_dec.detach().T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(width))
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        return (x - self.b_dec) @ self.W_enc.T + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.activation(self.pre_activation(x))
+
+    def activation(self, pre: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class GatedPathsSAE(SparseAutoencoder):
+    """Gated-style architectures: one matrix W_gate (= W_decᵀ at init) feeds the gate π = u + b_gate and the
+    magnitude path (u = W_gate (x − b_dec)); the sparsity and auxiliary terms act on the gate path.
+
+    Decoder forms of SPEC §3: (b), the default, weights the sparsity by decoder norms and keeps the decoder
+    live in the auxiliary term; (a), `unit_norm_decoder`, uses plain L1 and a frozen decoder copy there.
+    """
+
+    def __init__(self, d_in: int, width: int, aux_weight: float = 1.0, unit_norm_decoder: bool = False) -> None:
+        super().__init__(d_in, width, unit_norm_decoder)
+        self.aux_weight = aux_weight
+        self.W_gate = nn.Parameter(self.W_dec.detach().T.clone())
+        self.b_gate = nn.Parameter(torch.zeros(width))
+        self.b_mag = nn.Parameter(torch.zeros(width))
+
+    def paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """u = W_gate (x − b_dec) and π = u + b_gate."""
+        self.check_input(x)
+        u = (x - self.b_dec) @ self.W_gate.T
+        return u, u + self.b_gate
+
+    def gated_loss(self, x: Tensor, codes: Tensor, gate_codes: Tensor, sparsity_coefficient: float) -> SAELoss:
+        """recon + λ·(weighted) L1 of the gate path + α_aux · gate-path reconstruction."""
+        x_hat = self.decode(codes)
+        if self.unit_norm_decoder:
+            gate_x_hat = gate_codes @ self.W_dec.detach().T + self.b_dec.detach()
+        else:
+            gate_x_hat = self.decode(gate_codes)
+        terms = {
+            "recon": squared_error(x, x_hat),
+            "sparsity": sparsity_coefficient * self.weighted_l1(gate_codes),
+            "aux": self.aux_weight * squared_error(x, gate_x_hat),
+        }
+        return SAELoss(sum(terms.values()), terms, codes, x_hat, gate_reconstruction=gate_x_hat)

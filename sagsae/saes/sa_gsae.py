@@ -2,8 +2,8 @@
 
 One latent carries both signs of one decoder direction: a two-sided gate opens on π > θ⁺ or π < −θ⁻, and a
 signed magnitude path (sharing W_gate, no ReLU) gives the code's value, so the sparsity penalty, which lives
-on the gate path only, never shrinks it. The auxiliary reconstruction through the gate path (form (b):
-decoder live, decoder-norm-weighted sparsity) keeps the gates from collapsing.
+on the gate path only, never shrinks it. The auxiliary reconstruction through the gate path keeps the gates
+from collapsing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from sagsae.saes.base import SAELoss, SparseAutoencoder, register, squared_error
+from sagsae.saes.base import GatedPathsSAE, SAELoss, register
 from sagsae.straight_through import bi_jump_relu, open_gate, two_sided_soft_threshold, two_sided_step
 
 GatePath = Literal["jump", "soft"]
@@ -26,8 +26,15 @@ def default_jump_scale(d_in: int) -> float:
 
 
 @register("sagsae")
-class SignAwareGatedSAE(SparseAutoencoder):
-    """SA-GSAE(H). Tied r⁺ = r⁻ and θ⁺ = θ⁻ by default (the paper's recommended symmetric variant)."""
+class SignAwareGatedSAE(GatedPathsSAE):
+    """SA-GSAE(H). Tied r⁺ = r⁻ and θ⁺ = θ⁻ by default (the paper's recommended symmetric variant).
+
+    Ablations (SPEC §3): `one_sided_gate` (gate H(π − θ), codes ≥ 0: a Gated SAE with a learned jump
+    threshold), `aux_weight: 0`, `tie_r: false`, `tie_theta: false`, and `signed_magnitude: false`, where the
+    code is the gate path's own BiJump_θ(π), so the sparsity penalty shrinks it (no separate magnitude path).
+    """
+
+    signed_codes = True
 
     def __init__(
         self,
@@ -43,13 +50,19 @@ class SignAwareGatedSAE(SparseAutoencoder):
         theta_init: float | None = None,
         bandwidth: float | None = None,
         theta_floor: float = 1e-6,
+        one_sided_gate: bool = False,
+        signed_magnitude: bool = True,
+        unit_norm_decoder: bool = False,
     ) -> None:
-        super().__init__(d_in, width)
+        super().__init__(d_in, width, aux_weight, unit_norm_decoder)
         if gate_path not in ("jump", "soft"):
             raise ValueError(f"gate_path must be 'jump' or 'soft', got {gate_path!r}")
-        self.tie_r, self.tie_theta, self.log_theta = tie_r, tie_theta, log_theta
+        self.tie_r, self.log_theta = tie_r, log_theta
+        self.tie_theta = tie_theta or one_sided_gate  # a one-sided gate has a single threshold
+        self.one_sided_gate = one_sided_gate
+        self.signed_codes = not one_sided_gate
         self.sign_consistency = sign_consistency
-        self.aux_weight = aux_weight
+        self.signed_magnitude = signed_magnitude
         self.gate_path = gate_path
         self.recon_trains_theta = recon_trains_theta
         self.theta_init = default_jump_scale(d_in) if theta_init is None else theta_init
@@ -57,14 +70,6 @@ class SignAwareGatedSAE(SparseAutoencoder):
         self.theta_floor = theta_floor
         if self.theta_init <= theta_floor:
             raise ValueError(f"theta_init ({self.theta_init}) must exceed theta_floor ({theta_floor})")
-
-        decoder = torch.randn(d_in, width)
-        decoder /= decoder.norm(dim=0, keepdim=True)
-        self.W_dec = nn.Parameter(decoder)
-        self.W_gate = nn.Parameter(decoder.T.clone())
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
-        self.b_gate = nn.Parameter(torch.zeros(width))
-        self.b_mag = nn.Parameter(torch.zeros(width))
         for name in ("r",) if tie_r else ("r_pos", "r_neg"):
             self.register_parameter(name, nn.Parameter(torch.zeros(width)))
         stored_init = math.log(self.theta_init) if log_theta else self.theta_init
@@ -76,25 +81,25 @@ class SignAwareGatedSAE(SparseAutoencoder):
         return (stem,) if self.tie_theta else (f"{stem}_pos", f"{stem}_neg")
 
     def thresholds(self) -> tuple[Tensor, Tensor]:
-        """(θ⁺, θ⁻); the same tensor twice when tied, so both sides' gradients add up on one parameter."""
+        """(θ⁺, θ⁻); the same tensor twice when tied, so both sides' gradients add up on one parameter.
+        A one-sided gate never opens on the negative side: θ⁻ = +∞."""
         stored = [getattr(self, name) for name in self._threshold_names()]
         values = [s.exp() for s in stored] if self.log_theta else stored
+        if self.one_sided_gate:
+            return values[0], torch.full_like(values[0], math.inf)
         return (values[0], values[0]) if self.tie_theta else (values[0], values[1])
 
     def magnitude_rescales(self) -> tuple[Tensor, Tensor]:
         """(r⁺, r⁻), the per-latent log-rescales of the magnitude path."""
         return (self.r, self.r) if self.tie_r else (self.r_pos, self.r_neg)
 
-    def _paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """u = W_gate (x − b_dec) and π = u + b_gate."""
-        u = (x - self.b_dec) @ self.W_gate.T
-        return u, u + self.b_gate
-
     def _code(self, u: Tensor, pi: Tensor) -> Tensor:
         """f = g · m with m = exp(r^{sign π}) u + b_mag; zero where m opposes the gate's polarity.
 
         The gate passes no gradient to π; it reaches θ (rectangle kernel) only with `recon_trains_theta`.
         """
+        if not self.signed_magnitude:
+            return self.gate_activation(pi)
         r_pos, r_neg = self.magnitude_rescales()
         rescale = r_pos.exp() if self.tie_r else torch.where(pi > 0, r_pos, r_neg).exp()
         magnitude = rescale * u + self.b_mag
@@ -113,35 +118,16 @@ class SignAwareGatedSAE(SparseAutoencoder):
         return bi_jump_relu(pi, theta_pos, theta_neg, self.bandwidth)
 
     def encode(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        u, pi = self._paths(x)
+        u, pi = self.paths(x)
         return self._code(u, pi)
 
-    def decode(self, codes: Tensor) -> Tensor:
-        return codes @ self.W_dec.T + self.b_dec
-
-    def loss(self, x: Tensor, sparsity_coefficient: float) -> SAELoss:
-        self.check_input(x)
-        u, pi = self._paths(x)
-        codes = self._code(u, pi)
-        x_hat = self.decode(codes)
-        gate_codes = self.gate_activation(pi)
-        gate_x_hat = self.decode(gate_codes)
-        decoder_norms = self.W_dec.norm(dim=0)
-        sparsity = (gate_codes.abs() @ decoder_norms).mean()
-        terms = {
-            "recon": squared_error(x, x_hat),
-            "sparsity": sparsity_coefficient * sparsity,
-            "aux": self.aux_weight * squared_error(x, gate_x_hat),
-        }
-        return SAELoss(sum(terms.values()), terms, codes, x_hat, gate_reconstruction=gate_x_hat)
-
-    @torch.no_grad()
-    def initialize_from_batch(self, x: Tensor) -> None:
-        self.b_dec.copy_(x.mean(0))
+    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
+        u, pi = self.paths(x)
+        return self.gated_loss(x, self._code(u, pi), self.gate_activation(pi), sparsity_coefficient)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
         if not self.log_theta:
             for name in self._threshold_names():
                 getattr(self, name).clamp_(min=self.theta_floor)

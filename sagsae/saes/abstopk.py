@@ -1,0 +1,17 @@
+"""AbsTopK SAE (arXiv 2510.00404, SPEC §4), the closest prior signed SAE: keep the k pre-activations of
+largest |π|, with their signs, no ReLU."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from sagsae.saes.base import register
+from sagsae.saes.topk import TopKSparseAutoencoder
+
+
+@register("abstopk")
+class AbsTopKSparseAutoencoder(TopKSparseAutoencoder):
+    signed_codes = True
+
+    def values_and_scores(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        return pre, pre.abs()

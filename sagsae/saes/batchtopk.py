@@ -1,0 +1,41 @@
+"""BatchTopK SAE (SPEC §4): keep the k·B largest ReLU pre-activations of the whole batch in training; at
+inference a learned scalar threshold (running mean of the smallest kept value) replaces the batch rule."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sagsae.saes.base import register
+from sagsae.saes.topk import TopKSparseAutoencoder
+
+
+@register("batchtopk")
+class BatchTopKSparseAutoencoder(TopKSparseAutoencoder):
+    def __init__(self, d_in: int, width: int, k: int = 32, aux_k: int | None = None,
+                 aux_coefficient: float = 1 / 32, threshold_momentum: float = 0.99,
+                 unit_norm_decoder: bool = True) -> None:
+        super().__init__(d_in, width, k, aux_k, aux_coefficient, unit_norm_decoder)
+        self.threshold_momentum = threshold_momentum
+        self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
+
+    def select(self, values: Tensor, scores: Tensor) -> Tensor:
+        if not self.training:
+            return torch.where(values > self.threshold.clamp(min=0), values, 0)
+        flat_scores = scores.reshape(-1)
+        indices = flat_scores.topk(self.k * values.shape[0]).indices
+        flat_values = values.reshape(-1)
+        codes = torch.zeros_like(flat_values).scatter(0, indices, flat_values[indices])
+        self._update_threshold(flat_values[indices])
+        return codes.reshape(values.shape)
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: Tensor) -> None:
+        positive = kept[kept > 0]
+        if len(positive) == 0:
+            return
+        smallest = positive.min()
+        if self.threshold < 0:
+            self.threshold.copy_(smallest)
+        else:
+            self.threshold.lerp_(smallest, 1 - self.threshold_momentum)

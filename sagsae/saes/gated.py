@@ -1,0 +1,27 @@
+"""Gated SAE (arXiv 2404.16014, SPEC §4): a Heaviside gate on π = W_gate x̃ + b_gate, a rescaled magnitude
+path exp(r_mag) ⊙ W_gate x̃ + b_mag, and an auxiliary reconstruction through ReLU(π)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sagsae.saes.base import GatedPathsSAE, SAELoss, register
+
+
+@register("gated")
+class GatedSparseAutoencoder(GatedPathsSAE):
+    def __init__(self, d_in: int, width: int, aux_weight: float = 1.0, unit_norm_decoder: bool = False) -> None:
+        super().__init__(d_in, width, aux_weight, unit_norm_decoder)
+        self.r_mag = nn.Parameter(torch.zeros(width))
+
+    def _code(self, u: Tensor, pi: Tensor) -> Tensor:
+        """H(π) ⊙ ReLU(exp(r_mag) u + b_mag); the gate passes no gradient."""
+        return torch.where(pi > 0, torch.relu(self.r_mag.exp() * u + self.b_mag), 0)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self._code(*self.paths(x))
+
+    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
+        u, pi = self.paths(x)
+        return self.gated_loss(x, self._code(u, pi), torch.relu(pi), sparsity_coefficient)

@@ -1,0 +1,44 @@
+"""JumpReLU SAE (arXiv 2407.14435, SPEC §4): f = π ⊙ H(π − θ), an L0 penalty λ Σ H(π − θ), both learning θ
+through the rectangle-kernel pseudo-derivative; unit-norm decoder as in the paper."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from sagsae.saes.base import LinearEncoderSAE, SAELoss, register, squared_error
+from sagsae.saes.sa_gsae import default_jump_scale
+from sagsae.straight_through import bi_jump_relu, two_sided_step
+
+
+@register("jumprelu")
+class JumpReLUSparseAutoencoder(LinearEncoderSAE):
+    def __init__(self, d_in: int, width: int, theta_init: float | None = None, bandwidth: float | None = None,
+                 theta_floor: float = 1e-6, unit_norm_decoder: bool = True) -> None:
+        super().__init__(d_in, width, unit_norm_decoder)
+        self.theta_init = default_jump_scale(d_in) if theta_init is None else theta_init
+        self.bandwidth = default_jump_scale(d_in) if bandwidth is None else bandwidth
+        self.theta_floor = theta_floor
+        self.threshold = nn.Parameter(torch.full((width,), self.theta_init))
+
+    def _never(self) -> Tensor:
+        """θ⁻ = +∞: the one-sided jump is the two-sided one that never opens below zero."""
+        return torch.full_like(self.threshold, math.inf)
+
+    def activation(self, pre: Tensor) -> Tensor:
+        return bi_jump_relu(pre, self.threshold, self._never(), self.bandwidth)
+
+    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
+        pre = self.pre_activation(x)
+        codes = self.activation(pre)
+        x_hat = self.decode(codes)
+        l0 = two_sided_step(pre, self.threshold, self._never(), self.bandwidth).sum(-1).mean()
+        terms = {"recon": squared_error(x, x_hat), "sparsity": sparsity_coefficient * l0}
+        return SAELoss(sum(terms.values()), terms, codes, x_hat)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
+        self.threshold.clamp_(min=self.theta_floor)

@@ -1,0 +1,20 @@
+"""ReLU-L1, the standard SAE (SPEC §4): f = ReLU(W_enc (x − b_dec) + b_enc), decoder-norm-weighted L1."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sagsae.saes.base import LinearEncoderSAE, SAELoss, register, squared_error
+
+
+@register("relu")
+class ReLUSparseAutoencoder(LinearEncoderSAE):
+    def activation(self, pre: Tensor) -> Tensor:
+        return torch.relu(pre)
+
+    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
+        codes = self.encode(x)
+        x_hat = self.decode(codes)
+        terms = {"recon": squared_error(x, x_hat), "sparsity": sparsity_coefficient * self.weighted_l1(codes)}
+        return SAELoss(sum(terms.values()), terms, codes, x_hat)
