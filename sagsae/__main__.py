@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["params"]:
+        from sagsae.params import main as params
+
+        return params(args[1:])
     from sagsae.cli import run  # Lightning is imported only by the CLI, never by the torch-only core
 
-    run(argv)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,177 @@
+"""Baselines (SPEC §4) against direct computations on small tensors with fixed weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sagsae.params import count_parameters, matching_width
+from sagsae.saes import SAE_REGISTRY, build_sae
+
+D, H, B, LAM = 6, 10, 32, 0.7
+
+
+def make(name: str, **kwargs):
+    torch.manual_seed(0)
+    sae = build_sae(name, d_in=D, width=H, **kwargs)
+    with torch.no_grad():
+        for parameter_name, parameter in sae.named_parameters():
+            if "threshold" in parameter_name:
+                parameter.copy_(0.2 + 0.5 * torch.rand(H))
+            else:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return sae
+
+
+def close(a, b):
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5)
+
+
+def decode(sae, codes):
+    return codes @ sae.W_dec.detach().T + sae.b_dec.detach()
+
+
+def sq(x, y):
+    return ((x - y) ** 2).sum(1).mean()
+
+
+X = torch.randn(B, D) * 2
+
+
+def test_relu_l1():
+    sae = make("relu")
+    pre = (X - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    codes = torch.relu(pre)
+    out = sae.loss(X, LAM)
+    close(out.codes, codes)
+    close(out.terms["recon"], sq(X, decode(sae, codes)))
+    close(out.terms["sparsity"], LAM * (codes * sae.W_dec.norm(dim=0)).sum(1).mean())
+
+
+@pytest.mark.parametrize("unit_norm_decoder", [False, True], ids=["form-b", "form-a"])
+def test_gated_both_forms(unit_norm_decoder):
+    sae = make("gated", unit_norm_decoder=unit_norm_decoder)
+    u = (X - sae.b_dec) @ sae.W_gate.T
+    pi = u + sae.b_gate
+    codes = (pi > 0).float() * torch.relu(sae.r_mag.exp() * u + sae.b_mag)
+    out = sae.loss(X, LAM)
+    close(out.codes, codes)
+    close(out.terms["recon"], sq(X, decode(sae, codes)))
+    weights = torch.ones(H) if unit_norm_decoder else sae.W_dec.norm(dim=0)
+    close(out.terms["sparsity"], LAM * (torch.relu(pi) * weights).sum(1).mean())
+    close(out.terms["aux"], sq(X, decode(sae, torch.relu(pi))))
+    # who trains what: the aux term reaches the decoder in form (b) only; the gate passes nothing to b_gate
+    sae.zero_grad()
+    out.terms["aux"].backward(retain_graph=True)
+    decoder_grad = sae.W_dec.grad.abs().sum() if sae.W_dec.grad is not None else torch.tensor(0.0)
+    assert (decoder_grad == 0) == unit_norm_decoder
+    sae.zero_grad()
+    out.terms["recon"].backward()
+    assert sae.b_gate.grad is None or (sae.b_gate.grad == 0).all()
+
+
+def test_jumprelu_codes_l0_and_pseudo_derivatives():
+    sae = make("jumprelu", bandwidth=0.5)
+    pre = (X - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    open_ = pre > sae.threshold
+    out = sae.loss(X, LAM)
+    close(out.codes, pre * open_)
+    close(out.terms["sparsity"], LAM * open_.float().sum(1).mean())
+    sae.zero_grad()
+    out.terms["sparsity"].backward(retain_graph=True)
+    band = ((pre - sae.threshold).abs() < 0.25).float().detach()
+    assert band.sum() > 0
+    close(sae.threshold.grad, -LAM / 0.5 * band.sum(0) / B)  # −(λ/ε) Σ K / B
+    sae.zero_grad()
+    out.codes.sum().backward()
+    close(sae.threshold.grad, -(sae.threshold / 0.5) * (band * (pre > 0)).sum(0))  # −(θ/ε) Σ K
+
+
+def topk_direct(values, scores, k):
+    keep = torch.zeros_like(values, dtype=torch.bool)
+    for n in range(len(values)):
+        keep[n, scores[n].argsort(descending=True)[:k]] = True
+    return torch.where(keep, values, 0)
+
+
+@pytest.mark.parametrize("name", ["topk", "abstopk"])
+def test_topk_and_abstopk_with_auxk(name):
+    sae = make(name, k=3, aux_k=2)
+    pre = (X - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    values = pre if name == "abstopk" else torch.relu(pre)
+    scores = values.abs()
+    codes = topk_direct(values, scores, 3)
+    dead = torch.zeros(H, dtype=torch.bool)
+    dead[[0, 3, 7]] = True
+    out = sae.loss(X, LAM, dead=dead)
+    close(out.codes, codes)
+    assert ((out.codes != 0).sum(1) <= 3).all() and ((out.codes != 0).sum(1) == 3).any()
+    x_hat = decode(sae, codes)
+    close(out.terms["recon"], sq(X, x_hat))
+    dead_scores = torch.where(dead, scores, -torch.inf)
+    aux_codes = topk_direct(torch.where(dead, values, 0), dead_scores, 2)
+    close(out.terms["auxk"], sq(X - x_hat, aux_codes @ sae.W_dec.T) / 32)
+    if name == "abstopk":
+        assert (out.codes < 0).any(), "AbsTopK keeps negative codes"
+
+
+def test_batchtopk_training_and_inference_threshold():
+    sae = make("batchtopk", k=2)
+    out = sae.loss(X, LAM)
+    values = torch.relu((X - sae.b_dec) @ sae.W_enc.T + sae.b_enc).detach()
+    kept = values.flatten().topk(2 * B).values
+    assert int((out.codes != 0).sum()) == 2 * B
+    close(out.codes.flatten().sort().values[-2 * B:], kept.sort().values)
+    close(sae.threshold, kept.min())
+    sae.eval()
+    close(sae.encode(X), torch.where(values > kept.min(), values, 0))
+
+
+def test_unit_norm_decoder_projects_gradients_and_renormalizes():
+    for name in ("jumprelu", "topk", "batchtopk", "abstopk"):
+        sae = make(name, **({"k": 3} if "topk" in name else {}))
+        sae.loss(X, LAM, dead=torch.ones(H, dtype=torch.bool)).total.backward()
+        sae.before_optimizer_step()
+        columns = sae.W_dec / sae.W_dec.norm(dim=0)
+        close((columns * sae.W_dec.grad).sum(0), torch.zeros(H))
+        with torch.no_grad():
+            sae.W_dec.mul_(3.0)
+        sae.after_optimizer_step()
+        close(sae.W_dec.norm(dim=0), torch.ones(H))
+
+
+@pytest.mark.parametrize("name", ["relu", "gated", "sagsae"])
+def test_encoder_shrink_decoder_grow_does_not_lower_the_penalty(name):
+    """Scaling a latent's encoder by 1/c and its decoder column by c keeps x̂; the norm-weighted penalty
+    must not fall, so the escape gains nothing."""
+    sae = make(name)
+    before = sae.loss(X, LAM)
+    with torch.no_grad():
+        c = 4.0
+        sae.W_dec.mul_(c)
+        for encoder in ("W_enc", "b_enc", "W_gate", "b_gate", "b_mag", "threshold"):
+            if hasattr(sae, encoder):
+                getattr(sae, encoder).div_(c)
+    after = sae.loss(X, LAM)
+    close(after.reconstruction, before.reconstruction)
+    assert float(after.terms["sparsity"]) >= float(before.terms["sparsity"]) * (1 - 1e-5)
+
+
+def test_parameter_counts_are_exact():
+    d, h = 576, 4608
+    expected = {
+        "sagsae": 2 * h * d + d + 4 * h,  # W_gate, W_dec, b_dec; b_gate, b_mag, r, θ
+        "gated": 2 * h * d + d + 3 * h,  # b_gate, b_mag, r_mag
+        "relu": 2 * h * d + d + h,
+        "jumprelu": 2 * h * d + d + 2 * h,
+        "topk": 2 * h * d + d + h,
+        "batchtopk": 2 * h * d + d + h,  # the inference threshold is a buffer, not trained
+        "abstopk": 2 * h * d + d + h,
+    }
+    assert set(expected) == set(SAE_REGISTRY)
+    for name, count in expected.items():
+        assert count_parameters(name, d, h) == count, name
+    untied = build_sae("sagsae", d_in=d, width=h, tie_r=False, tie_theta=False)
+    assert sum(p.numel() for p in untied.parameters()) == 2 * h * d + d + 6 * h
+    assert count_parameters("gated", d, 2 * h) == 4 * h * d + d + 6 * h  # Gated(2H), SPEC §3
+    assert matching_width("gated", d, count_parameters("sagsae", d, h)) == pytest.approx(h * (2 * d + 4) / (2 * d + 3))
