@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.utilities import rank_zero_only
 
 _PACKAGES = ("sagsae", "torch", "lightning", "torchmetrics", "transformers", "datasets", "gguf")
 
@@ -33,10 +32,16 @@ def _git_commit() -> str | None:
 
 
 class RunInfo(L.Callback):
-    """Writes run_metadata.json (versions, seed, data, SAE) into the log folder and prints where to look."""
+    """Writes run_metadata.json (versions, seed, data, SAE) into the log folder and prints where to look.
 
-    @rank_zero_only
+    `trainer.log_dir` is a collective under DDP, so every rank asks for it and only rank zero writes."""
+
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            self._write_metadata(trainer, pl_module, folder)
+
+    def _write_metadata(self, trainer: L.Trainer, pl_module, folder: Path) -> None:
         datamodule = trainer.datamodule
         info = {
             "versions": {name: _version(name) for name in _PACKAGES} | {"python": platform.python_version()},
@@ -49,12 +54,15 @@ class RunInfo(L.Callback):
             "data": datamodule.describe() if hasattr(datamodule, "describe") else None,
             "world_size": trainer.world_size,
         }
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "run_metadata.json").write_text(json.dumps(info, indent=2))
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        log_dir = trainer.log_dir
+        if trainer.is_global_zero:
+            self._print_summary(trainer, log_dir)
+
+    def _print_summary(self, trainer: L.Trainer, log_dir: str | None) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in
                           ("train/l0", "train/r2", "train/dead_fraction", "train/tokens_per_s",
@@ -62,7 +70,7 @@ class RunInfo(L.Callback):
         checkpoint = trainer.checkpoint_callback
         log_root = Path(trainer.logger.save_dir) if trainer.logger is not None else Path(trainer.default_root_dir)
         print(f"\nFinished at step {trainer.global_step}: {shown}")
-        print(f"Logs, config and metadata: {trainer.log_dir}")
+        print(f"Logs, config and metadata: {log_dir}")
         if checkpoint is not None and checkpoint.dirpath:
             print(f"Checkpoints (last.ckpt resumes with --ckpt_path): {checkpoint.dirpath}")
         print(f"Open the dashboards with: tensorboard --logdir {log_root}")

@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
         return params(args[1:])
     from sagsae.cli import run  # Lightning is imported only by the CLI, never by the torch-only core
 
-    run(args)
+    run(argv)  # None: LightningCLI reads the command line itself (and DDP re-launches it unchanged)
 
 
 if __name__ == "__main__":

@@ -121,3 +121,21 @@ def test_missing_model_names_what_was_looked_for(text_file, tmp_path):
     missing = tmp_path / "no_such_model"
     with pytest.raises(FileNotFoundError, match="no_such_model"):
         run(["fit", *tiny_args(missing, text_file, tmp_path)])
+
+
+def test_ddp_fit_on_two_cpu_processes_with_gloo(tiny_llama, text_file, tmp_path):
+    """DDP through the CLI: two gloo processes (Lightning re-launches `python -m sagsae` for rank 1)."""
+    import json
+
+    import torch
+
+    result = subprocess.run([sys.executable, "-m", "sagsae", "fit", *tiny_args(tiny_llama, text_file, tmp_path, steps=10),
+                             "--trainer.accelerator", "cpu",
+                             "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    version = tmp_path / "lightning_logs" / "version_0"
+    assert json.loads((version / "run_metadata.json").read_text())["world_size"] == 2
+    state = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 10
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
