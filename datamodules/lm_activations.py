@@ -112,7 +112,7 @@ class LMActivationDataModule(L.LightningDataModule):
     def describe(self) -> dict:
         """What a run records about its activations."""
         return {"model": self.hparams.model, "hookpoint": self.reader.hookpoint, "layer": self.reader.layer,
-                "d_model": self.d_model, "dropped_massive": self.guard.dropped_massive,
+                "d_model": self.d_model, "dataset": self.hparams.dataset, "context_length": self.hparams.context_length, "dropped_massive": self.guard.dropped_massive,
                 "dropped_nonfinite": self.guard.dropped_nonfinite}
 
     def _rank_and_world(self) -> tuple[int, int]:

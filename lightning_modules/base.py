@@ -62,6 +62,8 @@ class SAEModule(L.LightningModule):
         self.sae = build_sae(self.architecture, d_in=d_in, width=width, **switches)
         self.sae.input_scale.fill_(math.nan)  # unset until estimated on the data (or restored)
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
+        self.register_buffer("firing_frequency", torch.zeros(width, dtype=torch.float64))  # EMA over ~W tokens
+        self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(False))
 
     def configure_model(self) -> None:
@@ -143,13 +145,27 @@ class SAEModule(L.LightningModule):
 
     # ----- dead latents -----------------------------------------------------------------------------------
     def _track_firing(self, codes: Tensor) -> None:
-        fired = self.trainer.strategy.reduce((codes != 0).any(0).float(), reduce_op="sum") > 0
+        """Per-latent firing across all ranks (sums, so every rank holds the same state)."""
+        counts = self.trainer.strategy.reduce((codes != 0).sum(0).double(), reduce_op="sum")
         tokens = len(codes) * self.trainer.world_size
-        self.tokens_since_fired.add_(tokens).masked_fill_(fired, 0)
+        self.tokens_since_fired.add_(tokens).masked_fill_(counts > 0, 0)
+        self.tokens_seen.add_(tokens)
+        rate = min(1.0, tokens / self.hparams.dead_window_tokens)
+        self.firing_frequency.lerp_(counts / tokens, rate)
 
     def dead_mask(self) -> Tensor:
         """Latents with no non-zero code in the last `dead_window_tokens` training tokens."""
         return self.tokens_since_fired >= self.hparams.dead_window_tokens
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """What `sagsae export` needs to rebuild the SAE with torch alone, and the run's latest metrics."""
+        checkpoint["sae"] = {"architecture": self.architecture, "d_in": self.sae.d_in, "width": self.sae.width,
+                             "switches": {name: self.hparams[name] for name in self.architecture_args}}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "describe"):
+            checkpoint["activations"] = datamodule.describe()
+        checkpoint["sae_metrics"] = {name: float(value) for name, value in self.trainer.callback_metrics.items()
+                                     if name.startswith(("train/", "val/"))}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.before_optimizer_step()

@@ -11,6 +11,10 @@ def main(argv: list[str] | None = None) -> None:
         from sagsae.params import main as params
 
         return params(args[1:])
+    if args[:1] == ["export"]:
+        from sagsae.export import main as export
+
+        return export(args[1:])
     from sagsae.cli import run  # Lightning is imported only by the CLI, never by the torch-only core
 
     run(argv)  # None: LightningCLI reads the command line itself (and DDP re-launches it unchanged)

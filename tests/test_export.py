@@ -1,0 +1,122 @@
+"""Export (SAELens v6 layout, normalization folded) and torch-only loading, for every architecture."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+import lightning_modules as modules
+import sagsae
+from callbacks import SAEMetrics
+from datamodules import TensorActivationDataModule
+from sagsae.export import export_checkpoint
+
+MODULES = {
+    "sagsae": (modules.SAGSAE, {}),
+    "sagsae-untied": (modules.SAGSAE, {"tie_r": False, "tie_theta": False, "log_theta": True}),
+    "sagsae-one-sided": (modules.SAGSAE, {"one_sided_gate": True}),
+    "relu": (modules.ReLUSAE, {}),
+    "gated": (modules.GatedSAE, {}),
+    "jumprelu": (modules.JumpReLUSAE, {}),
+    "topk": (modules.TopKSAE, {"k": 4}),
+    "batchtopk": (modules.BatchTopKSAE, {"k": 4}),
+    "abstopk": (modules.AbsTopKSAE, {"k": 4}),
+}
+D = 16
+
+
+def raw_activations(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return 7.0 * torch.randn(n, D, generator=generator) + 2.0  # far from E‖x‖² = d, so the scale matters
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    paths = {}
+    for name, (module_class, switches) in MODULES.items():
+        L.seed_everything(0)
+        module = module_class(width=32, sparsity_coefficient=0.1, sparsity_warmup_steps=2, lr=1e-2, **switches)
+        trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, callbacks=[SAEMetrics()])
+        trainer.fit(module, TensorActivationDataModule(raw_activations(2048, 0), batch_size=256))
+        paths[name] = (root / f"{name}.ckpt", module)
+        trainer.save_checkpoint(paths[name][0])
+    return paths
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_round_trip_reproduces_codes_and_reconstructions(name, checkpoints, tmp_path):
+    ckpt, module = checkpoints[name]
+    folder = export_checkpoint(ckpt, tmp_path / "export")
+    assert {p.name for p in folder.iterdir()} == {"sae_weights.safetensors", "cfg.json", "sparsity.safetensors",
+                                                  "README.md"}
+    loaded = sagsae.load(folder)
+    trained = module.sae.eval()
+    x = raw_activations(512, 1)
+    scale = float(trained.input_scale)
+    assert abs(scale - 1) > 0.5
+    with torch.no_grad():
+        codes = trained.encode(trained.normalize(x))
+        torch.testing.assert_close(loaded.encode(x), codes, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(x), trained.decode(codes) / scale, rtol=1e-5, atol=1e-4)
+    assert (codes != 0).any()
+    cfg = json.loads((folder / "cfg.json").read_text())
+    expected = {"relu": "standard", "batchtopk": "jumprelu"}.get(name, name.split("-")[0])
+    assert cfg["architecture"] == expected and cfg["d_in"] == D and cfg["d_sae"] == 32
+
+
+def test_export_refuses_existing_folders_and_broken_checkpoints(checkpoints, tmp_path):
+    ckpt, _ = checkpoints["sagsae"]
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_checkpoint(ckpt, tmp_path / "taken")
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="Could not read checkpoint"):
+        export_checkpoint(broken, tmp_path / "out")
+    state = torch.load(ckpt, weights_only=False)
+    state["state_dict"]["sae.W_dec"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.ckpt")
+    with pytest.raises(ValueError, match="non-finite"):
+        export_checkpoint(tmp_path / "nan.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no half-written folder is left"
+
+
+def test_load_needs_neither_lightning_nor_transformers(checkpoints, tmp_path):
+    folder = export_checkpoint(checkpoints["sagsae"][0], tmp_path / "export")
+    code = (f"import sys, torch, sagsae; sae = sagsae.load({str(folder)!r}); sae(torch.randn(3, {D})); "
+            "bad = [m for m in ('lightning', 'transformers', 'pytorch_lightning') if m in sys.modules]; "
+            "assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_export_cli_writes_the_folder(checkpoints, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sagsae", "export", "--ckpt_path", str(checkpoints["gated"][0]),
+                             "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "gated SAE, width 32" in (tmp_path / "cli" / "README.md").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sae_lens") is None,
+                    reason="sae-lens is not installed (optional; `pip install sae-lens` to run this check)")
+@pytest.mark.parametrize("name", ["relu", "gated", "jumprelu", "topk", "batchtopk"])
+def test_saelens_loads_shared_architectures(name, checkpoints, tmp_path):
+    from sae_lens import SAE
+
+    ckpt, module = checkpoints[name]
+    folder = export_checkpoint(ckpt, tmp_path / "export")
+    theirs = SAE.load_from_disk(str(folder))
+    x = raw_activations(256, 2)
+    ours = sagsae.load(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), ours.encode(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours(x), rtol=1e-5, atol=1e-4)
