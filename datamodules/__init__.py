@@ -1,6 +1,7 @@
-"""LightningDataModules that feed SAEs with LM activations."""
+"""LightningDataModules that feed SAEs with LM activations: live, cached on disk, or in memory."""
 
+from datamodules.activation_files import ActivationFileDataModule
 from datamodules.lm_activations import LMActivationDataModule
 from datamodules.tensor_data import TensorActivationDataModule
 
-__all__ = ["LMActivationDataModule", "TensorActivationDataModule"]
+__all__ = ["ActivationFileDataModule", "LMActivationDataModule", "TensorActivationDataModule"]

@@ -1,20 +1,20 @@
-"""Entry point of `python -m sagsae` and the `sagsae` console script."""
+"""Entry point of `python -m sagsae` and the `sagsae` console script.
+
+`fit`, `validate`, `test` go to the LightningCLI; the other subcommands are small argparse programs.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+SUBCOMMANDS = {"params": "sagsae.params", "export": "sagsae.export", "cache": "datamodules.cache"}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["params"]:
-        from sagsae.params import main as params
-
-        return params(args[1:])
-    if args[:1] == ["export"]:
-        from sagsae.export import main as export
-
-        return export(args[1:])
+    if args and args[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[args[0]]).main(args[1:])
     from sagsae.cli import run  # Lightning is imported only by the CLI, never by the torch-only core
 
     run(argv)  # None: LightningCLI reads the command line itself (and DDP re-launches it unchanged)

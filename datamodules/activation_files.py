@@ -1,0 +1,168 @@
+"""Activations cached on disk as safetensors shards (tensor key `activations`, shape [n, d]).
+
+Layout written by `python -m sagsae cache`: `<dir>/metadata.json`, `<dir>/train/shard-00000.safetensors`, …,
+`<dir>/val/shard-00000.safetensors`. `ActivationFileDataModule` also reads any folder of such shards or a
+single `.safetensors` file with an `activations` tensor. Memory stays bounded: one shard plus the shuffle
+buffer at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from datamodules.activation_stream import shuffled_batches
+from datamodules.lm_activations import _GeneratorDataset
+
+KEY = "activations"
+METADATA = "metadata.json"
+
+
+def shard_files(path: str | Path, split: str = "train") -> list[Path]:
+    """The shards of `path`: a single file, a cache folder's split subfolder, or a folder of shards."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.exists():
+        raise FileNotFoundError(f"Activation path {path} does not exist (write one with `python -m sagsae cache`)")
+    folder = path / split if (path / split).is_dir() else path
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"No .safetensors shards in {folder}")
+    return shards
+
+
+def shard_shape(path: Path) -> tuple[int, int]:
+    with safe_open(str(path), framework="pt") as handle:
+        if KEY not in handle.keys():
+            raise KeyError(f"{path} has no {KEY!r} tensor (it has {list(handle.keys())})")
+        shape = handle.get_slice(KEY).get_shape()
+    if len(shape) != 2:
+        raise ValueError(f"{path}: {KEY!r} must be [n, d], got shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+class ShardWriter:
+    """Accumulates activation chunks and writes fixed-size shards."""
+
+    def __init__(self, folder: Path, shard_tokens: int, dtype: torch.dtype) -> None:
+        self.folder, self.shard_tokens, self.dtype = folder, shard_tokens, dtype
+        folder.mkdir(parents=True, exist_ok=True)
+        self.pending: list[Tensor] = []
+        self.pending_tokens = 0
+        self.shards = 0
+        self.tokens = 0
+
+    def add(self, chunk: Tensor) -> None:
+        self.pending.append(chunk.to(self.dtype).cpu())
+        self.pending_tokens += len(chunk)
+        while self.pending_tokens >= self.shard_tokens:
+            rows = torch.cat(self.pending)
+            self._write(rows[: self.shard_tokens])
+            self.pending = [rows[self.shard_tokens:]]
+            self.pending_tokens = len(self.pending[0])
+
+    def close(self) -> None:
+        if self.pending_tokens:
+            self._write(torch.cat(self.pending))
+        self.pending, self.pending_tokens = [], 0
+
+    def _write(self, rows: Tensor) -> None:
+        save_file({KEY: rows.contiguous()}, str(self.folder / f"shard-{self.shards:05d}.safetensors"))
+        self.shards += 1
+        self.tokens += len(rows)
+
+
+class ActivationFileDataModule(L.LightningDataModule):
+    """Trains from cached activations: shards in a shuffled order each pass, mixed in a shuffle buffer.
+
+    Args:
+        path: a cache folder (from `sagsae cache`), a folder of shards, or one `.safetensors` file.
+        val_path: held-out activations; None = the cache's `val/` split if present, else no validation.
+        batch_size: tokens per batch.
+        shuffle_buffer_tokens: tokens mixed before batches are drawn.
+        val_tokens: held-out tokens evaluated at each validation.
+        normalization_tokens: tokens used to estimate the normalization scalar (E‖x‖² = d).
+        seed: shard order and shuffle buffer.
+
+    Under DDP each rank reads a disjoint set of shards (dealt round-robin; with fewer shards than ranks, a
+    disjoint stride of rows), and the stream never ends, so no rank waits for another at an epoch's end.
+    """
+
+    def __init__(self, path: str, val_path: str | None = None, batch_size: int = 4096,
+                 shuffle_buffer_tokens: int = 65_536, val_tokens: int = 32_768, normalization_tokens: int = 16_384,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.shards = shard_files(path, "train")
+        sizes = [shard_shape(shard) for shard in self.shards]
+        dims = {d for _, d in sizes}
+        if len(dims) != 1:
+            raise ValueError(f"Shards of {path} disagree on the activation size: {sorted(dims)}")
+        self._d_model = dims.pop()
+        folder = Path(path)
+        self.metadata = json.loads((folder / METADATA).read_text()) if (folder / METADATA).is_file() else {}
+        if val_path is None and folder.is_dir() and (folder / "val").is_dir():
+            val_path = str(folder / "val")
+        self.val_shards = shard_files(val_path) if val_path else []
+
+    @property
+    def d_model(self) -> int:
+        return self._d_model
+
+    def describe(self) -> dict:
+        return {"activations": self.hparams.path, "d_model": self.d_model,
+                **{k: self.metadata.get(k) for k in ("model", "hookpoint", "layer", "dataset", "context_length")}}
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    def _rows(self, shard: Path) -> Tensor:
+        rank, world = self._rank_and_world()
+        rows = load_file(str(shard))[KEY].float()
+        return rows[rank::world] if len(self.shards) < world else rows
+
+    def _chunks(self) -> Iterator[Tensor]:
+        rank, world = self._rank_and_world()
+        mine = self.shards[rank::world] if len(self.shards) >= world else self.shards
+        for epoch in itertools.count():
+            order = torch.randperm(len(mine), generator=torch.Generator().manual_seed(self.hparams.seed + epoch))
+            for index in order.tolist():
+                yield self._rows(mine[index])
+
+    def _batches(self) -> Iterator[Tensor]:
+        generator = torch.Generator().manual_seed(self.hparams.seed + self._rank_and_world()[0])
+        return shuffled_batches(self._chunks(), self.hparams.batch_size, self.hparams.shuffle_buffer_tokens, generator)
+
+    def estimate_input_scale(self) -> float:
+        sums, count = 0.0, 0
+        for shard in self.shards:
+            rows = load_file(str(shard))[KEY].double()[: self.hparams.normalization_tokens - count]
+            sums += float(rows.pow(2).sum())
+            count += len(rows)
+            if count >= self.hparams.normalization_tokens:
+                break
+        return math.sqrt(self.d_model / (sums / count))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_GeneratorDataset(self._batches), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.val_shards:
+            return DataLoader([], batch_size=None)
+        rank, world = self._rank_and_world()
+        rows = torch.cat([load_file(str(s))[KEY].float() for s in self.val_shards])[: self.hparams.val_tokens]
+        return DataLoader(list(rows[rank::world].split(self.hparams.batch_size)), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

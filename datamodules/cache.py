@@ -1,0 +1,109 @@
+"""`python -m sagsae cache`: run the LM once and write its activations as safetensors shards.
+
+    python -m sagsae cache --config configs/default.yaml --out cache/smollm2_l15_mlp_out --train_tokens 1000000
+    python -m sagsae cache --config configs/default.yaml --data.init_args.hookpoint attn_out --out …
+
+Train activations come from one pass over the training documents (never repeated: a corpus shorter than
+--train_tokens gives fewer, and metadata.json says how many); validation ones from the held-out documents.
+Activations are stored raw (unnormalized); metadata.json records the normalization scalar they imply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from datamodules.activation_files import METADATA, ShardWriter
+from datamodules.lm_activations import LMActivationDataModule
+
+STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def datamodule_from_configs(configs: list[str], overrides: list[tuple[str, str]]) -> LMActivationDataModule:
+    data: dict = {}
+    for config in configs:
+        section = (yaml.safe_load(Path(config).read_text()) or {}).get("data")
+        if section:
+            data = {**data, **section, "init_args": {**data.get("init_args", {}), **section.get("init_args", {})}}
+    init_args = dict(data.get("init_args", {}))
+    for key, value in overrides:
+        init_args[key] = yaml.safe_load(value)
+    module_path, _, name = data.get("class_path", "datamodules.LMActivationDataModule").rpartition(".")
+    datamodule_class = getattr(importlib.import_module(module_path), name)
+    if not issubclass(datamodule_class, LMActivationDataModule):
+        raise ValueError(f"`cache` runs a language model: the config's data must be an LMActivationDataModule, "
+                         f"not {datamodule_class.__name__}")
+    return datamodule_class(**init_args)
+
+
+def write_cache(data: LMActivationDataModule, out: Path, train_tokens: int, val_tokens: int, shard_tokens: int,
+                dtype: str) -> dict:
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: choose a new --out folder or remove it first")
+    data.setup()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        train = ShardWriter(staging / "train", shard_tokens, STORAGE[dtype])
+        squares = 0.0
+        for chunk in data._activation_chunks(validation=False, passes=iter([0])):
+            chunk = chunk[: train_tokens - train.tokens - train.pending_tokens]
+            if dtype == "float16" and chunk.abs().max() > 6e4:
+                raise ValueError("Activations exceed float16's range: cache with --dtype float32 or bfloat16")
+            squares += float(chunk.double().pow(2).sum())
+            train.add(chunk)
+            if train.tokens + train.pending_tokens >= train_tokens:
+                break
+        train.close()
+        val = ShardWriter(staging / "val", shard_tokens, STORAGE[dtype])
+        data.hparams.val_tokens = val_tokens
+        for batch in data._held_out_batches():
+            val.add(batch)
+        val.close()
+        metadata = {**data.describe(), "dtype": dtype, "train_tokens": train.tokens, "val_tokens": val.tokens,
+                    "train_shards": train.shards, "val_shards": val.shards,
+                    "normalization_scale": math.sqrt(data.d_model / (squares / max(train.tokens, 1))),
+                    "requested_train_tokens": train_tokens}
+        (staging / METADATA).write_text(json.dumps(metadata, indent=2))
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return metadata
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sagsae cache", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", required=True, help="a training config (repeatable)")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--train_tokens", type=int, default=1_000_000)
+    parser.add_argument("--val_tokens", type=int, default=32_768)
+    parser.add_argument("--shard_tokens", type=int, default=262_144)
+    parser.add_argument("--dtype", choices=sorted(STORAGE), default="float32")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    while rest:
+        key, *tail = rest
+        if not key.startswith("--data.init_args.") or not tail:
+            parser.error(f"unrecognized argument {key!r}: only --data.init_args.NAME VALUE overrides are accepted")
+        overrides.append((key.removeprefix("--data.init_args."), tail[0]))
+        rest = tail[1:]
+    for name in ("train_tokens", "val_tokens", "shard_tokens"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive")
+    metadata = write_cache(datamodule_from_configs(args.config, overrides), args.out, args.train_tokens,
+                           args.val_tokens, args.shard_tokens, args.dtype)
+    print(f"Cached {metadata['train_tokens']:,} train and {metadata['val_tokens']:,} validation tokens of "
+          f"{metadata['model']} {metadata['hookpoint']} (layer {metadata['layer']}) in {args.out}")
+    if metadata["train_tokens"] < args.train_tokens:
+        print(f"The training documents hold only {metadata['train_tokens']:,} tokens (one pass, never repeated).")
+    print(f"Train from it with: --data datamodules.ActivationFileDataModule --data.init_args.path {args.out}")

@@ -1,0 +1,86 @@
+"""`sagsae cache` writes shards + metadata; ActivationFileDataModule trains from them (and from one file)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from datamodules import ActivationFileDataModule
+from sagsae.cli import run
+from tests.test_cli import REPO
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny_llama, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "tiny"
+    overrides = ["--data.init_args.model", str(tiny_llama), "--data.init_args.dataset", "json",
+                 "--data.init_args.data_files", str(text_file), "--data.init_args.layer", "2",
+                 "--data.init_args.context_length", "32", "--data.init_args.lm_batch_size", "16",
+                 "--data.init_args.val_fraction", "0.1"]
+    result = subprocess.run([sys.executable, "-m", "sagsae", "cache", "--config", "configs/default.yaml",
+                             "--out", str(out), "--train_tokens", "3000", "--val_tokens", "400",
+                             "--shard_tokens", "1000", *overrides], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_cache_writes_shards_and_metadata(cache_dir):
+    metadata = json.loads((cache_dir / "metadata.json").read_text())
+    assert metadata["train_tokens"] == 3000 and metadata["train_shards"] == 3
+    assert metadata["val_tokens"] == 400 and metadata["hookpoint"] == "mlp_out" and metadata["layer"] == 2
+    shards = sorted((cache_dir / "train").glob("*.safetensors"))
+    rows = torch.cat([load_file(str(s))["activations"] for s in shards])
+    assert rows.shape == (3000, 32) and torch.isfinite(rows).all()
+    assert metadata["normalization_scale"] == pytest.approx(math.sqrt(32 / rows.double().pow(2).sum(1).mean()), rel=1e-4)
+
+
+def test_file_datamodule_batches_normalization_and_ddp_shards(cache_dir):
+    data = ActivationFileDataModule(str(cache_dir), batch_size=250, shuffle_buffer_tokens=1000)
+    assert data.d_model == 32 and len(data.val_shards) == 1
+    batches = [b for _, b in zip(range(12), data._batches())]
+    assert all(b.shape == (250, 32) for b in batches)
+    assert data.estimate_input_scale() == pytest.approx(
+        json.loads((cache_dir / "metadata.json").read_text())["normalization_scale"], rel=1e-3)
+
+    class FakeTrainer:
+        world_size = 2
+
+        def __init__(self, rank):
+            self.global_rank = rank
+
+    seen = []
+    for rank in (0, 1):
+        data.trainer = FakeTrainer(rank)
+        seen.append(torch.cat([data._rows(s) for s in data.shards[rank::2]]))
+    data.trainer = None
+    assert len(seen[0]) + len(seen[1]) == 3000
+    assert not (torch.cdist(seen[0][:200], seen[1][:200]) == 0).any(), "ranks must read disjoint shards"
+
+
+def test_fit_from_cache_and_from_a_single_file(cache_dir, tmp_path):
+    single = tmp_path / "acts.safetensors"
+    save_file({"activations": load_file(str(sorted((cache_dir / "train").glob("*"))[0]))["activations"]}, str(single))
+    for index, path in enumerate((cache_dir, single)):
+        root = tmp_path / f"run{index}"
+        run(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--trainer.max_steps", "8",
+             "--trainer.val_check_interval", "4", "--trainer.default_root_dir", str(root),
+             "--model.init_args.width", "64", "--data", "datamodules.ActivationFileDataModule",
+             "--data.init_args.path", str(path), "--data.init_args.batch_size", "200",
+             "--data.init_args.shuffle_buffer_tokens", "800", "--data.init_args.normalization_tokens", "500"])
+        state = torch.load(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+        assert state["global_step"] == 8 and state["sae"]["d_in"] == 32
+
+
+def test_bad_paths_and_tensors_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ActivationFileDataModule(str(tmp_path / "missing"))
+    save_file({"x": torch.zeros(4, 3)}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(KeyError, match="no 'activations' tensor"):
+        ActivationFileDataModule(str(tmp_path / "wrong.safetensors"))
