@@ -1,7 +1,9 @@
-"""Callbacks: metrics (SPEC §6), gate-collapse warning, run metadata and progress."""
+"""Callbacks: metrics (SPEC §6), gate-collapse warning, evaluation reports, run metadata and progress."""
 
 from callbacks.gate_collapse import GateCollapseMonitor
 from callbacks.metrics import ReconstructionMetrics, SAEMetrics
+from callbacks.report import EvaluationReport
 from callbacks.run_info import RunInfo, StepProgressBar
 
-__all__ = ["GateCollapseMonitor", "ReconstructionMetrics", "RunInfo", "SAEMetrics", "StepProgressBar"]
+__all__ = ["EvaluationReport", "GateCollapseMonitor", "ReconstructionMetrics", "RunInfo", "SAEMetrics",
+           "StepProgressBar"]

@@ -17,7 +17,7 @@ from torchmetrics import Metric
 
 
 class ReconstructionMetrics(Metric):
-    """Window sums for R² = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², MSE, L0 and the latents that fired."""
+    """Window sums for R² = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², MSE, L0, and each latent's firings by sign."""
 
     full_state_update = False
 
@@ -28,25 +28,31 @@ class ReconstructionMetrics(Metric):
         self.add_state("sum_squares", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("active", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("fired", torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("positive", torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("negative", torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, x: Tensor, x_hat: Tensor, codes: Tensor) -> None:
         x, x_hat = x.double(), x_hat.double()
         self.squared_error += (x - x_hat).pow(2).sum()
         self.sum_x += x.sum(0)
         self.sum_squares += x.pow(2).sum()
-        nonzero = codes != 0
-        self.active += nonzero.sum()
+        self.active += (codes != 0).sum()
         self.tokens += len(x)
-        self.fired += nonzero.any(0)
+        self.positive += (codes > 0).sum(0)
+        self.negative += (codes < 0).sum(0)
 
     def compute(self) -> dict[str, Tensor]:
         total_variance = self.sum_squares - self.sum_x.pow(2).sum() / self.tokens
+        firings = self.positive + self.negative
+        alive = firings > 0
+        minority = torch.minimum(self.positive, self.negative) / firings.clamp(min=1)
         return {
             "r2": 1 - self.squared_error / total_variance,
             "mse": self.squared_error / (self.tokens * self.sum_x.numel()),
             "l0": self.active / self.tokens,
-            "silent_fraction": (self.fired == 0).double().mean(),
+            "silent_fraction": (firings == 0).double().mean(),
+            # bipolar census (SPEC §6): alive latents whose minority sign is ≥ 10% of their firings
+            "bipolar_fraction": (minority[alive] >= 0.1).double().mean() if alive.any() else alive.double().sum(),
         }
 
 
@@ -102,7 +108,10 @@ class SAEMetrics(L.Callback):
             return
         values = self._eval.compute()
         self._eval.reset()
-        for name, key in [("mse", "mse"), ("l0", "l0"), ("r2", "r2"), ("dead_fraction", "silent_fraction")]:
+        names = [("mse", "mse"), ("l0", "l0"), ("r2", "r2"), ("dead_fraction", "silent_fraction")]
+        if pl_module.sae.signed_codes:
+            names.append(("bipolar_fraction", "bipolar_fraction"))
+        for name, key in names:
             pl_module.log(f"{stage}/{name}", values[key].float(), sync_dist=False, prog_bar=(name == "r2"))
         self._step_times.clear()  # validation time is not training throughput
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks import RunInfo, SAEMetrics, StepProgressBar
+from callbacks import EvaluationReport, RunInfo, SAEMetrics, StepProgressBar
 from lightning_modules import SAEModule
 
 
@@ -19,7 +19,7 @@ class SAGSAECLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [SAEMetrics(), RunInfo(), StepProgressBar()]},
+            trainer_defaults={"callbacks": [SAEMetrics(), RunInfo(), StepProgressBar(), EvaluationReport()]},
             args=args,
         )
 

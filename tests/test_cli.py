@@ -84,10 +84,18 @@ def test_resume_from_last_checkpoint_continues_the_step_count(fitted_run, tiny_l
     assert float(state["state_dict"]["sae.input_scale"]) == float(original["state_dict"]["sae.input_scale"])
 
 
-def test_validate_with_checkpoint_reports_val_metrics(fitted_run, tiny_llama, text_file, capsys):
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_validate_and_test_with_checkpoint_write_a_report(stage, fitted_run, tiny_llama, text_file, capsys, tmp_path):
+    import json
+
     last = fitted_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    run(["validate", *tiny_args(tiny_llama, text_file, fitted_run), "--ckpt_path", str(last)])
-    assert "val/r2" in capsys.readouterr().out
+    run([stage, *tiny_args(tiny_llama, text_file, tmp_path), "--ckpt_path", str(last)])
+    prefix = "val" if stage == "validate" else "test"
+    assert f"{prefix}/r2" in capsys.readouterr().out
+    report = json.loads((tmp_path / "lightning_logs" / "version_0" / "metrics.json").read_text())
+    assert report["ckpt_path"] == str(last) and report["trained_tokens"] == 30 * 256
+    for name in ("r2", "l0", "mse", "dead_fraction", "bipolar_fraction", "loss"):
+        assert f"{prefix}/{name}" in report["metrics"], sorted(report["metrics"])
 
 
 def test_print_config_prints_the_full_config():
