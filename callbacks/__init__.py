@@ -1,9 +1,10 @@
 """Callbacks: metrics (SPEC §6), gate-collapse warning, evaluation reports, run metadata and progress."""
 
 from callbacks.gate_collapse import GateCollapseMonitor
+from callbacks.interrupt import InterruptCheckpoint, rescue_checkpoint
 from callbacks.metrics import ReconstructionMetrics, SAEMetrics
 from callbacks.report import EvaluationReport
 from callbacks.run_info import RunInfo, StepProgressBar
 
-__all__ = ["EvaluationReport", "GateCollapseMonitor", "ReconstructionMetrics", "RunInfo", "SAEMetrics",
+__all__ = ["EvaluationReport", "GateCollapseMonitor", "InterruptCheckpoint", "rescue_checkpoint", "ReconstructionMetrics", "RunInfo", "SAEMetrics",
            "StepProgressBar"]

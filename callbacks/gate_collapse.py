@@ -50,6 +50,8 @@ class GateCollapseMonitor(L.Callback):
         return reasons
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not outputs or "x" not in outputs:  # a skipped (non-finite) batch
+            return
         self._alive.append(1.0 - float(pl_module.dead_mask().float().mean()))
         self._r2.append(float(explained_variance(outputs["x"], outputs["x_hat"])))
         if "gate_x_hat" in outputs:

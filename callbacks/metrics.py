@@ -81,6 +81,8 @@ class SAEMetrics(L.Callback):
         return existing
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs: dict[str, Any], batch, batch_idx) -> None:
+        if not outputs or "x" not in outputs:  # a skipped (non-finite) batch
+            return
         self._train = self._metric(self._train, pl_module)
         self._train.update(outputs["x"], outputs["x_hat"], outputs["codes"])
         values = self._train.compute()

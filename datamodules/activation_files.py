@@ -148,6 +148,7 @@ class ActivationFileDataModule(L.LightningDataModule):
         sums, count = 0.0, 0
         for shard in self.shards:
             rows = load_file(str(shard))[KEY].double()[: self.hparams.normalization_tokens - count]
+            rows = rows[torch.isfinite(rows).all(1)]  # non-finite rows are skipped in training too
             sums += float(rows.pow(2).sum())
             count += len(rows)
             if count >= self.hparams.normalization_tokens:

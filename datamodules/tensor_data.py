@@ -30,6 +30,7 @@ class TensorActivationDataModule(L.LightningDataModule):
 
     def estimate_input_scale(self) -> float:
         sample = self.train[: self.normalization_tokens].double()
+        sample = sample[torch.isfinite(sample).all(1)]  # non-finite rows are skipped in training too
         return math.sqrt(self.d_model / float(sample.pow(2).sum(1).mean()))
 
     def _batches(self) -> Iterator[Tensor]:

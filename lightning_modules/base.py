@@ -13,6 +13,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lightning.pytorch.utilities import rank_zero_warn
+
+from callbacks.interrupt import rescue_checkpoint
 from sagsae.saes import SparseAutoencoder, build_sae
 
 
@@ -52,6 +55,7 @@ class SAEModule(L.LightningModule):
             raise ValueError(f"model.dead_window_tokens must be positive, got {dead_window_tokens}")
         self.save_hyperparameters()  # the subclass's architecture switches included
         self.sae: SparseAutoencoder | None = None
+        self.skipped_batches = 0
         if d_in is not None:
             self._build(d_in)
 
@@ -123,15 +127,27 @@ class SAEModule(L.LightningModule):
             result["gate_x_hat"] = out.gate_reconstruction.detach()
         return result
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
+    def _any_rank(self, condition: bool) -> bool:
+        """The same decision on every rank (a rank that skips alone would hang DDP)."""
+        flag = torch.tensor(float(condition), device=self.device)
+        return bool(self.trainer.strategy.reduce(flag, reduce_op="sum") > 0)
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor] | None:
+        if self._any_rank(not bool(torch.isfinite(batch).all())):
+            self.skipped_batches += 1
+            self.log("train/skipped_nonfinite_batches", float(self.skipped_batches), on_step=True)
+            rank_zero_warn(f"Skipped a batch with non-finite activations at step {self.global_step} "
+                           f"({self.skipped_batches} so far)")
+            return None
         if not self.initialized:
             self.sae.initialize_from_batch(self.trainer.strategy.reduce(self.sae.normalize(batch), reduce_op="mean"))
             self.initialized.fill_(True)
         result = self._step(batch, "train")
-        if not torch.isfinite(result["loss"]):
+        if self._any_rank(not bool(torch.isfinite(result["loss"]))):
+            path = rescue_checkpoint(self.trainer, f"nonfinite-step{self.global_step}.ckpt")
             raise FloatingPointError(
-                f"Non-finite loss at step {self.global_step}: lower model.lr or check the activations "
-                f"(the last checkpoint is kept in the run's checkpoints folder)."
+                f"Non-finite loss at step {self.global_step}: the weights before this step are saved in {path}. "
+                f"Lower model.init_args.lr or the sparsity coefficient, or check the activations."
             )
         self.log("train/sparsity_coefficient", self.sparsity_coefficient(), on_step=True)
         self._track_firing(result["codes"])

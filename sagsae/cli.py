@@ -5,7 +5,7 @@ from __future__ import annotations
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks import EvaluationReport, RunInfo, SAEMetrics, StepProgressBar
+from callbacks import EvaluationReport, InterruptCheckpoint, RunInfo, SAEMetrics, StepProgressBar
 from lightning_modules import SAEModule
 
 
@@ -19,7 +19,8 @@ class SAGSAECLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [SAEMetrics(), RunInfo(), StepProgressBar(), EvaluationReport()]},
+            trainer_defaults={"callbacks": [SAEMetrics(), RunInfo(), StepProgressBar(), EvaluationReport(),
+                                            InterruptCheckpoint()]},
             args=args,
         )
 

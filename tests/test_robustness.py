@@ -1,0 +1,64 @@
+"""Bad data and interruptions lose nothing already trained: skipped NaN batches, a saved checkpoint before a
+non-finite loss stops the run, and a resumable checkpoint on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks import SAEMetrics
+from datamodules import TensorActivationDataModule
+from lightning_modules import SAGSAE
+from tests.test_cli import REPO, tiny_args
+
+
+def trainer_for(root, steps, callbacks=()):
+    return L.Trainer(max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, callbacks=[SAEMetrics(), *callbacks])
+
+
+def test_nonfinite_batches_are_skipped_and_counted(tmp_path):
+    data = torch.randn(4096, 8)
+    data[300] = float("nan")  # lands in one of the 256-token batches of each pass
+    module = SAGSAE(d_in=8, width=16)
+    with pytest.warns(UserWarning, match="Skipped a batch with non-finite activations"):
+        trainer_for(tmp_path, 20).fit(module, TensorActivationDataModule(data, batch_size=256))
+    assert module.skipped_batches >= 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class PoisonWeights(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 3:
+            with torch.no_grad():
+                pl_module.sae.b_dec[0] = float("inf")
+
+
+def test_nonfinite_loss_saves_a_checkpoint_and_names_the_step(tmp_path):
+    module = SAGSAE(d_in=8, width=16)
+    with pytest.raises(FloatingPointError, match="Non-finite loss at step 3"):
+        trainer_for(tmp_path, 20, [PoisonWeights()]).fit(module, TensorActivationDataModule(torch.randn(4096, 8), batch_size=256))
+    saved = list(tmp_path.rglob("nonfinite-step3.ckpt"))
+    assert len(saved) == 1
+    assert torch.load(saved[0], weights_only=False)["global_step"] == 3
+
+
+def test_sigterm_saves_a_resumable_checkpoint(tiny_llama, text_file, tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "sagsae", "fit", *tiny_args(tiny_llama, text_file, tmp_path, 100_000)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.rglob("events.out.tfevents*")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # a few steps into training
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    saved = list(tmp_path.rglob("interrupted.ckpt"))
+    assert len(saved) == 1, output[-3000:]
+    step = torch.load(saved[0], weights_only=False)["global_step"]
+    assert step > 0 and f"Interrupted at step {step}" in output
