@@ -5,6 +5,7 @@ from callbacks.interrupt import InterruptCheckpoint, rescue_checkpoint
 from callbacks.metrics import ReconstructionMetrics, SAEMetrics
 from callbacks.report import EvaluationReport
 from callbacks.run_info import RunInfo, StepProgressBar
+from callbacks.spliced_loss import SplicedLMLoss
 
-__all__ = ["EvaluationReport", "GateCollapseMonitor", "InterruptCheckpoint", "rescue_checkpoint", "ReconstructionMetrics", "RunInfo", "SAEMetrics",
-           "StepProgressBar"]
+__all__ = ["EvaluationReport", "GateCollapseMonitor", "InterruptCheckpoint", "ReconstructionMetrics", "RunInfo",
+           "SAEMetrics", "SplicedLMLoss", "StepProgressBar", "rescue_checkpoint"]

@@ -85,6 +85,7 @@ class LMActivationDataModule(L.LightningDataModule):
         self.guard = NormGuard(norm_guard_multiple)
         self.reader: ActivationReader | None = None
         self._validation_batches: list[Tensor] | None = None
+        self._spliced_contexts: Tensor | None = None
 
     # ----- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -146,8 +147,7 @@ class LMActivationDataModule(L.LightningDataModule):
             while batch := list(itertools.islice(contexts, hp.lm_batch_size)):
                 produced = True
                 input_ids = torch.tensor(batch)
-                trainable = ~torch.isin(input_ids, self.special_ids)
-                trainable[:, 0] = False
+                trainable = self._trainable(input_ids)
                 activations = self.reader(input_ids.to(self.device))
                 yield self.guard(activations[trainable.to(self.device)].float())
             if not produced:
@@ -177,6 +177,45 @@ class LMActivationDataModule(L.LightningDataModule):
             torch.distributed.all_reduce(stats)
             total, count = stats.tolist()
         return math.sqrt(self.d_model / (total / count))
+
+    # ----- spliced LM loss (SPEC §6) ------------------------------------------------------------------
+    def _trainable(self, input_ids: Tensor) -> Tensor:
+        """Positions the SAE sees: not BOS (position 0), not special tokens."""
+        trainable = ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
+        trainable[:, 0] = False
+        return trainable
+
+    @torch.no_grad()
+    def spliced_cross_entropy(self, reconstruct: Callable[[Tensor], Tensor], contexts: int = 16) -> dict[str, float]:
+        """Next-token CE on held-out contexts: clean, with the hookpoint replaced by the SAE's reconstruction
+        at the trained positions, and by zeros there; CE recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean)."""
+        if self._spliced_contexts is None:
+            tokens = tokenize_documents(self._documents(True, 0), self.tokenizer)
+            packed = pack_contexts(tokens, self.hparams.context_length, self.bos_id, self.separator_id)
+            self._spliced_contexts = torch.tensor(list(itertools.islice(packed, contexts)))
+        input_ids = self._spliced_contexts.to(self.device)
+        trainable = self._trainable(input_ids)
+        targets = input_ids[:, 1:]
+        scored = trainable[:, 1:]  # predict real tokens, not separators
+
+        def cross_entropy(logits: Tensor) -> float:
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+            return float(losses[scored].mean())
+
+        def splice(make: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+            def replace(activations: Tensor) -> Tensor:
+                replaced = activations.clone()
+                replaced[trainable] = make(activations[trainable].float()).to(activations.dtype)
+                return replaced
+            return replace
+
+        model = self.reader.model
+        with torch.inference_mode():
+            clean = cross_entropy(model(input_ids=input_ids, use_cache=False).logits)
+        spliced = cross_entropy(self.reader.logits_with_replacement(input_ids, splice(reconstruct)))
+        zero = cross_entropy(self.reader.logits_with_replacement(input_ids, splice(torch.zeros_like)))
+        recovered = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
+        return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero, "ce_recovered": recovered}
 
     # ----- dataloaders ------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

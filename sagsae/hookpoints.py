@@ -154,3 +154,30 @@ class ActivationReader:
         if len(captured) != len(self.terms):
             raise RuntimeError(f"Hookpoint {self.hookpoint} at layer {self.layer} was never reached in the forward")
         return sum(captured[i] for i in range(len(self.terms)))
+
+    def logits_with_replacement(self, input_ids: Tensor, replace) -> Tensor:
+        """The full forward with the hookpoint's tensor replaced by `replace(tensor)` (for spliced LM loss)."""
+        if len(self.terms) != 1:
+            raise NotImplementedError(f"{self.hookpoint} is a sum of tensors in this model (a parallel residual): "
+                                      f"it cannot be replaced in the forward")
+        path, kind = self.terms[0]
+        module = self.model.get_submodule(path)
+        if kind == "input":
+            def hook(_module, args, kwargs):
+                if args:
+                    return (replace(args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
+
+            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        else:
+            def hook(_module, _args, output):
+                if isinstance(output, (tuple, list)):
+                    return (replace(output[0]), *output[1:])
+                return replace(output)
+
+            handle = module.register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                return self.model(input_ids=input_ids, use_cache=False).logits
+        finally:
+            handle.remove()

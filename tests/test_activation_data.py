@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from datamodules import LMActivationDataModule
@@ -65,3 +66,17 @@ def test_embedded_datamodule_drops_bos_and_specials(tiny_llama, text_file):
     assert abs(float((sample * scale).pow(2).sum(-1).mean()) / 32 - 1) < 0.2
     val = data._held_out_batches()
     assert sum(len(b) for b in val) == 100
+
+
+def test_spliced_lm_loss_perfect_reconstruction_recovers_everything(tiny_llama, text_file):
+    data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file), layer=1,
+                                  context_length=16, val_fraction=0.2)
+    data.setup()
+    perfect = data.spliced_cross_entropy(lambda x: x, contexts=4)
+    assert perfect["ce_sae"] == pytest.approx(perfect["ce_clean"], rel=1e-6)
+    assert perfect["ce_recovered"] == pytest.approx(1.0, abs=1e-5)
+    assert perfect["ce_zero"] != pytest.approx(perfect["ce_clean"])
+    ablated = data.spliced_cross_entropy(torch.zeros_like, contexts=4)
+    assert ablated["ce_recovered"] == pytest.approx(0.0, abs=1e-6)
+    halfway = data.spliced_cross_entropy(lambda x: 0.5 * x, contexts=4)
+    assert halfway["ce_sae"] != pytest.approx(perfect["ce_clean"])  # the replacement really reaches the logits

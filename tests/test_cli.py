@@ -60,7 +60,7 @@ def test_fit_writes_finite_rising_metrics_config_and_checkpoint(fitted_run):
     version = fitted_run / "lightning_logs" / "version_0"
     logged = scalars(version)
     for tag in ("train/loss", "train/mse", "train/l0", "train/r2", "train/dead_fraction",
-                "val/loss", "val/mse", "val/l0", "val/r2", "val/dead_fraction"):
+                "val/loss", "val/mse", "val/l0", "val/r2", "val/dead_fraction", "val/ce_recovered", "val/ce_sae"):
         assert tag in logged, f"missing TensorBoard tag {tag}; have {sorted(logged)}"
         assert all(math.isfinite(value) for _, value in logged[tag]), tag
     r2 = [value for _, value in logged["train/r2"]]

@@ -125,6 +125,10 @@ class SparseAutoencoder(nn.Module):
     def normalize(self, raw: Tensor) -> Tensor:
         return raw * self.input_scale
 
+    def reconstruct_raw(self, raw: Tensor) -> Tensor:
+        """x̂ in the activations' own scale: normalize, encode, decode, undo the normalization."""
+        return self(self.normalize(raw)) / self.input_scale
+
     def check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.d_in:
             raise ValueError(
