@@ -53,6 +53,7 @@ class ReconstructionMetrics(Metric):
             "silent_fraction": (firings == 0).double().mean(),
             # bipolar census (SPEC §6): alive latents whose minority sign is ≥ 10% of their firings
             "bipolar_fraction": (minority[alive] >= 0.1).double().mean() if alive.any() else alive.double().sum(),
+            "firing_density": firings / self.tokens,  # per latent, for the density histogram
         }
 
 
@@ -115,6 +116,10 @@ class SAEMetrics(L.Callback):
             names.append(("bipolar_fraction", "bipolar_fraction"))
         for name, key in names:
             pl_module.log(f"{stage}/{name}", values[key].float(), sync_dist=False, prog_bar=(name == "r2"))
+        experiment = getattr(trainer.logger, "experiment", None)
+        if trainer.is_global_zero and hasattr(experiment, "add_histogram"):
+            density = values["firing_density"].clamp(min=1e-10).log10().float().cpu()
+            experiment.add_histogram(f"{stage}/log10_firing_density", density, trainer.global_step)
         self._step_times.clear()  # validation time is not training throughput
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

@@ -65,6 +65,12 @@ def test_fit_writes_finite_rising_metrics_config_and_checkpoint(fitted_run):
         assert all(math.isfinite(value) for _, value in logged[tag]), tag
     r2 = [value for _, value in logged["train/r2"]]
     assert len(r2) == 30
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    assert "val/log10_firing_density" in events.Tags()["histograms"]
+    assert "config/text_summary" in events.Tags()["tensors"]
     assert sum(r2[-5:]) / 5 > sum(r2[:5]) / 5 + 0.1, f"R² did not rise: {r2}"
     config = yaml.safe_load((version / "config.yaml").read_text())
     assert config["model"]["init_args"]["width"] == 64

@@ -1,0 +1,74 @@
+"""SPEC §6 metrics against direct NumPy computations, and their DDP synchronization (2 gloo processes)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from callbacks.metrics import ReconstructionMetrics
+
+
+def sample(seed: int = 0, n: int = 300, d: int = 6, h: int = 10):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=generator) * 3 + 1
+    x_hat = x + 0.5 * torch.randn(n, d, generator=generator)
+    codes = torch.randn(n, h, generator=generator) * (torch.rand(n, h, generator=generator) < 0.2)
+    codes[:, 0] = 0.0  # a silent latent
+    codes[:, 1] = codes[:, 1].abs()  # a strictly positive one
+    codes[:, 2] = torch.where(torch.arange(n) % 20 == 0, -1.0, 1.0) * (codes[:, 2] != 0)  # ~5% negative
+    return x, x_hat, codes
+
+
+def numpy_metrics(x, x_hat, codes):
+    x, x_hat, codes = (np.asarray(t, dtype=np.float64) for t in (x, x_hat, codes))
+    r2 = 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    positive, negative = (codes > 0).sum(0), (codes < 0).sum(0)
+    alive = positive + negative > 0
+    minority = np.minimum(positive, negative)[alive] / (positive + negative)[alive]
+    return {"r2": r2, "mse": ((x - x_hat) ** 2).mean(), "l0": (codes != 0).sum(1).mean(),
+            "silent_fraction": (~alive).mean(), "bipolar_fraction": (minority >= 0.1).mean()}
+
+
+def test_metrics_match_numpy_over_several_batches():
+    x, x_hat, codes = sample()
+    metric = ReconstructionMetrics(6, 10)
+    for rows in torch.arange(300).split(64):
+        metric.update(x[rows], x_hat[rows], codes[rows])
+    ours = {k: float(v) for k, v in metric.compute().items()}
+    expected = numpy_metrics(x, x_hat, codes)
+    assert ours == pytest.approx(expected, rel=1e-9)
+    assert 0 < expected["bipolar_fraction"] < 1 and expected["silent_fraction"] == pytest.approx(0.1)
+
+
+def _worker(rank: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    x, x_hat, codes = sample()
+    metric = ReconstructionMetrics(6, 10)
+    mine = torch.arange(300)[rank::2]  # uneven halves of different content
+    metric.update(x[mine], x_hat[mine], codes[mine])
+    queue.put((rank, {k: float(v) for k, v in metric.compute().items()}))
+    dist.destroy_process_group()
+
+
+def test_ddp_synchronized_metrics_equal_one_process():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    processes = [context.Process(target=_worker, args=(rank, port, queue)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    results = dict(queue.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    expected = numpy_metrics(*sample())
+    for rank in (0, 1):
+        assert results[rank] == pytest.approx(expected, rel=1e-9), rank
