@@ -73,3 +73,18 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("texts") / "texts.jsonl"
     path.write_text("\n".join(json.dumps({"text": text}) for text in sample_texts(400)))
     return path
+
+
+def perturbed_sae(architecture: str, d_in: int, width: int, threshold_spread: float = 0.5, **kwargs):
+    """An SAE with generic, non-initial weights (so that every term matters) and thresholds in [0.2, 0.2 + spread]."""
+    from sagsae.saes import build_sae
+
+    torch.manual_seed(0)
+    sae = build_sae(architecture, d_in=d_in, width=width, **kwargs)
+    with torch.no_grad():
+        for name, parameter in sae.named_parameters():
+            if "threshold" in name:
+                parameter.copy_(0.2 + threshold_spread * torch.rand(width))
+            else:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return sae

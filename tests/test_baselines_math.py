@@ -7,20 +7,13 @@ import torch
 
 from sagsae.params import count_parameters, matching_width
 from sagsae.saes import SAE_REGISTRY, build_sae
+from tests.conftest import perturbed_sae
 
 D, H, B, LAM = 6, 10, 32, 0.7
 
 
 def make(name: str, **kwargs):
-    torch.manual_seed(0)
-    sae = build_sae(name, d_in=D, width=H, **kwargs)
-    with torch.no_grad():
-        for parameter_name, parameter in sae.named_parameters():
-            if "threshold" in parameter_name:
-                parameter.copy_(0.2 + 0.5 * torch.rand(H))
-            else:
-                parameter.add_(0.3 * torch.randn_like(parameter))
-    return sae
+    return perturbed_sae(name, D, H, **kwargs)
 
 
 def close(a, b):

@@ -8,22 +8,15 @@ import pytest
 import torch
 
 from sagsae.saes import build_sae
+from tests.conftest import perturbed_sae
 from sagsae.straight_through import bi_jump_relu, two_sided_soft_threshold, two_sided_step
 
 D, H, B = 5, 7, 64
 
 
 def make_sae(**kwargs):
-    torch.manual_seed(0)
     kwargs.setdefault("bandwidth", 0.5)  # wide enough that some π of a small batch lie in the kernel's band
-    sae = build_sae("sagsae", d_in=D, width=H, **kwargs)
-    with torch.no_grad():  # generic, non-initial values so every term matters
-        for name, parameter in sae.named_parameters():
-            if "threshold" in name:
-                parameter.copy_(0.2 + 0.3 * torch.rand(H))
-            else:
-                parameter.add_(0.3 * torch.randn_like(parameter))
-    return sae
+    return perturbed_sae("sagsae", D, H, threshold_spread=0.3, **kwargs)
 
 
 def direct(sae, x, lam):
