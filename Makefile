@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_ARGS ?= --trainer.max_steps 100 --trainer.val_check_interval 50 --trainer.max_time 00:00:08:30
+DEMO_ARGS ?= --trainer.max_steps 90 --trainer.val_check_interval 45 --trainer.max_time 00:00:08:00
 
 .PHONY: demo test clean
 

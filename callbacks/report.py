@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from rich.console import Console
 from rich.table import Table
 
@@ -16,7 +17,7 @@ class EvaluationReport(L.Callback):
     `trainer.log_dir` is a collective under DDP, so every rank asks for it and only rank zero writes."""
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.training and not trainer.sanity_checking:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # not the validations inside `fit`
             self._report(trainer, pl_module, "val")
 
     def on_test_end(self, trainer: L.Trainer, pl_module) -> None:

@@ -93,8 +93,7 @@ class SAEModule(L.LightningModule):
         self._ensure_input_scale()
 
     def on_validation_start(self) -> None:
-        if not self.trainer.training:
-            self._ensure_input_scale()
+        self._ensure_input_scale()  # a no-op once estimated or restored
 
     def on_test_start(self) -> None:
         self._ensure_input_scale()

@@ -76,6 +76,7 @@ def test_fit_writes_finite_rising_metrics_config_and_checkpoint(fitted_run):
     assert config["model"]["init_args"]["width"] == 64
     assert (version / "checkpoints" / "last.ckpt").is_file()
     assert (version / "run_metadata.json").is_file()
+    assert not (version / "metrics.json").exists(), "reports belong to stand-alone validate/test runs only"
 
 
 def test_resume_from_last_checkpoint_continues_the_step_count(fitted_run, tiny_llama, text_file):
