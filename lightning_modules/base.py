@@ -68,6 +68,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
         self.register_buffer("firing_frequency", torch.zeros(width, dtype=torch.float64))  # EMA over ~W tokens
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("steps_trained", torch.tensor(0, dtype=torch.long))  # restored by validate/test too
         self.register_buffer("initialized", torch.tensor(False))
 
     def configure_model(self) -> None:
@@ -100,8 +101,9 @@ class SAEModule(L.LightningModule):
 
     # ----- schedules ----------------------------------------------------------------------------------
     def sparsity_coefficient(self) -> float:
+        """λ on its linear warmup, by training steps taken (so a stand-alone validate uses the trained λ)."""
         warmup = self.hparams.sparsity_warmup_steps
-        ramp = min(1.0, (self.global_step + 1) / warmup) if warmup > 0 else 1.0
+        ramp = min(1.0, (int(self.steps_trained) + 1) / warmup) if warmup > 0 else 1.0
         return self.hparams.sparsity_coefficient * ramp
 
     def configure_optimizers(self):
@@ -150,6 +152,7 @@ class SAEModule(L.LightningModule):
             )
         self.log("train/sparsity_coefficient", self.sparsity_coefficient(), on_step=True)
         self._track_firing(result["codes"])
+        self.steps_trained += 1
         return result
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:

@@ -103,6 +103,10 @@ def test_validate_and_test_with_checkpoint_write_a_report(stage, fitted_run, tin
     assert report["ckpt_path"] == str(last) and report["trained_tokens"] == 30 * 256
     for name in ("r2", "l0", "mse", "dead_fraction", "bipolar_fraction", "loss"):
         assert f"{prefix}/{name}" in report["metrics"], sorted(report["metrics"])
+    # the same weights on the same held-out tokens as the fit's last validation: the same numbers, λ included
+    last_validation = scalars(fitted_run / "lightning_logs" / "version_0")
+    for name in ("r2", "l0", "loss"):
+        assert report["metrics"][f"{prefix}/{name}"] == pytest.approx(last_validation[f"val/{name}"][-1][1], rel=1e-4)
 
 
 def test_print_config_prints_the_full_config():
