@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.activation_stream import NormGuard, shuffled_batches
 from datamodules.language_model import load_language_model, resolve_dtype
-from datamodules.text import TextSource, is_validation_document, pack_contexts, select_documents, tokenize_documents
+from datamodules.text import TextSource, pack_contexts, select_documents, tokenize_documents
 from sagsae.hookpoints import ActivationReader, parse_hookpoint
 
 
@@ -113,7 +113,8 @@ class LMActivationDataModule(L.LightningDataModule):
     def describe(self) -> dict:
         """What a run records about its activations."""
         return {"model": self.hparams.model, "hookpoint": self.reader.hookpoint, "layer": self.reader.layer,
-                "d_model": self.d_model, "dataset": self.hparams.dataset, "context_length": self.hparams.context_length, "dropped_massive": self.guard.dropped_massive,
+                "d_model": self.d_model, "dataset": self.hparams.dataset,
+                "context_length": self.hparams.context_length, "dropped_massive": self.guard.dropped_massive,
                 "dropped_nonfinite": self.guard.dropped_nonfinite}
 
     def _rank_and_world(self) -> tuple[int, int]:
@@ -121,13 +122,13 @@ class LMActivationDataModule(L.LightningDataModule):
 
     # ----- documents → contexts → activations ------------------------------------------------------
     def _documents(self, validation: bool, pass_index: int) -> Iterator:
+        """This rank's training or validation documents; indexable sources are reshuffled every pass."""
         rank, world = self._rank_and_world()
+        select = dict(validation=validation, val_fraction=self.hparams.val_fraction, rank=rank, world_size=world)
         if not self.source.indexable:
-            yield from select_documents(self.source.documents(), validation=validation,
-                                        val_fraction=self.hparams.val_fraction, rank=rank, world_size=world)
+            yield from select_documents(self.source.documents(), **select)
             return
-        indices = [i for i in range(len(self.source))
-                   if is_validation_document(i, self.hparams.val_fraction) == validation][rank::world]
+        indices = list(select_documents(range(len(self.source)), **select))
         if not indices:
             raise ValueError(f"Dataset {self.hparams.dataset!r} has no {'validation' if validation else 'training'} "
                              f"documents for rank {rank}: add documents or change data.val_fraction")

@@ -11,9 +11,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
-
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
 from callbacks.interrupt import rescue_checkpoint
 from sagsae.saes import SparseAutoencoder, build_sae

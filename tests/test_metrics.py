@@ -32,7 +32,18 @@ def numpy_metrics(x, x_hat, codes):
     alive = positive + negative > 0
     minority = np.minimum(positive, negative)[alive] / (positive + negative)[alive]
     return {"r2": r2, "mse": ((x - x_hat) ** 2).mean(), "l0": (codes != 0).sum(1).mean(),
-            "silent_fraction": (~alive).mean(), "bipolar_fraction": (minority >= 0.1).mean()}
+            "silent_fraction": (~alive).mean(), "bipolar_fraction": (minority >= 0.1).mean(),
+            "firing_density": list((positive + negative) / len(codes))}
+
+
+def as_floats(values: dict) -> dict:
+    return {k: (v.tolist() if v.dim() else float(v)) for k, v in values.items()}
+
+
+def assert_matches(ours: dict, expected: dict) -> None:
+    assert set(ours) == set(expected)
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(value, rel=1e-9), name
 
 
 def test_metrics_match_numpy_over_several_batches():
@@ -40,9 +51,9 @@ def test_metrics_match_numpy_over_several_batches():
     metric = ReconstructionMetrics(6, 10)
     for rows in torch.arange(300).split(64):
         metric.update(x[rows], x_hat[rows], codes[rows])
-    ours = {k: float(v) for k, v in metric.compute().items()}
+    ours = as_floats(metric.compute())
     expected = numpy_metrics(x, x_hat, codes)
-    assert ours == pytest.approx(expected, rel=1e-9)
+    assert_matches(ours, expected)
     assert 0 < expected["bipolar_fraction"] < 1 and expected["silent_fraction"] == pytest.approx(0.1)
 
 
@@ -53,7 +64,7 @@ def _worker(rank: int, port: int, queue) -> None:
     metric = ReconstructionMetrics(6, 10)
     mine = torch.arange(300)[rank::2]  # uneven halves of different content
     metric.update(x[mine], x_hat[mine], codes[mine])
-    queue.put((rank, {k: float(v) for k, v in metric.compute().items()}))
+    queue.put((rank, as_floats(metric.compute())))
     dist.destroy_process_group()
 
 
@@ -71,4 +82,4 @@ def test_ddp_synchronized_metrics_equal_one_process():
         process.join(timeout=60)
     expected = numpy_metrics(*sample())
     for rank in (0, 1):
-        assert results[rank] == pytest.approx(expected, rel=1e-9), rank
+        assert_matches(results[rank], expected)
