@@ -14,8 +14,6 @@ import argparse
 import importlib
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ import yaml
 
 from datamodules.activation_files import METADATA, ShardWriter
 from datamodules.lm_activations import LMActivationDataModule
+from sagsae.staging import staged_folder
 
 STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -46,12 +45,10 @@ def datamodule_from_configs(configs: list[str], overrides: list[tuple[str, str]]
 
 def write_cache(data: LMActivationDataModule, out: Path, train_tokens: int, val_tokens: int, shard_tokens: int,
                 dtype: str) -> dict:
-    if out.exists():
+    if out.exists():  # before the LM loads
         raise FileExistsError(f"{out} already exists: choose a new --out folder or remove it first")
     data.setup()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         train = ShardWriter(staging / "train", shard_tokens, STORAGE[dtype])
         squares = 0.0
         for chunk in data._activation_chunks(validation=False, passes=iter([0])):
@@ -73,10 +70,6 @@ def write_cache(data: LMActivationDataModule, out: Path, train_tokens: int, val_
                     "normalization_scale": math.sqrt(data.d_model / (squares / max(train.tokens, 1))),
                     "requested_train_tokens": train_tokens}
         (staging / METADATA).write_text(json.dumps(metadata, indent=2))
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return metadata
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sagsae.saes import SparseAutoencoder, build_sae
+from sagsae.staging import staged_folder
 
 WEIGHTS, CONFIG, SPARSITY, CARD = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "README.md"
 
@@ -74,8 +73,6 @@ def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None
            firing_frequency: Tensor | None = None, card: str = "") -> Path:
     """Write the folder atomically: everything goes to a temporary folder that is renamed at the end."""
     out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists: choose a new --out folder or remove it first")
     for name, parameter in sae.named_parameters():
         if not torch.isfinite(parameter).all():
             raise ValueError(f"Refusing to export: parameter {name!r} has non-finite values")
@@ -85,18 +82,13 @@ def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None
     cfg = {"d_in": sae.d_in, "d_sae": sae.width, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
            "normalize_activations": "none", "reshape_activations": "none", **architecture_cfg,
            "metadata": metadata or {}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         save_file(tensors, str(staging / WEIGHTS))
         (staging / CONFIG).write_text(json.dumps(cfg, indent=2))
         if firing_frequency is not None:
-            save_file({"sparsity": firing_frequency.float().clamp(min=1e-10).log10().cpu()}, str(staging / SPARSITY))
+            log_density = firing_frequency.float().clamp(min=1e-10).log10().cpu()
+            save_file({"sparsity": log_density}, str(staging / SPARSITY))
         (staging / CARD).write_text(card)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
