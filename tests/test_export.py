@@ -108,9 +108,12 @@ def test_export_cli_writes_the_folder(checkpoints, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("sae_lens") is None,
                     reason="sae-lens is not installed (optional; `pip install sae-lens` to run this check)")
-@pytest.mark.parametrize("name", ["relu", "gated", "jumprelu", "topk", "batchtopk"])
-def test_saelens_loads_shared_architectures(name, checkpoints, tmp_path):
+@pytest.mark.parametrize("name", ["relu", "gated", "jumprelu", "topk", "batchtopk", "sagsae", "sagsae-untied",
+                                  "sagsae-one-sided", "abstopk"])
+def test_saelens_loads_our_exports(name, checkpoints, tmp_path):
     from sae_lens import SAE
+
+    import sagsae.saelens  # noqa: F401  (registers sagsae and, where SAELens lacks it, abstopk)
 
     ckpt, module = checkpoints[name]
     folder = export_checkpoint(ckpt, tmp_path / "export")
