@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
@@ -22,7 +23,8 @@ class InterruptCheckpoint(L.Callback):
     `fit --ckpt_path …/interrupted.ckpt`."""
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
-        if trainer.training and isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+        fitting = trainer.state.fn == TrainerFn.FITTING  # also when the signal lands in fit's validation
+        if fitting and isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             path = rescue_checkpoint(trainer, "interrupted.ckpt")
             if trainer.is_global_zero:
                 print(f"\nInterrupted at step {trainer.global_step}: saved {path} (resume with --ckpt_path {path})")

@@ -11,7 +11,9 @@ import torch
 from sagsae.cli import run
 from tests.test_cli import REPO, tiny_args
 
-CONFIGS = sorted(p.relative_to(REPO / "configs") for p in (REPO / "configs").rglob("*.yaml") if p.name != "default.yaml")
+CONFIGS = sorted(p.relative_to(REPO / "configs") for p in (REPO / "configs").rglob("*.yaml")
+                 if p.name != "default.yaml" and p.parent.name != "paper")
+PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c) for c in CONFIGS])
@@ -26,3 +28,22 @@ def test_config_fits_and_validates(config: Path, tiny_llama, text_file, tmp_path
     run(["validate", *args, "--ckpt_path", str(checkpoint)])
     report = json.loads((tmp_path / "lightning_logs" / "version_1" / "metrics.json").read_text())
     assert {"val/r2", "val/l0", "val/ce_recovered"} <= set(report["metrics"])
+
+
+@pytest.mark.parametrize("config", PAPER_CONFIGS, ids=[c.stem for c in PAPER_CONFIGS])
+def test_paper_configs_parse(config: Path):
+    """The paper cells need a hub and a GPU; here we check that they resolve to the intended cell."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    result = subprocess.run([sys.executable, "-m", "sagsae", "fit", "--config", "configs/default.yaml", "--config",
+                             str(config), "--print_config"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    model, hookpoint = config.stem.rsplit("_", 2)[0], "_".join(config.stem.rsplit("_", 2)[1:])
+    assert resolved["data"]["init_args"]["hookpoint"] == hookpoint
+    assert resolved["data"]["init_args"]["model"] == {"pythia1b": "EleutherAI/pythia-1b",
+                                                      "smollm3_3b": "HuggingFaceTB/SmolLM3-3B"}[model]
+    assert resolved["model"]["init_args"]["width"] == 16384

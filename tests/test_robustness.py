@@ -49,13 +49,14 @@ def test_nonfinite_loss_saves_a_checkpoint_and_names_the_step(tmp_path):
     assert torch.load(saved[0], weights_only=False)["global_step"] == 3
 
 
-def test_sigterm_saves_a_resumable_checkpoint(tiny_llama, text_file, tmp_path):
+@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])  # before, around and after the first in-fit validation
+def test_sigterm_saves_a_resumable_checkpoint(delay, tiny_llama, text_file, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "sagsae", "fit", *tiny_args(tiny_llama, text_file, tmp_path, 100_000)],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.rglob("events.out.tfevents*")) and time.time() < deadline:
         time.sleep(0.5)
-    time.sleep(3)  # a few steps into training
+    time.sleep(delay)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     saved = list(tmp_path.rglob("interrupted.ckpt"))
