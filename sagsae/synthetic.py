@@ -1,8 +1,13 @@
-"""Synthetic signed-axis data (SPEC §7, Protocol A) and its ground-truth scores.
+"""Synthetic signed-axis data (SPEC §7, Protocols A–C) and its ground-truth scores.
 
-Protocol A: K near-orthogonal unit directions v_k in R^d; each axis fires independently with probability p,
-with coefficient ±|c| (random sign, |c| ~ U[0.5, 1.5]); plus Gaussian noise of std `noise` per dimension.
-The 2K ground-truth *signed* features are +v_k and −v_k.
+All protocols: K near-orthogonal unit directions v_k in R^d, magnitudes |c| ~ U[0.5, 1.5], Gaussian noise of
+std `noise` per dimension. The 2K ground-truth *signed* features are +v_k and −v_k.
+- A: each axis fires with probability p, with a random sign.
+- B: the features +v_k and −v_k each fire with probability p; they fire together with probability
+  (1 + ρ)·p², ρ ∈ [−1, 0] (ρ = −1: never together, ρ = 0: independent). SPEC's "within-pair correlation ρ"
+  cannot be a Pearson correlation at small p (its minimum is −p/(1 − p)), so ρ scales the co-occurrence;
+  `pair_correlation` reports the Pearson value actually reached. Both firing: (c⁺ − c⁻)·v_k.
+- C: a share q of the axes is bipolar (as in A), the others fire positively only.
 """
 
 from __future__ import annotations
@@ -16,24 +21,70 @@ from torch import Tensor
 @dataclass
 class SignedAxisData:
     activations: Tensor  # [n, d]
-    coefficients: Tensor  # [n, K], signed
+    coefficients: Tensor  # [n, K], signed (Protocol B: the sum of both features' signed coefficients)
     directions: Tensor  # [K, d], unit rows
+    positive: Tensor | None = None  # Protocol B: which samples fire +v_k
+    negative: Tensor | None = None  # Protocol B: which samples fire −v_k
 
     @property
     def true_l0(self) -> float:
         return float((self.coefficients != 0).sum(1).float().mean())
 
 
-def protocol_a(n: int, d: int = 64, axes: int = 48, p: float = 0.04, noise: float = 0.01, seed: int = 0) -> SignedAxisData:
-    generator = torch.Generator().manual_seed(seed)
+def _directions(d: int, axes: int, generator: torch.Generator) -> Tensor:
     directions = torch.randn(axes, d, generator=generator)
-    directions /= directions.norm(dim=1, keepdim=True)
-    fires = torch.rand(n, axes, generator=generator) < p
-    magnitude = 0.5 + torch.rand(n, axes, generator=generator)
-    sign = torch.where(torch.rand(n, axes, generator=generator) < 0.5, -1.0, 1.0)
-    coefficients = fires * sign * magnitude
+    return directions / directions.norm(dim=1, keepdim=True)
+
+
+def _magnitudes(n: int, axes: int, generator: torch.Generator) -> Tensor:
+    return 0.5 + torch.rand(n, axes, generator=generator)
+
+
+def _assemble(coefficients: Tensor, directions: Tensor, noise: float, generator: torch.Generator) -> SignedAxisData:
+    n, d = len(coefficients), directions.shape[1]
     activations = coefficients @ directions + noise * torch.randn(n, d, generator=generator)
     return SignedAxisData(activations, coefficients, directions)
+
+
+def protocol_a(n: int, d: int = 64, axes: int = 48, p: float = 0.04, noise: float = 0.01, seed: int = 0) -> SignedAxisData:
+    return protocol_c(n, d, axes, p, q=1.0, noise=noise, seed=seed)
+
+
+def protocol_b(n: int, rho: float, d: int = 64, axes: int = 48, p: float = 0.04, noise: float = 0.01,
+               seed: int = 0) -> SignedAxisData:
+    if not -1 <= rho <= 0:
+        raise ValueError(f"rho must be in [-1, 0], got {rho}")
+    generator = torch.Generator().manual_seed(seed)
+    directions = _directions(d, axes, generator)
+    both = (1 + rho) * p * p
+    draw = torch.rand(n, axes, generator=generator)  # one categorical draw per pair: both, +only, −only, none
+    positive = (draw < both) | ((draw >= both) & (draw < p))
+    negative = (draw < both) | ((draw >= p) & (draw < 2 * p - both))
+    coefficients = positive * _magnitudes(n, axes, generator) - negative * _magnitudes(n, axes, generator)
+    data = _assemble(coefficients, directions, noise, generator)
+    data.positive, data.negative = positive, negative
+    return data
+
+
+def protocol_c(n: int, d: int = 64, axes: int = 48, p: float = 0.04, q: float = 0.5, noise: float = 0.01,
+               seed: int = 0) -> SignedAxisData:
+    if not 0 <= q <= 1:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    generator = torch.Generator().manual_seed(seed)
+    directions = _directions(d, axes, generator)
+    fires = torch.rand(n, axes, generator=generator) < p
+    magnitude = _magnitudes(n, axes, generator)
+    bipolar = torch.arange(axes) < round(q * axes)
+    negative = (torch.rand(n, axes, generator=generator) < 0.5) & bipolar
+    coefficients = fires * torch.where(negative, -1.0, 1.0) * magnitude
+    return _assemble(coefficients, directions, noise, generator)
+
+
+def pair_correlation(data: SignedAxisData) -> float:
+    """Mean Pearson correlation between the +v_k and −v_k firing indicators (Protocol B)."""
+    plus, minus = data.positive.double(), data.negative.double()
+    plus, minus = plus - plus.mean(0), minus - minus.mean(0)
+    return float(((plus * minus).mean(0) / (plus.std(0, unbiased=False) * minus.std(0, unbiased=False))).mean())
 
 
 def signed_feature_recovery(decoder: Tensor, directions: Tensor, signed_codes: bool, threshold: float = 0.9) -> float:
