@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.activation_stream import shuffled_batches
 from datamodules.lm_activations import _GeneratorDataset
 
 KEY = "activations"
@@ -97,6 +96,8 @@ class ActivationFileDataModule(L.LightningDataModule):
 
     Under DDP each rank reads a disjoint set of shards (dealt round-robin; with fewer shards than ranks, a
     disjoint stride of rows), and the stream never ends, so no rank waits for another at an epoch's end.
+    Shards are shuffled per epoch and mixed in windows of about `shuffle_buffer_tokens` rows; a resumed run
+    continues the stream exactly where the checkpoint left it.
     """
 
     def __init__(self, path: str, val_path: str | None = None, batch_size: int = 4096,
@@ -110,6 +111,8 @@ class ActivationFileDataModule(L.LightningDataModule):
         if len(dims) != 1:
             raise ValueError(f"Shards of {path} disagree on the activation size: {sorted(dims)}")
         self._d_model = dims.pop()
+        self._shard_rows = {shard: rows for shard, (rows, _) in zip(self.shards, sizes)}
+        self._resume_batches = 0
         folder = Path(path)
         self.metadata = json.loads((folder / METADATA).read_text()) if (folder / METADATA).is_file() else {}
         if val_path is None and folder.is_dir() and (folder / "val").is_dir():
@@ -127,22 +130,57 @@ class ActivationFileDataModule(L.LightningDataModule):
     def _rank_and_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
+    def _my_shards(self) -> list[Path]:
+        rank, world = self._rank_and_world()
+        return self.shards[rank::world] if len(self.shards) >= world else self.shards
+
+    def _row_count(self, shard: Path) -> int:
+        """Rows of `shard` that this rank reads (a stride of them when there are fewer shards than ranks)."""
+        rank, world = self._rank_and_world()
+        rows = self._shard_rows[shard]
+        return len(range(rank, rows, world)) if len(self.shards) < world else rows
+
     def _rows(self, shard: Path) -> Tensor:
         rank, world = self._rank_and_world()
         rows = load_file(str(shard))[KEY].float()
         return rows[rank::world] if len(self.shards) < world else rows
 
-    def _chunks(self) -> Iterator[Tensor]:
-        rank, world = self._rank_and_world()
-        mine = self.shards[rank::world] if len(self.shards) >= world else self.shards
-        for epoch in itertools.count():
-            order = torch.randperm(len(mine), generator=torch.Generator().manual_seed(self.hparams.seed + epoch))
-            for index in order.tolist():
-                yield self._rows(mine[index])
+    def _windows(self, epoch: int) -> list[list[Path]]:
+        """This epoch's shard order, cut into windows of about `shuffle_buffer_tokens` rows."""
+        mine = self._my_shards()
+        order = torch.randperm(len(mine), generator=torch.Generator().manual_seed(self.hparams.seed + epoch))
+        mean_rows = sum(self._row_count(s) for s in mine) / len(mine)
+        size = max(1, math.ceil(self.hparams.shuffle_buffer_tokens / max(mean_rows, 1)))
+        shuffled = [mine[i] for i in order.tolist()]
+        return [shuffled[i : i + size] for i in range(0, len(shuffled), size)]
 
     def _batches(self) -> Iterator[Tensor]:
-        generator = torch.Generator().manual_seed(self.hparams.seed + self._rank_and_world()[0])
-        return shuffled_batches(self._chunks(), self.hparams.batch_size, self.hparams.shuffle_buffer_tokens, generator)
+        """A deterministic stream: window w of epoch e is permuted by a generator seeded from (seed, rank, e, w),
+        and its last partial batch is dropped. So batch k can be reached without reading the batches before it,
+        which is what exact resume needs (`batches_consumed` in the checkpoint)."""
+        rank, _ = self._rank_and_world()
+        batch = self.hparams.batch_size
+        skip, self._resume_batches = self._resume_batches, 0
+        for epoch in itertools.count():
+            for index, window in enumerate(self._windows(epoch)):
+                count = sum(self._row_count(s) for s in window) // batch
+                if skip >= count:
+                    skip -= count
+                    continue
+                rows = torch.cat([self._rows(s) for s in window])
+                seed = (((self.hparams.seed * 1_000_003 + rank) * 1_000_003 + epoch) * 1_000_003 + index) % 2**63
+                order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+                for start in range(skip * batch, count * batch, batch):
+                    yield rows[order[start : start + batch]]
+                skip = 0
+
+    def state_dict(self) -> dict:
+        """The stream position: training batches consumed so far (the module's trained steps)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return {"batches_consumed": int(getattr(module, "steps_trained", 0))}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_batches = int(state_dict.get("batches_consumed", 0))
 
     def estimate_input_scale(self) -> float:
         sums, count = 0.0, 0
