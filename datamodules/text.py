@@ -63,7 +63,7 @@ class TextSource:
     @property
     def indexable(self) -> bool:
         """Lists and non-streamed datasets can be read in any order (and so shuffled per pass)."""
-        return hasattr(self._load(), "__getitem__")
+        return isinstance(self._load(), list) or not self.streaming
 
     def __len__(self) -> int:
         return len(self._load())

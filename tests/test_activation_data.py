@@ -80,3 +80,53 @@ def test_spliced_lm_loss_perfect_reconstruction_recovers_everything(tiny_llama, 
     assert ablated["ce_recovered"] == pytest.approx(0.0, abs=1e-6)
     halfway = data.spliced_cross_entropy(lambda x: 0.5 * x, contexts=4)
     assert halfway["ce_sae"] != pytest.approx(perfect["ce_clean"])  # the replacement really reaches the logits
+
+
+class FakeTrainer:
+    """Just what the datamodule reads of a trainer to know its rank."""
+
+    world_size = 2
+
+    def __init__(self, rank: int) -> None:
+        self.global_rank = rank
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_ranks_read_disjoint_documents_that_cover_the_training_split(streaming, tiny_llama, text_file):
+    data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file), layer=1,
+                                  streaming=streaming, val_fraction=0.1)
+    assert data.source.indexable != streaming
+    single = list(data._documents(validation=False, pass_index=0))
+    shards = []
+    for rank in (0, 1):
+        data.trainer = FakeTrainer(rank)
+        shards.append(list(data._documents(validation=False, pass_index=0)))
+    data.trainer = None
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(single)
+    assert abs(len(shards[0]) - len(shards[1])) <= 1
+    assert not set(single) & set(data._documents(validation=True, pass_index=0))
+
+
+def test_pretokenized_input_ids_column(tiny_llama, tmp_path):
+    import json
+
+    rows = [{"input_ids": list(range(3 + i % 7, 40 + i % 11))} for i in range(60)]
+    path = tmp_path / "ids.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(path), layer=1,
+                                  context_length=16, lm_batch_size=4, val_fraction=0.1)
+    data.setup()
+    assert data.source.document(0) == rows[0]["input_ids"]
+    chunk = next(data._training_chunks())
+    assert chunk.shape[1] == 32 and len(chunk) > 0
+
+
+def test_missing_text_column_names_the_columns(tiny_llama, tmp_path):
+    import json
+
+    path = tmp_path / "wrong.jsonl"
+    path.write_text("\n".join(json.dumps({"body": "some text"}) for _ in range(5)))
+    data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(path))
+    with pytest.raises(ValueError, match=r"no text column 'text'.*\['body'\]"):
+        list(data.source.documents())
