@@ -51,7 +51,7 @@ def write_cache(data: LMActivationDataModule, out: Path, train_tokens: int, val_
     with staged_folder(out) as staging:
         train = ShardWriter(staging / "train", shard_tokens, STORAGE[dtype])
         squares = 0.0
-        for chunk in data._activation_chunks(validation=False, passes=iter([0])):
+        for chunk in data._activation_chunks(validation=False, passes=iter([0]), guard=data.guard):
             chunk = chunk[: train_tokens - train.tokens - train.pending_tokens]
             if dtype == "float16" and chunk.abs().max() > 6e4:
                 raise ValueError("Activations exceed float16's range: cache with --dtype float32 or bfloat16")

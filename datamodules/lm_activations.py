@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -84,6 +85,7 @@ class LMActivationDataModule(L.LightningDataModule):
         self.source = TextSource(dataset, dataset_config, data_files, split, text_column, streaming)
         self.guard = NormGuard(norm_guard_multiple)
         self.reader: ActivationReader | None = None
+        self._resume_batches = 0
         self._validation_batches: list[Tensor] | None = None
         self._spliced_contexts: Tensor | None = None
 
@@ -138,8 +140,11 @@ class LMActivationDataModule(L.LightningDataModule):
         for index in indices:
             yield self.source.document(index)
 
-    def _activation_chunks(self, validation: bool, passes: Iterator[int]) -> Iterator[Tensor]:
-        """Guarded activations of the trainable positions, one chunk per LM forward."""
+    def _activation_chunks(self, validation: bool, passes: Iterator[int], guard: NormGuard) -> Iterator[Tensor]:
+        """Guarded activations of the trainable positions, one chunk per LM forward.
+
+        Each stream has its own guard, so the training stream's drops do not depend on when the normalization
+        estimate or the validation set were computed (exact resume replays it from the start)."""
         hp = self.hparams
         for pass_index in passes:
             tokens = tokenize_documents(self._documents(validation, pass_index), self.tokenizer)
@@ -150,24 +155,43 @@ class LMActivationDataModule(L.LightningDataModule):
                 input_ids = torch.tensor(batch)
                 trainable = self._trainable(input_ids)
                 activations = self.reader(input_ids.to(self.device))
-                yield self.guard(activations[trainable.to(self.device)].float())
+                yield guard(activations[trainable.to(self.device)].float())
             if not produced:
                 raise ValueError(f"Dataset {hp.dataset!r} yields fewer than {hp.context_length} tokens "
                                  f"for {'validation' if validation else 'training'}; add text or shorten contexts")
 
-    def _training_chunks(self) -> Iterator[Tensor]:
-        return self._activation_chunks(validation=False, passes=itertools.count())
+    def _training_chunks(self, guard: NormGuard | None = None) -> Iterator[Tensor]:
+        guard = NormGuard(self.hparams.norm_guard_multiple) if guard is None else guard
+        return self._activation_chunks(validation=False, passes=itertools.count(), guard=guard)
 
     def _training_batches(self) -> Iterator[Tensor]:
+        """The training stream from its start; after a resume, the batches already consumed are replayed
+        (LM forwards without training) so that the run continues exactly where the checkpoint left it."""
+        self.guard = NormGuard(self.hparams.norm_guard_multiple)
         generator = torch.Generator().manual_seed(self.hparams.seed)
-        return shuffled_batches(self._training_chunks(), self.hparams.batch_size,
-                                self.hparams.shuffle_buffer_tokens, generator)
+        batches = shuffled_batches(self._training_chunks(self.guard), self.hparams.batch_size,
+                                   self.hparams.shuffle_buffer_tokens, generator)
+        skip, self._resume_batches = self._resume_batches, 0
+        if skip:
+            rank_zero_info(f"Resuming the activation stream: replaying {skip} batches of LM forwards "
+                           f"({skip * self.hparams.batch_size:,} tokens) to reach the checkpoint's position")
+            for _ in itertools.islice(batches, skip):
+                pass
+        return batches
+
+    def state_dict(self) -> dict:
+        """The stream position: training batches consumed so far (the module's trained steps)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return {"batches_consumed": int(getattr(module, "steps_trained", 0))}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_batches = int(state_dict.get("batches_consumed", 0))
 
     @torch.no_grad()
     def estimate_input_scale(self) -> float:
         """The scalar s with E‖s·x‖² = d over the first `normalization_tokens` training tokens (SPEC §5)."""
         needed, total, count = self.hparams.normalization_tokens, 0.0, 0
-        for chunk in self._training_chunks():
+        for chunk in self._training_chunks():  # a guard of its own: the training stream's stays untouched
             chunk = chunk[: needed - count]
             total += float(chunk.double().pow(2).sum())
             count += len(chunk)
@@ -228,7 +252,8 @@ class LMActivationDataModule(L.LightningDataModule):
             rank, world = self._rank_and_world()
             wanted = math.ceil(self.hparams.val_tokens / world)
             chunks, count = [], 0
-            for chunk in self._activation_chunks(validation=True, passes=iter([0])):
+            guard = NormGuard(self.hparams.norm_guard_multiple)
+            for chunk in self._activation_chunks(validation=True, passes=iter([0]), guard=guard):
                 chunks.append(chunk[: wanted - count])
                 count += len(chunks[-1])
                 if count >= wanted:

@@ -79,6 +79,24 @@ def test_fit_writes_finite_rising_metrics_config_and_checkpoint(fitted_run):
     assert not (version / "metrics.json").exists(), "reports belong to stand-alone validate/test runs only"
 
 
+def test_resume_replays_the_live_stream_exactly(tiny_llama, text_file, tmp_path):
+    """12 steps, then resume to 20, gives the same weights as 20 steps straight: the resumed stream replays
+    the 12 consumed batches and continues with the same batches, shuffle and guard state."""
+    import torch
+
+    def fit(root, steps, ckpt=None):
+        run(["fit", *tiny_args(tiny_llama, text_file, root, steps=steps), *(["--ckpt_path", str(ckpt)] if ckpt else [])])
+        return sorted((root / "lightning_logs").iterdir())[-1] / "checkpoints" / "last.ckpt"
+
+    straight = torch.load(fit(tmp_path / "straight", 20), weights_only=False)
+    first = fit(tmp_path / "split", 12)
+    assert torch.load(first, weights_only=False)["LMActivationDataModule"]["batches_consumed"] == 12
+    resumed = torch.load(fit(tmp_path / "split", 20, ckpt=first), weights_only=False)
+    assert resumed["global_step"] == 20
+    for name, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], value, rtol=0, atol=0, msg=name)
+
+
 def test_resume_from_last_checkpoint_continues_the_step_count(fitted_run, tiny_llama, text_file):
     import torch
 
