@@ -52,6 +52,13 @@ def build_tiny_model(kind: str, folder: Path) -> Path:
                                           num_attention_heads=4, num_key_value_heads=2, **common)
     elif kind == "gpt2":
         config = transformers.GPT2Config(n_embd=32, n_layer=4, n_head=4, **common)
+    elif kind in ("mistral", "qwen2"):
+        config_class = transformers.MistralConfig if kind == "mistral" else transformers.Qwen2Config
+        config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, **common)
+    elif kind == "gemma3_text":
+        config = transformers.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common)
     elif kind == "gpt_neox":
         config = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                             num_attention_heads=4, use_parallel_residual=True, **common)

@@ -176,3 +176,9 @@ def test_ddp_fit_on_two_cpu_processes_with_gloo(tiny_llama, text_file, tmp_path)
     state = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 10
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_sae_d_in_that_differs_from_the_activations_fails_before_training(tiny_llama, text_file, tmp_path):
+    with pytest.raises(ValueError, match=r"d_in=48 but the hookpoint's activations have size 32.*d_in to 32"):
+        run(["fit", *tiny_args(tiny_llama, text_file, tmp_path), "--model.init_args.d_in", "48"])
+    assert not list(tmp_path.rglob("*.ckpt"))
