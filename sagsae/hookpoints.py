@@ -127,33 +127,7 @@ class ActivationReader:
         return int(self.model.config.hidden_size)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        captured: dict[int, Tensor] = {}
-        handles = []
-
-        def store(index: int, value: Tensor) -> None:
-            captured[index] = value
-            if len(captured) == len(self.terms):
-                raise _StopForward
-
-        for index, (path, kind) in enumerate(self.terms):
-            module = self.model.get_submodule(path)
-            if kind == "input":
-                hook = lambda _m, args, kwargs, i=index: store(i, args[0] if args else kwargs["hidden_states"])
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                hook = lambda _m, _args, output, i=index: store(i, _first_tensor(output))
-                handles.append(module.register_forward_hook(hook))
-        try:
-            with torch.inference_mode():
-                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        if len(captured) != len(self.terms):
-            raise RuntimeError(f"Hookpoint {self.hookpoint} at layer {self.layer} was never reached in the forward")
-        return sum(captured[i] for i in range(len(self.terms)))
+        return read_hookpoints(self.model, [self], input_ids, attention_mask)[0]
 
     def logits_with_replacement(self, input_ids: Tensor, replace) -> Tensor:
         """The full forward with the hookpoint's tensor replaced by `replace(tensor)` (for spliced LM loss)."""
@@ -181,3 +155,37 @@ class ActivationReader:
                 return self.model(input_ids=input_ids, use_cache=False).logits
         finally:
             handle.remove()
+
+
+def read_hookpoints(model: nn.Module, readers: list[ActivationReader], input_ids: Tensor,
+                    attention_mask: Tensor | None = None) -> list[Tensor]:
+    """Several hookpoints from one forward, which stops once the deepest term is captured."""
+    terms = [(r, term) for r, reader in enumerate(readers) for term in reader.terms]
+    captured: dict[int, Tensor] = {}
+    handles = []
+
+    def store(index: int, value: Tensor) -> None:
+        captured[index] = value
+        if len(captured) == len(terms):
+            raise _StopForward
+
+    for index, (_, (path, kind)) in enumerate(terms):
+        module = model.get_submodule(path)
+        if kind == "input":
+            hook = lambda _m, args, kwargs, i=index: store(i, args[0] if args else kwargs["hidden_states"])
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        else:
+            hook = lambda _m, _args, output, i=index: store(i, _first_tensor(output))
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(captured) != len(terms):
+        missing = {readers[r].hookpoint for i, (r, _) in enumerate(terms) if i not in captured}
+        raise RuntimeError(f"Hookpoints {sorted(missing)} were never reached in the forward")
+    return [sum(captured[i] for i, (owner, _) in enumerate(terms) if owner == r) for r in range(len(readers))]

@@ -55,3 +55,21 @@ def test_transformer_lens_aliases_and_errors(tiny_model):
     with pytest.raises(UnknownHookpointError, match=r"layers 0\.\.3"):
         ActivationReader(tiny_model, "mlp_out", 4)
     assert ActivationReader(tiny_model, "mlp_out").layer == 2  # mid-depth of 4 layers
+
+
+def test_several_hookpoints_from_one_forward(tiny_model):
+    from sagsae.hookpoints import read_hookpoints
+
+    ids = torch.randint(3, 50, (2, 7))
+    readers = [ActivationReader(tiny_model, name, layer)
+               for name, layer in [("resid_mid", 1), ("mlp_out", 2), ("attn_out", 0)]]
+    layers = tiny_model.get_submodule(readers[1].terms[0][0].rsplit(".", 2)[0])
+    calls = []
+    handle = layers[3].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        together = read_hookpoints(tiny_model, readers, ids)
+    finally:
+        handle.remove()
+    assert calls == [], "the forward stops after the deepest hookpoint"
+    for reader, tensor in zip(readers, together):
+        torch.testing.assert_close(tensor, reader(ids))
