@@ -46,19 +46,22 @@ def build_tiny_model(kind: str, folder: Path) -> Path:
 
     tokenizer = save_word_tokenizer(folder)
     vocab = len(tokenizer)
-    common = dict(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    common = dict(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.eos_token_id)
     if kind == "llama":
         config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                           num_attention_heads=4, num_key_value_heads=2, **common)
     elif kind == "gpt2":
         config = transformers.GPT2Config(n_embd=32, n_layer=4, n_head=4, **common)
-    elif kind in ("mistral", "qwen2"):
-        config_class = transformers.MistralConfig if kind == "mistral" else transformers.Qwen2Config
+    elif kind in ("mistral", "qwen2", "qwen3", "smollm3"):
+        config_class = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config,
+                        "qwen3": transformers.Qwen3Config, "smollm3": transformers.SmolLM3Config}[kind]
         config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                               num_key_value_heads=2, **common)
-    elif kind == "gemma3_text":
-        config = transformers.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common)
+    elif kind in ("gemma2", "gemma3_text"):
+        config_class = transformers.Gemma2Config if kind == "gemma2" else transformers.Gemma3TextConfig
+        config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common)
     elif kind == "gpt_neox":
         config = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                             num_attention_heads=4, use_parallel_residual=True, **common)

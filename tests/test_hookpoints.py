@@ -9,7 +9,7 @@ from sagsae.hookpoints import ActivationReader, UnknownHookpointError, parse_hoo
 from tests.conftest import build_tiny_model
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "gemma3_text", "gpt2", "gpt_neox"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text", "gpt2", "gpt_neox"])
 def tiny_model(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
