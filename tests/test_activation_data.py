@@ -130,3 +130,45 @@ def test_missing_text_column_names_the_columns(tiny_llama, tmp_path):
     data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(path))
     with pytest.raises(ValueError, match=r"no text column 'text'.*\['body'\]"):
         list(data.source.documents())
+
+
+def _consume_documents(rank: int, port: int, model: str, data_file: str, queue) -> None:
+    """One DDP rank: read this rank's training documents for a pass and gather every rank's set over gloo."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    data = LMActivationDataModule(model=model, dataset="json", data_files=data_file, val_fraction=0.1)
+    data.trainer = FakeTrainer(dist.get_rank())
+    consumed = sorted(data._documents(validation=False, pass_index=0))
+    everyone: list = [None, None]
+    dist.all_gather_object(everyone, consumed)
+    queue.put((rank, everyone))
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_consume_disjoint_documents(tiny_llama, text_file):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    processes = [context.Process(target=_consume_documents, args=(r, port, str(tiny_llama), str(text_file), queue))
+                 for r in (0, 1)]
+    for process in processes:
+        process.start()
+    results = dict(queue.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    first, second = results[0]
+    assert results[1] == results[0], "both ranks see the same gathered picture"
+    assert first and second and not set(first) & set(second)
+    assert abs(len(first) - len(second)) <= 1
+    single = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file), val_fraction=0.1)
+    assert sorted(first + second) == sorted(single._documents(validation=False, pass_index=0))
