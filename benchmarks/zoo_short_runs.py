@@ -21,6 +21,7 @@ import yaml
 import lightning_modules
 from callbacks import SAEMetrics
 from datamodules import LMActivationDataModule, TensorActivationDataModule
+from datamodules.activation_stream import take_tokens
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARCHITECTURES = ("default", "gated", "relu", "jumprelu", "topk", "batchtopk", "abstopk")
@@ -35,13 +36,7 @@ def model_config(name: str) -> tuple[type, dict]:
 def live_activations(tokens: int, val_tokens: int, hookpoint: str) -> dict[str, torch.Tensor]:
     data = LMActivationDataModule(hookpoint=hookpoint, layer=15, val_tokens=val_tokens)
     data.setup()
-    chunks, count = [], 0
-    for chunk in data._training_chunks():
-        chunks.append(chunk)
-        count += len(chunk)
-        if count >= tokens:
-            break
-    return {"train": torch.cat(chunks), "val": torch.cat(data._held_out_batches())}
+    return {"train": take_tokens(data._training_chunks(), tokens), "val": torch.cat(data._held_out_batches())}
 
 
 def evaluate(module, val: torch.Tensor) -> dict[str, float]:

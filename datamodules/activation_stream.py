@@ -37,6 +37,18 @@ class NormGuard:
         return x[keep.to(x.device)]
 
 
+def take_tokens(chunks: Iterable[Tensor], count: int) -> Tensor:
+    """The first `count` rows of a stream of [n, d] chunks (fewer if it ends first); reads no further."""
+    taken: list[Tensor] = []
+    remaining = count
+    for chunk in chunks:
+        taken.append(chunk[:remaining])
+        remaining -= len(taken[-1])
+        if remaining <= 0:
+            break
+    return torch.cat(taken)
+
+
 def shuffled_batches(
     chunks: Iterable[Tensor], batch_size: int, buffer_tokens: int, generator: torch.Generator
 ) -> Iterator[Tensor]:

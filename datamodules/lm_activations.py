@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.activation_stream import NormGuard, shuffled_batches
+from datamodules.activation_stream import NormGuard, shuffled_batches, take_tokens
 from datamodules.language_model import load_language_model, resolve_dtype
 from datamodules.text import TextSource, pack_contexts, select_documents, tokenize_documents
 from sagsae.hookpoints import ActivationReader, parse_hookpoint
@@ -190,13 +190,9 @@ class LMActivationDataModule(L.LightningDataModule):
     @torch.no_grad()
     def estimate_input_scale(self) -> float:
         """The scalar s with E‖s·x‖² = d over the first `normalization_tokens` training tokens (SPEC §5)."""
-        needed, total, count = self.hparams.normalization_tokens, 0.0, 0
-        for chunk in self._training_chunks():  # a guard of its own: the training stream's stays untouched
-            chunk = chunk[: needed - count]
-            total += float(chunk.double().pow(2).sum())
-            count += len(chunk)
-            if count >= needed:
-                break
+        # _training_chunks() brings a guard of its own: the training stream's stays untouched
+        sample = take_tokens(self._training_chunks(), self.hparams.normalization_tokens)
+        total, count = float(sample.double().pow(2).sum()), len(sample)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             stats = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(stats)
@@ -249,16 +245,11 @@ class LMActivationDataModule(L.LightningDataModule):
     def _held_out_batches(self) -> list[Tensor]:
         """The first `val_tokens` held-out tokens, computed once and kept (the LM is the slow part)."""
         if self._validation_batches is None:
-            rank, world = self._rank_and_world()
-            wanted = math.ceil(self.hparams.val_tokens / world)
-            chunks, count = [], 0
+            _, world = self._rank_and_world()
             guard = NormGuard(self.hparams.norm_guard_multiple)
-            for chunk in self._activation_chunks(validation=True, passes=iter([0]), guard=guard):
-                chunks.append(chunk[: wanted - count])
-                count += len(chunks[-1])
-                if count >= wanted:
-                    break
-            self._validation_batches = list(torch.cat(chunks).split(self.hparams.batch_size))
+            held_out = take_tokens(self._activation_chunks(validation=True, passes=iter([0]), guard=guard),
+                                   math.ceil(self.hparams.val_tokens / world))
+            self._validation_batches = list(held_out.split(self.hparams.batch_size))
         return self._validation_batches
 
     def val_dataloader(self) -> DataLoader:

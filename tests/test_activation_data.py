@@ -172,3 +172,18 @@ def test_two_gloo_processes_consume_disjoint_documents(tiny_llama, text_file):
     assert abs(len(first) - len(second)) <= 1
     single = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file), val_fraction=0.1)
     assert sorted(first + second) == sorted(single._documents(validation=False, pass_index=0))
+
+
+def test_take_tokens_stops_at_the_count_and_reads_no_further():
+    from datamodules.activation_stream import take_tokens
+
+    read = []
+
+    def chunks():
+        for i in range(10):
+            read.append(i)
+            yield torch.full((4, 2), float(i))
+
+    taken = take_tokens(chunks(), 10)
+    assert taken.shape == (10, 2) and taken[-1, 0] == 2 and read == [0, 1, 2]
+    assert len(take_tokens(iter([torch.zeros(3, 2)]), 10)) == 3

@@ -13,6 +13,7 @@ import torch
 import lightning_modules as modules
 from callbacks import SAEMetrics
 from datamodules import LMActivationDataModule, TensorActivationDataModule
+from datamodules.activation_stream import take_tokens
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,12 +26,7 @@ pytestmark = [
 def smollm2_activations() -> torch.Tensor:
     data = LMActivationDataModule(hookpoint="mlp_out", layer=15, lm_batch_size=16)
     data.setup()
-    chunks, count = [], 0
-    for chunk in data._training_chunks():
-        chunks.append(chunk)
-        count += len(chunk)
-        if count >= 12_000:
-            return torch.cat(chunks)
+    return take_tokens(data._training_chunks(), 12_000)
 
 
 class RecordR2(L.Callback):
