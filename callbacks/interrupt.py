@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +22,32 @@ def rescue_checkpoint(trainer: L.Trainer, name: str) -> Path:
 
 class InterruptCheckpoint(L.Callback):
     """On Ctrl-C (KeyboardInterrupt) or SIGTERM during `fit`, write interrupted.ckpt; resume it with
-    `fit --ckpt_path …/interrupted.ckpt`."""
+    `fit --ckpt_path …/interrupted.ckpt`.
+
+    Lightning installs its own SIGTERM handler only just before the first batch; a SIGTERM that lands between
+    `setup` and then (model summary, hyperparameter logging) would otherwise kill the process with nothing
+    saved. This callback remembers such a signal and stops the run after its first step instead."""
+
+    def __init__(self) -> None:
+        self._early_sigterm = False
+        self._previous_handler = None
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._remember_sigterm)
+
+    def _remember_sigterm(self, signum, frame) -> None:
+        self._early_sigterm = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._early_sigterm:
+            self._early_sigterm = False
+            raise SIGTERMException()
+
+    def teardown(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING  # also when the signal lands in fit's validation
