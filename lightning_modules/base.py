@@ -26,9 +26,12 @@ class SAEModule(L.LightningModule):
         width: number of latents H; None = 8 × d_in.
         sparsity_coefficient: λ, reached linearly over `sparsity_warmup_steps`.
         lr: Adam learning rate, reached linearly over `lr_warmup_steps`.
+        lr_decay_fraction: decay the LR linearly to zero over this last share of `trainer.max_steps` (0 = none).
         betas: Adam betas.
         dead_window_tokens: a latent that has not fired in this many training tokens is dead (SPEC §6).
         reset_dead_latents: let the architecture react to dead latents (SA-GSAE: threshold reset).
+        init_seed: seed of the SAE's initial weights alone (None = the global generator), so that a sweep
+            member and a stand-alone run with the same seed start from the same weights.
     """
 
     architecture: str = ""  # registry name of the SAE in sagsae.saes
@@ -42,14 +45,18 @@ class SAEModule(L.LightningModule):
         sparsity_warmup_steps: int = 200,
         lr: float = 1e-3,
         lr_warmup_steps: int = 50,
+        lr_decay_fraction: float = 0.0,
         betas: tuple[float, float] = (0.0, 0.999),
         dead_window_tokens: int = 1_000_000,
         reset_dead_latents: bool = True,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in [("sparsity_coefficient", sparsity_coefficient), ("lr", lr)]:
             if not value >= 0 or not math.isfinite(value):
                 raise ValueError(f"model.{name} must be a finite non-negative number, got {value}")
+        if not 0 <= lr_decay_fraction <= 1:
+            raise ValueError(f"model.lr_decay_fraction must lie in [0, 1], got {lr_decay_fraction}")
         if dead_window_tokens <= 0:
             raise ValueError(f"model.dead_window_tokens must be positive, got {dead_window_tokens}")
         self.save_hyperparameters()  # the subclass's architecture switches included
@@ -62,7 +69,10 @@ class SAEModule(L.LightningModule):
     def _build(self, d_in: int) -> None:
         width = self.hparams.width or 8 * d_in
         switches = {name: self.hparams[name] for name in self.architecture_args}
-        self.sae = build_sae(self.architecture, d_in=d_in, width=width, **switches)
+        with torch.random.fork_rng(devices=[]):
+            if self.hparams.init_seed is not None:
+                torch.manual_seed(self.hparams.init_seed)
+            self.sae = build_sae(self.architecture, d_in=d_in, width=width, **switches)
         self.sae.input_scale.fill_(math.nan)  # unset until estimated on the data (or restored)
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
         self.register_buffer("firing_frequency", torch.zeros(width, dtype=torch.float64))  # EMA over ~W tokens
@@ -105,60 +115,92 @@ class SAEModule(L.LightningModule):
         ramp = min(1.0, (int(self.steps_trained) + 1) / warmup) if warmup > 0 else 1.0
         return self.hparams.sparsity_coefficient * ramp
 
-    def configure_optimizers(self):
-        betas = tuple(float(beta) for beta in self.hparams.betas)
-        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr, betas=betas)
+    def lr_factor(self, step: int) -> float:
+        """Linear warmup, then constant, then (with `lr_decay_fraction`) linear decay to 0 at max_steps."""
         warmup = self.hparams.lr_warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        )
+        factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        total = self.trainer.max_steps if self._trainer is not None else -1
+        decay_steps = int(self.hparams.lr_decay_fraction * total)
+        if decay_steps > 0:
+            factor = min(factor, max(0.0, (total - step) / decay_steps))
+        return factor
+
+    def optimizer_group(self) -> dict[str, Any]:
+        """This SAE's Adam parameter group (a sweep puts every member's group in one optimizer)."""
+        return {"params": list(self.sae.parameters()), "lr": self.hparams.lr,
+                "betas": tuple(float(beta) for beta in self.hparams.betas)}
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam([self.optimizer_group()])
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ----- steps ----------------------------------------------------------------------------------------
-    def _step(self, batch: Tensor, stage: str) -> dict[str, Tensor]:
+    def evaluate_batch(self, batch: Tensor, train: bool = False) -> dict[str, Tensor]:
+        """Loss terms, normalized input, reconstruction and codes of one batch (no logging, no bookkeeping)."""
         x = self.sae.normalize(batch)
-        on_step = stage == "train"
-        out = self.sae.loss(x, self.sparsity_coefficient(), dead=self.dead_mask() if on_step else None)
-        self.log(f"{stage}/loss", out.total, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
-        for name, value in out.terms.items():
-            self.log(f"{stage}/loss_{name}", value, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
-        result = {"loss": out.total, "x": x, "x_hat": out.reconstruction.detach(), "codes": out.codes.detach()}
+        out = self.sae.loss(x, self.sparsity_coefficient(), dead=self.dead_mask() if train else None)
+        result = {"loss": out.total, "x": x, "x_hat": out.reconstruction.detach(), "codes": out.codes.detach(),
+                  **{f"loss_{name}": value for name, value in out.terms.items()}}
         if out.gate_reconstruction is not None:
             result["gate_x_hat"] = out.gate_reconstruction.detach()
         return result
+
+    def _log_losses(self, result: dict[str, Tensor], stage: str) -> None:
+        on_step = stage == "train"
+        for name, value in result.items():
+            if name.startswith("loss"):
+                self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
 
     def _any_rank(self, condition: bool) -> bool:
         """The same decision on every rank (a rank that skips alone would hang DDP)."""
         flag = torch.tensor(float(condition), device=self.device)
         return bool(self.trainer.strategy.reduce(flag, reduce_op="sum") > 0)
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor] | None:
-        if self._any_rank(not bool(torch.isfinite(batch).all())):
-            self.skipped_batches += 1
-            self.log("train/skipped_nonfinite_batches", float(self.skipped_batches), on_step=True)
-            rank_zero_warn(f"Skipped a batch with non-finite activations at step {self.global_step} "
-                           f"({self.skipped_batches} so far)")
-            return None
+    def skip_nonfinite(self, batch: Tensor) -> bool:
+        """True (with a warning and a count) when any rank's batch holds NaN/inf: every rank then skips it."""
+        if not self._any_rank(not bool(torch.isfinite(batch).all())):
+            return False
+        self.skipped_batches += 1
+        rank_zero_warn(f"Skipped a batch with non-finite activations at step {self.trainer.global_step} "
+                       f"({self.skipped_batches} so far)")
+        return True
+
+    def train_batch(self, batch: Tensor) -> dict[str, Tensor]:
+        """Everything of a training step before backward: data-driven initialization on the first batch, the
+        loss (a non-finite one saves a checkpoint and stops the run), firing statistics and the step count."""
         if not self.initialized:
             self.sae.initialize_from_batch(self.trainer.strategy.reduce(self.sae.normalize(batch), reduce_op="mean"))
             self.initialized.fill_(True)
-        result = self._step(batch, "train")
+        result = self.evaluate_batch(batch, train=True)
         if self._any_rank(not bool(torch.isfinite(result["loss"]))):
-            path = rescue_checkpoint(self.trainer, f"nonfinite-step{self.global_step}.ckpt")
+            path = rescue_checkpoint(self.trainer, f"nonfinite-step{self.trainer.global_step}.ckpt")
             raise FloatingPointError(
-                f"Non-finite loss at step {self.global_step}: the weights before this step are saved in {path}. "
-                f"Lower model.init_args.lr or the sparsity coefficient, or check the activations."
+                f"Non-finite loss at step {self.trainer.global_step}: the weights before this step are saved in "
+                f"{path}. Lower model.init_args.lr or the sparsity coefficient, or check the activations."
             )
-        self.log("train/sparsity_coefficient", self.sparsity_coefficient(), on_step=True)
         self._track_firing(result["codes"])
         self.steps_trained += 1
         return result
 
+    def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor] | None:
+        if self.skip_nonfinite(batch):
+            self.log("train/skipped_nonfinite_batches", float(self.skipped_batches), on_step=True)
+            return None
+        result = self.train_batch(batch)
+        self._log_losses(result, "train")
+        self.log("train/sparsity_coefficient", self.sparsity_coefficient(), on_step=True)
+        return result
+
     def validation_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        return self._step(batch, "val")
+        result = self.evaluate_batch(batch)
+        self._log_losses(result, "val")
+        return result
 
     def test_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        return self._step(batch, "test")
+        result = self.evaluate_batch(batch)
+        self._log_losses(result, "test")
+        return result
 
     # ----- dead latents -----------------------------------------------------------------------------------
     def _track_firing(self, codes: Tensor) -> None:

