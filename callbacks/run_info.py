@@ -22,6 +22,12 @@ def _version(package: str) -> str | None:
         return None
 
 
+def environment() -> dict:
+    """Package versions, Python and the git commit: what a run's numbers depend on besides its config."""
+    return {"versions": {name: _version(name) for name in _PACKAGES} | {"python": platform.python_version()},
+            "git_commit": _git_commit()}
+
+
 def _git_commit() -> str | None:
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -47,8 +53,7 @@ class RunInfo(L.Callback):
     def _write_metadata(self, trainer: L.Trainer, pl_module, folder: Path) -> None:
         datamodule = trainer.datamodule
         info = {
-            "versions": {name: _version(name) for name in _PACKAGES} | {"python": platform.python_version()},
-            "git_commit": _git_commit(),
+            **environment(),
             "seed": _seed(),
             "architecture": pl_module.sae.architecture,
             "d_in": pl_module.sae.d_in,

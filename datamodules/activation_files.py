@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from datamodules.activation_stream import stream_position
 from datamodules.lm_activations import _GeneratorDataset
 
 KEY = "activations"
@@ -175,9 +176,7 @@ class ActivationFileDataModule(L.LightningDataModule):
                 skip = 0
 
     def state_dict(self) -> dict:
-        """The stream position: training batches consumed so far (the module's trained steps)."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return {"batches_consumed": int(getattr(module, "steps_trained", 0))}
+        return stream_position(self.trainer)
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_batches = int(state_dict.get("batches_consumed", 0))

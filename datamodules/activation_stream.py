@@ -8,6 +8,14 @@ import torch
 from torch import Tensor
 
 
+def stream_position(trainer) -> dict:
+    """A training stream's checkpoint state: the batches the fit loop has taken from it (trained or skipped as
+    non-finite), so a resumed run starts at the next one. Lightning fetches a batch ahead, so a count kept by
+    the stream itself would be one too many."""
+    consumed = trainer.fit_loop.epoch_loop.batch_progress.total.processed if trainer is not None else 0
+    return {"batches_consumed": int(consumed)}
+
+
 class NormGuard:
     """Drops tokens whose norm exceeds `multiple` × the running median norm, and non-finite tokens (SPEC §5).
 

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.activation_stream import NormGuard, shuffled_batches, take_tokens
+from datamodules.activation_stream import NormGuard, shuffled_batches, stream_position, take_tokens
 from datamodules.language_model import load_language_model, resolve_dtype
 from datamodules.text import TextSource, pack_contexts, select_documents, tokenize_documents
 from sagsae.hookpoints import ActivationReader, parse_hookpoint
@@ -180,9 +180,7 @@ class LMActivationDataModule(L.LightningDataModule):
         return batches
 
     def state_dict(self) -> dict:
-        """The stream position: training batches consumed so far (the module's trained steps)."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return {"batches_consumed": int(getattr(module, "steps_trained", 0))}
+        return stream_position(self.trainer)
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_batches = int(state_dict.get("batches_consumed", 0))

@@ -229,7 +229,13 @@ class SAEModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.sae.before_optimizer_step()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """Projections and dead-latent resets, inside the step: callbacks that run after it (a checkpoint
+        every N steps) then see, and save, the parameters the next step starts from."""
         self.sae.after_optimizer_step()
         if self.hparams.reset_dead_latents:
             dead = self.dead_mask()

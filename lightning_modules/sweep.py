@@ -30,8 +30,8 @@ class SweepModule(L.LightningModule):
     def __init__(self, members: dict[str, SAEModule]) -> None:
         super().__init__()
         for name in members:
-            if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
-                raise ValueError(f"Sweep member names may hold letters, digits, '_', '-' and '.'; got {name!r}")
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"Sweep member names may hold letters, digits, '_' and '-'; got {name!r}")
         self.members = nn.ModuleDict(members)
         self._evaluation: dict[str, ReconstructionMetrics] = {}
         self.latest_validation: dict[str, dict[str, float]] = {}
@@ -71,10 +71,10 @@ class SweepModule(L.LightningModule):
         for member in self.members.values():
             member.on_before_optimizer_step(optimizer)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if outputs is not None:
-            for member in self.members.values():
-                member.on_train_batch_end(None, batch, batch_idx)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        for member in self.members.values():
+            member.after_optimizer_step()
 
     def _log_training(self, name: str, member: SAEModule, result: dict[str, Tensor]) -> None:
         values = {"loss": result["loss"].detach(),

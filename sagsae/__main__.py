@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUBCOMMANDS = {"params": "sagsae.params", "export": "sagsae.export", "cache": "datamodules.cache"}
+SUBCOMMANDS = {"params": "sagsae.params", "export": "sagsae.export", "cache": "datamodules.cache",
+               "sweep": "sagsae.sweep", "synth": "sagsae.synth",
+               "report": "sagsae.report"}
 
 
 def main(argv: list[str] | None = None) -> None:

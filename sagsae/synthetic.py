@@ -87,8 +87,10 @@ def pair_correlation(data: SignedAxisData) -> float:
     return float(((plus * minus).mean(0) / (plus.std(0, unbiased=False) * minus.std(0, unbiased=False))).mean())
 
 
-def signed_feature_recovery(decoder: Tensor, directions: Tensor, signed_codes: bool, threshold: float = 0.9) -> float:
-    """Share of the 2K signed features ±v_k whose best decoder column has cosine > threshold.
+def signed_feature_recovery(decoder: Tensor, directions: Tensor, signed_codes: bool, threshold: float = 0.9,
+                            coefficients: Tensor | None = None) -> float:
+    """Share of the signed features ±v_k whose best decoder column has cosine > threshold: all 2K, or, given
+    the coefficients, those that occur in them (Protocol C's unipolar axes have no −v_k).
 
     A signed SAE's column serves both signs (|cos|); a non-negative SAE's column serves only the sign it
     points to, so −v_k needs its own column.
@@ -96,16 +98,24 @@ def signed_feature_recovery(decoder: Tensor, directions: Tensor, signed_codes: b
     columns = decoder / decoder.norm(dim=0, keepdim=True)  # [d, H]
     cosines = directions @ columns  # [K, H]
     if signed_codes:
-        best = cosines.abs().max(dim=1).values
-        return float((best > threshold).float().mean())
-    positive = cosines.max(dim=1).values > threshold
-    negative = (-cosines).max(dim=1).values > threshold
-    return float(torch.cat([positive, negative]).float().mean())
+        found = cosines.abs().max(dim=1).values > threshold
+        found = torch.cat([found, found])
+    else:
+        found = torch.cat([cosines.max(dim=1).values > threshold, (-cosines).max(dim=1).values > threshold])
+    if coefficients is None:
+        return float(found.float().mean())
+    occurs = torch.cat([(coefficients > 0).any(0), (coefficients < 0).any(0)])
+    return float(found[occurs].float().mean())
 
 
 def bipolar_sharing(codes: Tensor, coefficients: Tensor, decoder: Tensor, directions: Tensor, agreement: float = 0.9) -> float:
-    """Share of axes whose two signs are carried by one latent: the latent best aligned with v_k fires with
-    the coefficient's sign (times the alignment's sign) on ≥ `agreement` of the occurrences of each sign."""
+    """Share of bipolar axes (both signs occur) whose two signs are carried by one latent: the latent best
+    aligned with v_k fires with the coefficient's sign (times the alignment's sign) on ≥ `agreement` of the
+    occurrences of each sign."""
+    bipolar = (coefficients > 0).any(0) & (coefficients < 0).any(0)
+    if not bipolar.any():
+        return float("nan")
+    coefficients, directions = coefficients[:, bipolar], directions[bipolar]
     columns = decoder / decoder.norm(dim=0, keepdim=True)
     cosines = directions @ columns
     latent = cosines.abs().argmax(dim=1)
@@ -113,12 +123,16 @@ def bipolar_sharing(codes: Tensor, coefficients: Tensor, decoder: Tensor, direct
     shared = []
     for k in range(len(directions)):
         code = codes[:, latent[k]] * orientation[k]
-        ok = True
-        for sign in (1.0, -1.0):
-            occurrences = torch.sign(coefficients[:, k]) == sign
-            if occurrences.sum() == 0:
-                ok = False
-                break
-            ok &= bool(((torch.sign(code[occurrences]) == sign).float().mean()) >= agreement)
-        shared.append(ok)
+        shared.append(all(bool((torch.sign(code[torch.sign(coefficients[:, k]) == sign]) == sign).float().mean()
+                               >= agreement) for sign in (1.0, -1.0)))
     return float(torch.tensor(shared).float().mean())
+
+
+def score_against_truth(sae, activations: Tensor, coefficients: Tensor, directions: Tensor) -> dict[str, float]:
+    """Ground-truth scores of a trained SAE (`sagsae.saes`) on held-out synthetic samples (SPEC §7)."""
+    with torch.no_grad():
+        codes = sae.encode(sae.normalize(activations))
+    decoder = sae.W_dec.detach()
+    return {"recovery": signed_feature_recovery(decoder, directions, sae.signed_codes, coefficients=coefficients),
+            "bipolar_sharing": bipolar_sharing(codes, coefficients, decoder, directions),
+            "true_l0": float((coefficients != 0).sum(1).float().mean())}

@@ -49,12 +49,12 @@ def test_nonfinite_loss_saves_a_checkpoint_and_names_the_step(tmp_path):
     assert torch.load(saved[0], weights_only=False)["global_step"] == 3
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.5, 1.5, 3.0])  # before the first step, before, around and after the first in-fit validation
+@pytest.mark.parametrize("delay", [0.0, 0.5, 1.5, 3.0])  # before the first step, then before, around and after the first validation
 def test_sigterm_saves_a_resumable_checkpoint(delay, tiny_llama, text_file, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "sagsae", "fit", *tiny_args(tiny_llama, text_file, tmp_path, 100_000)],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while not list(tmp_path.rglob("events.out.tfevents*")) and time.time() < deadline:
+    while not list(tmp_path.rglob("run_metadata.json")) and time.time() < deadline:  # written at fit start
         time.sleep(0.5)
     time.sleep(delay)
     process.send_signal(signal.SIGTERM)

@@ -1,0 +1,79 @@
+"""Sweep comparisons of SPEC §6, on plain numbers: R²(L0) curves, Pareto dominance over the L0 overlap, and
+the sweep-geomean dead-fraction reduction.
+
+Curves are interpolated linearly in log L0 (sweeps space their λ, hence L0, geometrically), between the seed
+means of each sweep point, and never extrapolated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One series' sweep points, sorted by L0: seed-mean L0, R² and dead fraction."""
+
+    l0: tuple[float, ...]
+    r2: tuple[float, ...]
+    dead: tuple[float, ...]
+    width: int
+
+    @staticmethod
+    def from_points(points: list[tuple[float, float, float]], width: int) -> "Curve":
+        ordered = sorted(points)
+        return Curve(tuple(p[0] for p in ordered), tuple(p[1] for p in ordered), tuple(p[2] for p in ordered), width)
+
+    def at(self, l0: float, values: tuple[float, ...]) -> float:
+        """`values` interpolated at `l0` (log-linear), or NaN outside the curve's L0 range."""
+        if not self.l0 or not self.l0[0] <= l0 <= self.l0[-1]:
+            return math.nan
+        for i in range(len(self.l0) - 1):
+            lo, hi = self.l0[i], self.l0[i + 1]
+            if lo <= l0 <= hi:
+                if hi == lo:
+                    return values[i]
+                t = (math.log(l0) - math.log(lo)) / (math.log(hi) - math.log(lo))
+                return values[i] + t * (values[i + 1] - values[i])
+        return values[-1]  # a single-point curve
+
+
+def overlap(a: Curve, b: Curve) -> tuple[float, float] | None:
+    """The L0 range both sweeps cover, or None when they do not meet."""
+    lo, hi = max(a.l0[0], b.l0[0]), min(a.l0[-1], b.l0[-1])
+    return (lo, hi) if lo <= hi else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    overlap: tuple[float, float] | None
+    verdict: str  # "dominates", "dominated", "crosses", "no overlap"
+    min_gap: float  # min over the overlap of R²_a − R²_b
+    max_gap: float
+    dead_reduction: float  # geomean over the matched points of dead_b / dead_a (> 1: a has fewer dead)
+
+
+def compare(a: Curve, b: Curve, samples: int = 200) -> Verdict:
+    """Does `a` dominate `b` over their L0 overlap (R²_a ≥ R²_b everywhere on it)?
+
+    The gap is checked at every sweep point of either curve inside the overlap (the matched points) and at
+    `samples` log-spaced L0 values between. The dead reduction is the geomean over the matched points of
+    dead_b / dead_a, both interpolated there; a dead fraction below one latent of the wider SAE counts as that
+    one latent, so two dead-free sweeps give 1 rather than 0/0."""
+    span = overlap(a, b)
+    if span is None:
+        return Verdict(None, "no overlap", math.nan, math.nan, math.nan)
+    lo, hi = span
+    matched = sorted({l0 for l0 in a.l0 + b.l0 if lo <= l0 <= hi})  # every sweep point inside the overlap
+    grid = set(matched)
+    if hi > lo:
+        grid |= {math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * i / (samples - 1)) for i in range(samples)}
+    else:
+        grid.add(lo)
+    gaps = [a.at(l0, a.r2) - b.at(l0, b.r2) for l0 in sorted(grid)]
+    verdict = "dominates" if min(gaps) >= 0 else "dominated" if max(gaps) <= 0 else "crosses"
+    floor = 1 / max(a.width, b.width)
+    ratios = [max(b.at(l0, b.dead), floor) / max(a.at(l0, a.dead), floor) for l0 in matched]
+    reduction = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    return Verdict(span, verdict, min(gaps), max(gaps), reduction)

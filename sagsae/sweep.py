@@ -1,0 +1,168 @@
+"""`python -m sagsae sweep --config SWEEP.yaml`: a grid of SAEs, trained together on each cell's activations.
+
+A sweep config names its output folder, the trainer settings, the cells (one datamodule each: a cache folder
+or a live hookpoint) and the members (an SAE module, its fixed arguments, and a grid of swept ones):
+
+    out: runs/sweeps/smollm2_l15
+    trainer: {max_steps: 2000, val_check_interval: 500}
+    cells:
+      mlp_out: {class_path: datamodules.ActivationFileDataModule, init_args: {path: cache/smollm2_l15_mlp_out}}
+    members:
+      - name: SA-GSAE(H)
+        class_path: lightning_modules.SAGSAE
+        init_args: {width: 1152}
+        grid: {sparsity_coefficient: [4, 8, 16, 32], init_seed: [0, 1]}
+
+Every member of a cell trains from the same batches (`SweepModule`), so a cell costs one pass over its data.
+Each cell writes `<out>/<cell>/results.json` when done; a rerun skips finished cells and resumes an unfinished
+one from its newest checkpoint (last.ckpt every `val_check_interval` steps, or interrupted.ckpt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks.interrupt import InterruptCheckpoint
+from callbacks.run_info import StepProgressBar, environment
+from lightning_modules.base import SAEModule
+from lightning_modules.sweep import SweepModule
+
+RESULTS = "results.json"
+Scorer = Callable[[str, SAEModule], dict[str, float]]  # (cell, trained member) → extra result columns
+SHORT_NAMES = {"sparsity_coefficient": "l", "init_seed": "s", "width": "w", "k": "k", "lr": "lr"}
+
+
+def _class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"Cannot import {path!r} ({error}); write a full path such as lightning_modules.SAGSAE")
+
+
+def _identifier(label: str) -> str:
+    """A member's folder- and module-safe name: 'SA-GSAE(H)-l0.5-s0' → 'SA-GSAE-H-l0p5-s0'."""
+    name = "".join(c if c.isalnum() or c in "-_" else ("p" if c == "." else "-") for c in label)
+    while "--" in name:
+        name = name.replace("--", "-")
+    return name.strip("-")
+
+
+def expand_members(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """name → {series, class_path, init_args, grid point} for every point of every member's grid."""
+    members: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        unknown = set(entry) - {"name", "class_path", "init_args", "grid"}
+        if unknown or "class_path" not in entry or "name" not in entry:
+            raise ValueError(f"A sweep member needs name and class_path (and may have init_args, grid); got {entry}")
+        if not issubclass(_class(entry["class_path"]), SAEModule):
+            raise ValueError(f"{entry['class_path']} is not an SAEModule")
+        grid = entry.get("grid") or {}
+        keys = list(grid)
+        for values in itertools.product(*(grid[key] if isinstance(grid[key], list) else [grid[key]] for key in keys)):
+            point = dict(zip(keys, values))
+            name = _identifier(entry["name"] + "".join(f"-{SHORT_NAMES.get(k, k)}{v}" for k, v in point.items()))
+            if name in members:
+                raise ValueError(f"Two sweep members are both named {name!r}: give the entries distinct names")
+            members[name] = {"series": entry["name"], "class_path": entry["class_path"],
+                             "init_args": {**(entry.get("init_args") or {}), **point}, "point": point}
+    if not members:
+        raise ValueError("The sweep config lists no members")
+    return members
+
+
+def build_sweep(members: dict[str, dict[str, Any]]) -> SweepModule:
+    return SweepModule({name: _class(spec["class_path"])(**spec["init_args"]) for name, spec in members.items()})
+
+
+def _newest_checkpoint(folder: Path) -> Path | None:
+    candidates = [path for path in folder.glob("*.ckpt") if path.name in ("last.ckpt", "interrupted.ckpt")]
+    return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
+
+
+def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None = None) -> dict[str, Any]:
+    """Train every member on one cell's data (resuming if a checkpoint exists) and write its results.json."""
+    folder = out / cell
+    data_spec = config["cells"][cell]
+    datamodule = _class(data_spec["class_path"])(**(data_spec.get("init_args") or {}))
+    members = expand_members(config["members"])
+    sweep = build_sweep(members)
+    trainer_args = {"max_steps": 1000, "val_check_interval": 250, **(config.get("trainer") or {})}
+    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, save_top_k=0,
+                                  every_n_train_steps=int(trainer_args["val_check_interval"]))
+    trainer = L.Trainer(**trainer_args, default_root_dir=folder, num_sanity_val_steps=0,
+                        logger=TensorBoardLogger(out, name=cell, version=""),
+                        callbacks=[checkpoints, StepProgressBar(), InterruptCheckpoint()])
+    resume = _newest_checkpoint(folder / "checkpoints")
+    if resume is not None:
+        print(f"[{cell}] resuming from {resume}")
+    started = time.perf_counter()
+    trainer.fit(sweep, datamodule, ckpt_path=resume)
+    seconds = time.perf_counter() - started
+    trainer.validate(sweep, datamodule, verbose=False)  # the held-out window, at the final weights
+    results = {
+        "cell": cell,
+        "activations": datamodule.describe() if hasattr(datamodule, "describe") else None,
+        "steps": trainer.global_step,
+        "fit_seconds_this_run": seconds,
+        "members": {name: {"series": spec["series"], "class_path": spec["class_path"], "point": spec["point"],
+                           "width": sweep.members[name].sae.width, **sweep.latest_validation[name],
+                           **(scorer(cell, sweep.members[name]) if scorer is not None else {})}
+                    for name, spec in members.items()},
+    }
+    (folder / RESULTS).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def run_sweep(config: dict[str, Any], out: Path, cells: list[str] | None = None, scorer: Scorer | None = None) -> None:
+    for key in ("cells", "members"):
+        if not config.get(key):
+            raise ValueError(f"The sweep config needs a non-empty {key!r} section")
+    expand_members(config["members"])  # reject a bad grid before any cell starts
+    unknown = sorted(set(cells or []) - set(config["cells"]))
+    if unknown:
+        raise ValueError(f"Unknown cell(s) {unknown}; this sweep's cells: {sorted(config['cells'])}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (out / "environment.json").write_text(json.dumps(environment(), indent=2))
+    L.seed_everything(int(config.get("seed", 0)), workers=True)
+    for cell in cells or list(config["cells"]):
+        if (out / cell / RESULTS).is_file():
+            print(f"[{cell}] done already ({out / cell / RESULTS}); skipped")
+            continue
+        results = run_cell(config, cell, out, scorer)
+        print(f"[{cell}] {len(results['members'])} SAEs, {results['steps']} steps: {out / cell / RESULTS}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sagsae sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path, help="a sweep config (see configs/sweeps/)")
+    parser.add_argument("--out", type=Path, help="output folder (default: the config's `out`)")
+    parser.add_argument("--cells", nargs="+", help="run only these cells")
+    parser.add_argument("--max_steps", type=int, help="override trainer.max_steps")
+    args = parser.parse_args(argv)
+    if not args.config.is_file():
+        parser.error(f"--config {args.config} does not exist")
+    config = yaml.safe_load(args.config.read_text()) or {}
+    if args.max_steps is not None:
+        config["trainer"] = {**(config.get("trainer") or {}), "max_steps": args.max_steps}
+    out = args.out or (Path(config["out"]) if config.get("out") else None)
+    if out is None:
+        parser.error("name the output folder with --out or the config's `out`")
+    try:
+        run_sweep(config, out, args.cells)
+    except ValueError as error:
+        raise SystemExit(f"sweep: {error}") from None

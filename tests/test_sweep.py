@@ -1,0 +1,133 @@
+"""Sweeps: N SAEs from one activation stream train exactly as N separate runs; the `sweep`, `synth` and
+`report` commands run end to end, resume, and reject bad configs with a clear message."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from datamodules import TensorActivationDataModule
+from lightning_modules import GatedSAE, SAGSAE, TopKSAE
+from lightning_modules.sweep import SweepModule
+from sagsae.__main__ import main
+from sagsae.sweep import expand_members
+
+DATA = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
+
+
+def quiet_trainer(steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=False, **kwargs)
+
+
+def three_members():
+    return {"sa": SAGSAE(width=16, init_seed=1, sparsity_coefficient=2, lr_decay_fraction=0.5),
+            "gated": GatedSAE(width=32, init_seed=2, lr=3e-3),
+            "topk": TopKSAE(width=32, k=4, init_seed=3)}
+
+
+def test_three_saes_sharing_one_stream_match_three_separate_runs():
+    sweep = SweepModule(three_members())
+    quiet_trainer(20, limit_val_batches=0).fit(sweep, TensorActivationDataModule(DATA, batch_size=256))
+    for name, alone in three_members().items():
+        quiet_trainer(20, limit_val_batches=0).fit(alone, TensorActivationDataModule(DATA, batch_size=256))
+        together = sweep.members[name].state_dict()
+        assert int(together["steps_trained"]) == 20
+        for key, value in alone.state_dict().items():
+            assert torch.equal(value, together[key]), (name, key)
+
+
+def test_sweep_validation_reports_every_member():
+    sweep = SweepModule(three_members())
+    quiet_trainer(10, val_check_interval=10).fit(sweep, TensorActivationDataModule(DATA, DATA[:512], batch_size=256))
+    assert set(sweep.latest_validation) == {"sa", "gated", "topk"}
+    assert sweep.latest_validation["topk"]["l0"] == pytest.approx(4.0)
+    assert "bipolar_fraction" in sweep.latest_validation["sa"] and "bipolar_fraction" not in sweep.latest_validation["gated"]
+    assert all(row["tokens_seen"] == 10 * 256 for row in sweep.latest_validation.values())
+
+
+def test_grid_expansion_names_and_errors():
+    members = expand_members([{"name": "SA-GSAE(H)", "class_path": "lightning_modules.SAGSAE",
+                               "init_args": {"width": 8}, "grid": {"sparsity_coefficient": [0.5, 2], "init_seed": [0, 1]}}])
+    assert sorted(members) == ["SA-GSAE-H-l0p5-s0", "SA-GSAE-H-l0p5-s1", "SA-GSAE-H-l2-s0", "SA-GSAE-H-l2-s1"]
+    assert members["SA-GSAE-H-l2-s1"]["init_args"] == {"width": 8, "sparsity_coefficient": 2, "init_seed": 1}
+    with pytest.raises(ValueError, match="Cannot import"):
+        expand_members([{"name": "x", "class_path": "lightning_modules.NoSuchSAE"}])
+    with pytest.raises(ValueError, match="both named"):
+        expand_members([{"name": "x", "class_path": "lightning_modules.SAGSAE"}] * 2)
+
+
+SYNTH = {
+    "seed": 0,
+    "trainer": {"max_steps": 6, "val_check_interval": 3},
+    "synthetic": {"n_train": 8192, "n_val": 1024, "batch_size": 512, "d": 16, "axes": 8, "p": 0.1,
+                  "protocols": {"A": {"protocol": "a"}, "B": {"protocol": "b", "rho": -1.0}}},
+    "compare": [["SA-GSAE(K)", "Gated(2K)"]],
+    "members": [
+        {"name": "SA-GSAE(K)", "class_path": "lightning_modules.SAGSAE", "init_args": {"width": 8},
+         "grid": {"sparsity_coefficient": [1, 4], "init_seed": [0, 1]}},
+        {"name": "Gated(2K)", "class_path": "lightning_modules.GatedSAE", "init_args": {"width": 16},
+         "grid": {"sparsity_coefficient": [1, 4], "init_seed": [0]}},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def synth_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth")
+    (folder / "synth.yaml").write_text(yaml.safe_dump(SYNTH))
+    main(["synth", "--config", str(folder / "synth.yaml"), "--out", str(folder / "out")])
+    return folder
+
+
+def test_synth_writes_data_trains_and_scores_against_the_truth(synth_run):
+    metadata = json.loads((synth_run / "out/data/B/metadata.json").read_text())
+    assert metadata["protocol"] == "b" and metadata["pair_correlation"] < 0
+    results = json.loads((synth_run / "out/A/results.json").read_text())
+    assert results["steps"] == 6 and len(results["members"]) == 6
+    for member in results["members"].values():
+        assert 0 <= member["recovery"] <= 1 and member["true_l0"] == pytest.approx(0.8, abs=0.1)
+        assert member["tokens_seen"] == 6 * 512
+    assert {m["series"] for m in results["members"].values()} == {"SA-GSAE(K)", "Gated(2K)"}
+
+
+def test_report_writes_tables_plots_and_verdicts(synth_run):
+    main(["report", str(synth_run / "out"), "--out", str(synth_run / "report")])
+    report = (synth_run / "report/report.md").read_text()
+    assert "## A" in report and "## B" in report and "| SA-GSAE(K) | sparsity_coefficient 1 | 2 |" in report
+    assert (synth_run / "report/A.png").stat().st_size > 10_000
+    verdicts = json.loads((synth_run / "report/verdicts.json").read_text())
+    assert [(v["cell"], v["a"], v["b"]) for v in verdicts] == [("A", "SA-GSAE(K)", "Gated(2K)"),
+                                                               ("B", "SA-GSAE(K)", "Gated(2K)")]
+    assert all(v["verdict"] in {"dominates", "dominated", "crosses", "no overlap"} for v in verdicts)
+
+
+def test_sweep_resumes_an_unfinished_cell_exactly(synth_run, tmp_path):
+    config = {**SYNTH, "cells": {"A": {"class_path": "datamodules.ActivationFileDataModule",
+                                       "init_args": {"path": str(synth_run / "out/data/A"), "batch_size": 512}}}}
+    del config["synthetic"]
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "once"), "--max_steps", "6"])
+    main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "twice"), "--max_steps", "3"])
+    (tmp_path / "twice/A/results.json").unlink()  # as if stopped after step 3
+    main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "twice"), "--max_steps", "6"])
+    once = json.loads((tmp_path / "once/A/results.json").read_text())["members"]
+    twice = json.loads((tmp_path / "twice/A/results.json").read_text())["members"]
+    for name in once:
+        assert twice[name]["r2"] == pytest.approx(once[name]["r2"], abs=1e-6), name
+        assert twice[name]["tokens_seen"] == once[name]["tokens_seen"]
+
+
+def test_sweep_rejects_unknown_cells_and_missing_sections(tmp_path):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"cells": {}, "members": []}))
+    with pytest.raises(SystemExit, match="non-empty 'cells'"):
+        main(["sweep", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "out")])
+    config = {"cells": {"A": {"class_path": "datamodules.ActivationFileDataModule", "init_args": {"path": "x"}}},
+              "members": SYNTH["members"]}
+    (tmp_path / "cells.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=r"Unknown cell\(s\) \['Z'\]"):
+        main(["sweep", "--config", str(tmp_path / "cells.yaml"), "--out", str(tmp_path / "out"), "--cells", "Z"])
