@@ -104,8 +104,12 @@ def cell_section(label: str, cell: dict, pairs: list[tuple[str, str]], image: st
     lines = [f"## {label}", ""]
     activations = cell.get("activations") or {}
     if activations:
-        described = ", ".join(f"{k} {activations[k]}" for k in ("model", "hookpoint", "layer") if k in activations)
-        lines += [f"Activations: {described}. Steps per SAE: {cell.get('steps')}.", ""]
+        described = ", ".join(f"{k} {activations[k]}" for k in ("model", "hookpoint", "layer")
+                              if activations.get(k) is not None)
+        if described:
+            lines += [f"Activations: {described}.", ""]
+    lines += [f"Steps per SAE: {cell.get('steps')}; training tokens per SAE: "
+              f"{max((m.get('tokens_seen', 0) for m in cell['members'].values()), default=0):,}.", ""]
     if image:
         lines += [f"![{label}]({image})", ""]
     extra = [key for key in ("recovery", "bipolar_sharing", "true_l0") if any(key in r for rows in series.values() for r in rows)]

