@@ -4,6 +4,9 @@
 
 The floor is the bare encoder and decoder matmuls, forward and backward, in plain torch: what any SAE of
 this width must compute. Ratios are floor time / step time (1.0 = at the floor), measured in this process.
+Where SAELens (`pip install sagsae[bench]`) or sparsify (eai-sparsify) import, their training steps for the
+same architecture, width and batch run too (forward with their losses, backward, Adam), and the last line
+gives our speed-up over each: SA-GSAE is set against SAELens's Gated step, TopK against sparsify's.
 """
 
 from __future__ import annotations
@@ -53,6 +56,52 @@ def sae_step(name: str, x: torch.Tensor, width: int):
     return step
 
 
+SAELENS = {"relu": "Standard", "gated": "Gated", "jumprelu": "JumpReLU", "topk": "TopK", "batchtopk": "BatchTopK",
+           "abstopk": "AbsTopK"}  # our architecture → SAELens's <name>TrainingSAE
+
+
+def saelens_step(name: str, x: torch.Tensor, width: int):
+    """SAELens's training forward pass (its own losses) with backward and Adam; None if not installed."""
+    try:
+        import sae_lens
+        from sae_lens.saes.sae import TrainStepInput
+    except ImportError:
+        return None
+    prefix = SAELENS[name]
+    config_class = getattr(sae_lens, f"{prefix}TrainingSAEConfig")
+    options = {"k": 64} if "TopK" in prefix else {}
+    sae = getattr(sae_lens, f"{prefix}TrainingSAE")(config_class(d_in=x.shape[1], d_sae=width, **options))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    coefficients = {key: 1.0 for key in sae.get_coefficients()}
+    step_input = TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=torch.zeros(width, dtype=torch.bool),
+                                n_training_steps=0, is_logging_step=False)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        sae.training_forward_pass(step_input).loss.backward()
+        optimizer.step()
+    return step
+
+
+def sparsify_step(x: torch.Tensor, width: int):
+    """sparsify's TopK SparseCoder (k = 64, unit-norm decoder kept as its trainer does); None if not installed."""
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        return None
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=width, k=64))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        out = sae(x, dead_mask=torch.zeros(width, dtype=torch.bool))
+        (out.fvu + out.auxk_loss / 32).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        sae.set_decoder_norm_to_unit_norm()
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d_in", type=int, default=576)
@@ -66,12 +115,20 @@ def main() -> None:
     floor = seconds_per_call(floor_step(x, args.width), args.repeats)
     rows = {"floor": floor} | {name: seconds_per_call(sae_step(name, x, args.width), args.repeats)
                                for name in SAE_REGISTRY}
+    others = {f"saelens:{name}": saelens_step(name, x, args.width) for name in SAELENS}
+    others["sparsify:topk"] = sparsify_step(x, args.width)
+    rows |= {name: seconds_per_call(step, args.repeats) for name, step in others.items() if step is not None}
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     print(f"d_in {args.d_in}, width {args.width}, batch {args.batch}, {torch.get_num_threads()} threads, {device}")
     print(f"{'step':<12} {'ms':>10} {'tokens/s':>12} {'floor/step':>11}")
     for name, seconds in rows.items():
         print(f"{name:<12} {seconds * 1e3:>10.1f} {args.batch / seconds:>12,.0f} {floor / seconds:>11.2f}")
-    print("ratios vs floor: " + ", ".join(f"{name} {floor / s:.2f}" for name, s in rows.items() if name != "floor"))
+    ours = [name for name in rows if name != "floor" and ":" not in name]
+    print("ratios vs floor: " + ", ".join(f"{name} {floor / rows[name]:.2f}" for name in ours))
+    pairs = [(name, f"saelens:{name}") for name in SAELENS] + [("sagsae", "saelens:gated"), ("topk", "sparsify:topk")]
+    speedups = [f"{ours_} vs {theirs} {rows[theirs] / rows[ours_]:.2f}×" for ours_, theirs in pairs if theirs in rows]
+    if speedups:
+        print("speed-up: " + ", ".join(speedups))
     if args.json:
         args.json.write_text(json.dumps({"config": vars(args) | {"json": None}, "seconds": rows}, indent=2))
 

@@ -106,6 +106,16 @@ def test_topk_and_abstopk_with_auxk(name):
     close(out.terms["auxk"], sq(X - x_hat, aux_codes @ sae.W_dec.T) / 32)
     if name == "abstopk":
         assert (out.codes < 0).any(), "AbsTopK keeps negative codes"
+    # the sparse decode of the k active latents has the gradients of the dense decode of the direct codes
+    sae.zero_grad()
+    out.terms["recon"].backward()
+    sparse_grads = [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    sae.zero_grad()
+    pre = (X - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    values = pre if name == "abstopk" else torch.relu(pre)
+    sq(X, topk_direct(values, values.abs(), 3) @ sae.W_dec.T + sae.b_dec).backward()
+    for sparse, dense in zip(sparse_grads, (sae.W_enc.grad, sae.b_enc.grad, sae.W_dec.grad, sae.b_dec.grad)):
+        close(sparse, dense)
 
 
 def test_batchtopk_training_and_inference_threshold():

@@ -19,6 +19,11 @@ class BatchTopKSparseAutoencoder(TopKSparseAutoencoder):
         self.threshold_momentum = threshold_momentum
         self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
 
+    def codes_and_reconstruction(self, values: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """Dense decode: the batch rule keeps a different number of latents in each row."""
+        codes = self.select(values, scores)
+        return codes, self.decode(codes)
+
     def select(self, values: Tensor, scores: Tensor) -> Tensor:
         if not self.training:
             return torch.where(values > self.threshold.clamp(min=0), values, 0)

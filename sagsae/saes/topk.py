@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sagsae.saes.base import LinearEncoderSAE, SAELoss, register, squared_error
@@ -37,11 +38,19 @@ class TopKSparseAutoencoder(LinearEncoderSAE):
     def activation(self, pre: Tensor) -> Tensor:
         return self.select(*self.values_and_scores(pre))
 
+    def codes_and_reconstruction(self, values: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """Training's codes (detached, dense, for the metrics) and x̂, decoded from the k active latents only:
+        k·d multiply-adds per token instead of H·d, and a decoder gradient on those k columns."""
+        indices = scores.topk(self.k, dim=-1).indices
+        active = values.gather(-1, indices)
+        x_hat = F.embedding_bag(indices, self.W_dec.T, per_sample_weights=active, mode="sum") + self.b_dec
+        codes = torch.zeros_like(values).scatter_(-1, indices, active.detach())
+        return codes, x_hat
+
     def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
         """recon + aux_coefficient · AuxK; `sparsity_coefficient` is unused (k sets the sparsity)."""
         values, scores = self.values_and_scores(self.pre_activation(x))
-        codes = self.select(values, scores)
-        x_hat = self.decode(codes)
+        codes, x_hat = self.codes_and_reconstruction(values, scores)
         terms = {"recon": squared_error(x, x_hat)}
         if dead is not None and self.aux_coefficient > 0:
             terms["auxk"] = self.aux_coefficient * self.auxk(x - x_hat.detach(), values, scores, dead)
