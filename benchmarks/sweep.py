@@ -1,0 +1,47 @@
+"""N SAEs trained from one activation stream (`SweepModule`) against N separate runs, on live activations.
+
+    python -m benchmarks.sweep [--members 4 --width 1152 --steps 6 --json out.json]
+
+Each separate run pays the LM forward for every batch; the sweep pays it once per batch for all members. The
+ratio is the sweep's throughput in SAE-tokens/s (tokens × members) over the separate runs' combined one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks.end_to_end import add_common_arguments, datamodule, fit_tokens_per_second
+from lightning_modules import SAGSAE
+from lightning_modules.sweep import SweepModule
+
+
+def member(seed: int, width: int) -> SAGSAE:
+    return SAGSAE(width=width, sparsity_coefficient=8.0, init_seed=seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--width", type=int, default=1152)
+    args = parser.parse_args()
+    separate = [fit_tokens_per_second(member(seed, args.width), datamodule(args), args.steps)
+                for seed in range(args.members)]
+    separate_rate = args.members / sum(1 / rate for rate in separate)  # N runs one after another
+    sweep = SweepModule({f"s{seed}": member(seed, args.width) for seed in range(args.members)})
+    sweep_rate = args.members * fit_tokens_per_second(sweep, datamodule(args), args.steps)
+    device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+    print(f"{args.members} SA-GSAE(width {args.width}) on {args.model} {args.hookpoint} layer {args.layer}, "
+          f"batch {args.batch}, {torch.get_num_threads()} threads, {device}")
+    print(f"{'separate runs':<16} {separate_rate:>10,.0f} SAE-tokens/s")
+    print(f"{'one sweep':<16} {sweep_rate:>10,.0f} SAE-tokens/s")
+    print(f"ratio: sweep / separate {sweep_rate / separate_rate:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"separate": separate_rate, "sweep": sweep_rate}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
