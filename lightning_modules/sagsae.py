@@ -19,6 +19,7 @@ class SAGSAE(SAEModule):
         log_theta: store log θ instead of θ.
         theta_init: initial θ; None = 1e-3·√d.
         bandwidth: ε of the rectangle kernel; None = 1e-3·√d.
+        theta_init_quantile: start each θ at this quantile of its |π| on the first batch (None = theta_init).
         one_sided_gate: ablation — gate H(π − θ) and codes ≥ 0 (a Gated SAE with a learned jump threshold).
         signed_magnitude: false = ablation — the code is the gate path's BiJump_θ(π) (shrunk by the penalty).
         unit_norm_decoder: SPEC §3 form (a) instead of the default form (b).
@@ -27,8 +28,8 @@ class SAGSAE(SAEModule):
 
     architecture = "sagsae"
     architecture_args = ("tie_r", "tie_theta", "sign_consistency", "aux_weight", "gate_path", "recon_trains_theta",
-                         "log_theta", "theta_init", "bandwidth", "one_sided_gate", "signed_magnitude",
-                         "unit_norm_decoder")
+                         "log_theta", "theta_init", "bandwidth", "theta_init_quantile", "one_sided_gate",
+                         "signed_magnitude", "unit_norm_decoder")
 
     def __init__(
         self,
@@ -41,6 +42,7 @@ class SAGSAE(SAEModule):
         log_theta: bool = False,
         theta_init: float | None = None,
         bandwidth: float | None = None,
+        theta_init_quantile: float | None = None,
         one_sided_gate: bool = False,
         signed_magnitude: bool = True,
         unit_norm_decoder: bool = False,

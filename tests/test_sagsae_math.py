@@ -172,3 +172,21 @@ def test_wrong_input_size_names_the_fix():
     sae = build_sae("sagsae", d_in=8, width=16)
     with pytest.raises(ValueError, match="d_in=8 but got 5"):
         sae.loss(torch.randn(4, 5), 1.0)
+
+
+@pytest.mark.parametrize("log_theta", [False, True])
+def test_quantile_threshold_initialization(log_theta):
+    """θ_i starts at the q-quantile of |π_i| on the first batch: each gate opens on about 1 − q of it."""
+    torch.manual_seed(0)
+    sae = build_sae("sagsae", d_in=8, width=6, theta_init_quantile=0.75, log_theta=log_theta)
+    x = torch.randn(400, 8)
+    sae.initialize_from_batch(x)
+    magnitude = ((x - x.mean(0)) @ sae.W_gate.T + sae.b_gate).abs()
+    theta_pos, theta_neg = sae.thresholds()
+    expected = torch.stack([column.sort().values[299] for column in magnitude.T])  # the 300th of 400
+    torch.testing.assert_close(theta_pos.detach(), expected)
+    assert theta_neg is theta_pos or torch.equal(theta_neg, theta_pos)
+    open_share = (sae.encode(x) != 0).float().mean()  # sign consistency may close a few more
+    assert 0.15 <= float(open_share) <= 0.25
+    with pytest.raises(ValueError, match="theta_init_quantile"):
+        build_sae("sagsae", d_in=8, width=6, theta_init_quantile=1.0)

@@ -50,6 +50,7 @@ class SignAwareGatedSAE(GatedPathsSAE):
         theta_init: float | None = None,
         bandwidth: float | None = None,
         theta_floor: float = 1e-6,
+        theta_init_quantile: float | None = None,
         one_sided_gate: bool = False,
         signed_magnitude: bool = True,
         unit_norm_decoder: bool = False,
@@ -68,6 +69,9 @@ class SignAwareGatedSAE(GatedPathsSAE):
         self.theta_init = default_jump_scale(d_in) if theta_init is None else theta_init
         self.bandwidth = default_jump_scale(d_in) if bandwidth is None else bandwidth
         self.theta_floor = theta_floor
+        if theta_init_quantile is not None and not 0 < theta_init_quantile < 1:
+            raise ValueError(f"theta_init_quantile must lie in (0, 1), got {theta_init_quantile}")
+        self.theta_init_quantile = theta_init_quantile
         if self.theta_init <= theta_floor:
             raise ValueError(f"theta_init ({self.theta_init}) must exceed theta_floor ({theta_floor})")
         for name in ("r",) if tie_r else ("r_pos", "r_neg"):
@@ -121,6 +125,20 @@ class SignAwareGatedSAE(GatedPathsSAE):
         u, pi = self.paths(x)
         return self._code(u, pi)
 
+    @torch.no_grad()
+    def initialize_from_batch(self, x: Tensor) -> None:
+        """b_dec = the batch mean; with `theta_init_quantile` q, each θ starts at the q-quantile of its |π| on
+        this batch, so each gate opens on about 1 − q of tokens from the first step (instead of almost all of
+        them at θ_init, which Adam then raises by about one learning rate per step)."""
+        super().initialize_from_batch(x)
+        if self.theta_init_quantile is None:
+            return
+        magnitude = self.paths(x)[1].abs()
+        rank = min(len(x), max(1, math.ceil(self.theta_init_quantile * len(x))))
+        theta = magnitude.kthvalue(rank, dim=0).values.clamp(min=2 * self.theta_floor)
+        for name in self._threshold_names():
+            getattr(self, name).copy_(theta.log() if self.log_theta else theta)
+
     def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
         u, pi = self.paths(x)
         return self.gated_loss(x, self._code(u, pi), self.gate_activation(pi), sparsity_coefficient)
@@ -134,7 +152,8 @@ class SignAwareGatedSAE(GatedPathsSAE):
 
     @torch.no_grad()
     def reset_dead(self, dead: Tensor) -> None:
-        """Dead-latent threshold reset (SPEC §3): a latent silent for a whole window gets θ_init back."""
+        """Dead-latent threshold reset (SPEC §3): a latent silent for a whole window gets θ_init back (the small
+        fixed value, also after a quantile initialization: the point is to let it fire again)."""
         stored_init = math.log(self.theta_init) if self.log_theta else self.theta_init
         for name in self._threshold_names():
             getattr(self, name)[dead] = stored_init
