@@ -146,10 +146,13 @@ def run_sweep(config: dict[str, Any], out: Path, cells: list[str] | None = None,
         print(f"[{cell}] {len(results['members'])} SAEs, {results['steps']} steps: {out / cell / RESULTS}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sagsae sweep", description=__doc__,
+def sweep_command(command: str, description: str, default_config: Path | None, argv: list[str] | None,
+                  run: Callable[[dict[str, Any], Path, list[str] | None], None]) -> None:
+    """The command line shared by `sweep` and `synth`: --config, --out, --cells, --max_steps."""
+    parser = argparse.ArgumentParser(prog=f"python -m sagsae {command}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, type=Path, help="a sweep config (see configs/sweeps/)")
+    parser.add_argument("--config", type=Path, default=default_config, required=default_config is None,
+                        help="a sweep config (see configs/sweeps/)")
     parser.add_argument("--out", type=Path, help="output folder (default: the config's `out`)")
     parser.add_argument("--cells", nargs="+", help="run only these cells")
     parser.add_argument("--max_steps", type=int, help="override trainer.max_steps")
@@ -163,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     if out is None:
         parser.error("name the output folder with --out or the config's `out`")
     try:
-        run_sweep(config, out, args.cells)
+        run(config, out, args.cells)
     except ValueError as error:
-        raise SystemExit(f"sweep: {error}") from None
+        raise SystemExit(f"{command}: {error}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    sweep_command("sweep", __doc__, None, argv, run_sweep)

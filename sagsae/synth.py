@@ -8,19 +8,17 @@ Reruns reuse the written data and skip finished cells. Summarize with `python -m
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from datamodules.activation_files import METADATA, ShardWriter
 from sagsae import synthetic
 from sagsae.staging import staged_folder
-from sagsae.sweep import run_sweep
+from sagsae.sweep import run_sweep, sweep_command
 
 TRUTH = "truth.safetensors"
 PROTOCOLS = {"a": synthetic.protocol_a, "b": synthetic.protocol_b, "c": synthetic.protocol_c}
@@ -75,22 +73,4 @@ def run_synth(config: dict[str, Any], out: Path, cells: list[str] | None = None)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sagsae synth", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/sweeps/synth.yaml"))
-    parser.add_argument("--out", type=Path, help="output folder (default: the config's `out`)")
-    parser.add_argument("--cells", nargs="+", help="run only these protocol cells")
-    parser.add_argument("--max_steps", type=int, help="override trainer.max_steps")
-    args = parser.parse_args(argv)
-    if not args.config.is_file():
-        parser.error(f"--config {args.config} does not exist")
-    config = yaml.safe_load(args.config.read_text()) or {}
-    if args.max_steps is not None:
-        config["trainer"] = {**(config.get("trainer") or {}), "max_steps": args.max_steps}
-    out = args.out or (Path(config["out"]) if config.get("out") else None)
-    if out is None:
-        parser.error("name the output folder with --out or the config's `out`")
-    try:
-        run_synth(config, out, args.cells)
-    except ValueError as error:
-        raise SystemExit(f"synth: {error}") from None
+    sweep_command("synth", __doc__, Path("configs/sweeps/synth.yaml"), argv, run_synth)
