@@ -28,15 +28,24 @@ PAPER = {  # SPEC §1: the paper's half-width SA-GSAE vs full-width Gated, by ho
 
 
 def load_cells(sweeps: list[Path]) -> dict[str, dict]:
-    """label → results.json of every finished cell of the given sweep folders."""
-    cells = {}
+    """cell name → results.json of every finished cell of the given sweep folders. Cells of the same name in
+    several sweeps (the same data) are merged, so that series from separate sweeps can be compared; their
+    step counts are listed, since a comparison is only fair at one budget."""
+    cells: dict[str, dict] = {}
     for sweep in sweeps:
         files = sorted(sweep.glob(f"*/{RESULTS}"))
         if not files:
             raise FileNotFoundError(f"{sweep} holds no finished cell (no */{RESULTS}); run the sweep first")
         for path in files:
-            label = path.parent.name if len(sweeps) == 1 else f"{sweep.name}/{path.parent.name}"
-            cells[label] = json.loads(path.read_text())
+            cell = json.loads(path.read_text())
+            name = path.parent.name
+            if name not in cells:
+                cells[name] = {**cell, "steps": [cell["steps"]]}
+                continue
+            merged = cells[name]
+            for member, row in cell["members"].items():
+                merged["members"][member if member not in merged["members"] else f"{sweep.name}:{member}"] = row
+            merged["steps"] = sorted(set(merged["steps"]) | {cell["steps"]})
     return cells
 
 
@@ -108,8 +117,9 @@ def cell_section(label: str, cell: dict, pairs: list[tuple[str, str]], image: st
                               if activations.get(k) is not None)
         if described:
             lines += [f"Activations: {described}.", ""]
-    lines += [f"Steps per SAE: {cell.get('steps')}; training tokens per SAE: "
-              f"{max((m.get('tokens_seen', 0) for m in cell['members'].values()), default=0):,}.", ""]
+    tokens = sorted({m.get("tokens_seen", 0) for m in cell["members"].values()})
+    lines += [f"Steps per SAE: {', '.join(map(str, cell['steps']))}; training tokens per SAE: "
+              f"{', '.join(f'{t:,}' for t in tokens)}.", ""]
     if image:
         lines += [f"![{label}]({image})", ""]
     extra = [key for key in ("recovery", "bipolar_sharing", "true_l0") if any(key in r for rows in series.values() for r in rows)]
@@ -153,7 +163,7 @@ def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | N
     out.mkdir(parents=True, exist_ok=True)
     sections, verdicts = [], []
     for label, cell in cells.items():
-        image = f"{label.replace('/', '_')}.png"
+        image = f"{label}.png"
         plot_cell(label, sweep_points(cell), out / image)
         lines, cell_verdicts = cell_section(label, cell, pairs, image)
         sections += lines
@@ -173,7 +183,8 @@ def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sagsae report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweeps", nargs="+", type=Path, help="sweep output folders (from `sweep` or `synth`)")
+    parser.add_argument("sweeps", nargs="+", type=Path,
+                        help="sweep output folders (from `sweep` or `synth`); same-named cells are merged")
     parser.add_argument("--out", type=Path, help="report folder (default: <first sweep>/report)")
     parser.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
                         help="series to compare (repeatable); default: the sweep config's `compare`")

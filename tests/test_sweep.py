@@ -131,3 +131,23 @@ def test_sweep_rejects_unknown_cells_and_missing_sections(tmp_path):
     (tmp_path / "cells.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match=r"Unknown cell\(s\) \['Z'\]"):
         main(["sweep", "--config", str(tmp_path / "cells.yaml"), "--out", str(tmp_path / "out"), "--cells", "Z"])
+
+
+def test_report_merges_same_named_cells_of_several_sweeps(tmp_path):
+    """Series trained in separate sweeps on the same cell are compared as one cell."""
+    from sagsae.report import load_cells, write_report
+
+    def member(series, l0, r2, seed):
+        return {"series": series, "point": {"sparsity_coefficient": l0, "init_seed": seed}, "width": 8,
+                "l0": l0, "r2": r2, "dead_fraction": 0.0, "silent_fraction": 0.0, "tokens_seen": 100}
+
+    for sweep, series, offset in (("first", "X", 0.0), ("second", "Y", 0.1)):
+        members = {f"{series}-{l0}-{seed}": member(series, l0, 0.5 + 0.01 * l0 + offset, seed)
+                   for l0 in (2, 4, 8) for seed in (0, 1)}
+        (tmp_path / sweep / "A").mkdir(parents=True)
+        (tmp_path / sweep / "A" / "results.json").write_text(json.dumps({"cell": "A", "steps": 5, "members": members}))
+    cells = load_cells([tmp_path / "first", tmp_path / "second"])
+    assert list(cells) == ["A"] and len(cells["A"]["members"]) == 12 and cells["A"]["steps"] == [5]
+    write_report([tmp_path / "first", tmp_path / "second"], tmp_path / "report", [("Y", "X")])
+    verdict = json.loads((tmp_path / "report" / "verdicts.json").read_text())[0]
+    assert verdict["verdict"] == "dominates" and verdict["min_gap"] == pytest.approx(0.1)
