@@ -68,7 +68,8 @@ def compare(a: Curve, b: Curve, samples: int = 200) -> Verdict:
     matched = sorted({l0 for l0 in a.l0 + b.l0 if lo <= l0 <= hi})  # every sweep point inside the overlap
     grid = set(matched)
     if hi > lo:
-        grid |= {math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * i / (samples - 1)) for i in range(samples)}
+        steps = (math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * i / (samples - 1)) for i in range(samples))
+        grid |= {min(hi, max(lo, l0)) for l0 in steps}  # exp(log(·)) can land a hair outside the overlap
     else:
         grid.add(lo)
     gaps = [a.at(l0, a.r2) - b.at(l0, b.r2) for l0 in sorted(grid)]

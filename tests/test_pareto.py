@@ -58,3 +58,11 @@ def test_dead_free_sweeps_reduce_by_one_not_zero_over_zero():
     # a dead fraction below one latent of the wider SAE counts as that latent: 0.05 / (1/200) = 10.
     d = curve([(1, 0.5, 0.05), (4, 0.6, 0.05)], width=200)
     assert compare(a, d).dead_reduction == pytest.approx(10.0)
+
+
+def test_overlap_ends_that_exp_log_does_not_round_trip():
+    """Log-spaced samples of an overlap such as [81.25, 246.3] must stay inside it (no NaN gaps)."""
+    a = curve([(81.25, 0.02, 0), (103.38, 0.15, 0), (172.05, 0.39, 0), (246.31, 0.685, 0)])
+    b = curve([(22.1, 0.345, 0), (111.68, 0.63, 0), (232.92, 0.786, 0), (388.43, 0.857, 0)])
+    v = compare(a, b)
+    assert v.verdict == "dominated" and math.isfinite(v.min_gap) and math.isfinite(v.max_gap)
