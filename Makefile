@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?= --trainer.max_steps 90 --trainer.val_check_interval 45 --trainer.max_time 00:00:08:00
 
-.PHONY: demo test clean
+.PHONY: demo test results clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -W ignore::UserWarning
+
+# docs/results.md and docs/method.md's sweeps, regenerated (hours on 2 CPU cores; each step resumes if stopped).
+results: $(STAMP)
+	for hp in mlp_out attn_out resid_mid; do [ -d cache/smollm2_l15_$$hp ] || $(PY) -m sagsae cache \
+	  --config configs/default.yaml --data.init_args.hookpoint $$hp --out cache/smollm2_l15_$$hp \
+	  --train_tokens 400000 --dtype float16; done
+	$(PY) -m sagsae synth --config configs/sweeps/synth.yaml
+	for sweep in smollm2_l15 smollm2_l15_recipe smollm2_l15_long; do \
+	  $(PY) -m sagsae sweep --config configs/sweeps/$$sweep.yaml; done
+	$(PY) -m sagsae report runs/synth --out docs/results/synth --compare "SA-GSAE(K)" "Gated(2K)" \
+	  --compare "SA-GSAE(K)" "AbsTopK(K)" --compare "SA-GSAE(K)" "TopK(2K)"
+	$(PY) -m sagsae report runs/sweeps/smollm2_l15 --out docs/results/smollm2_l15
+	$(PY) -m sagsae report runs/sweeps/smollm2_l15 runs/sweeps/smollm2_l15_recipe --out docs/results/smollm2_l15_recipe \
+	  --compare "SA-GSAE(H)" "Gated(2H)"
+	$(PY) -m sagsae report runs/sweeps/smollm2_l15_long --out docs/results/smollm2_l15_long
 
 clean:
 	rm -rf $(VENV) runs
