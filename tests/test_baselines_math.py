@@ -178,3 +178,17 @@ def test_parameter_counts_are_exact():
     assert sum(p.numel() for p in untied.parameters()) == 2 * h * d + d + 6 * h
     assert count_parameters("gated", d, 2 * h) == 4 * h * d + d + 6 * h  # Gated(2H), SPEC §3
     assert matching_width("gated", d, count_parameters("sagsae", d, h)) == pytest.approx(h * (2 * d + 4) / (2 * d + 3))
+
+
+def test_gated_quantile_gate_initialization():
+    """b_gate starts at minus the q-quantile of each u on the first batch: each gate opens on 1 − q of it."""
+    torch.manual_seed(0)
+    sae = build_sae("gated", d_in=8, width=6, gate_init_quantile=0.75)
+    x = torch.randn(400, 8)
+    sae.initialize_from_batch(x)
+    u = (x - x.mean(0)) @ sae.W_gate.T
+    expected = torch.stack([column.sort().values[299] for column in u.T])
+    close(sae.b_gate, -expected)
+    close((u + sae.b_gate > 0).float().mean(0), torch.full((6,), 0.25))
+    with pytest.raises(ValueError, match="gate_init_quantile"):
+        build_sae("gated", d_in=8, width=6, gate_init_quantile=0.0)

@@ -6,6 +6,7 @@ name. Nothing here imports Lightning, so a trained SAE loads and runs with torch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -170,6 +171,15 @@ class GatedPathsSAE(SparseAutoencoder):
         self.W_gate = nn.Parameter(self.W_dec.detach().T.clone())
         self.b_gate = nn.Parameter(torch.zeros(width))
         self.b_mag = nn.Parameter(torch.zeros(width))
+
+    @staticmethod
+    def column_quantile(values: Tensor, quantile: float) -> Tensor:
+        """Each column's `quantile` over the batch ([B, H] → [H]); kthvalue, since torch.quantile caps its input
+        size below a 4096 × 4608 batch."""
+        if not 0 < quantile < 1:
+            raise ValueError(f"An initialization quantile must lie in (0, 1), got {quantile}")
+        rank = min(len(values), max(1, math.ceil(quantile * len(values))))
+        return values.kthvalue(rank, dim=0).values
 
     def paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """u = W_gate (x − b_dec) and π = u + b_gate."""

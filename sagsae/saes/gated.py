@@ -11,9 +11,22 @@ from sagsae.saes.base import GatedPathsSAE, SAELoss, register
 
 @register("gated")
 class GatedSparseAutoencoder(GatedPathsSAE):
-    def __init__(self, d_in: int, width: int, aux_weight: float = 1.0, unit_norm_decoder: bool = False) -> None:
+    def __init__(self, d_in: int, width: int, aux_weight: float = 1.0, unit_norm_decoder: bool = False,
+                 gate_init_quantile: float | None = None) -> None:
         super().__init__(d_in, width, aux_weight, unit_norm_decoder)
+        if gate_init_quantile is not None and not 0 < gate_init_quantile < 1:
+            raise ValueError(f"gate_init_quantile must lie in (0, 1), got {gate_init_quantile}")
+        self.gate_init_quantile = gate_init_quantile
         self.r_mag = nn.Parameter(torch.zeros(width))
+
+    @torch.no_grad()
+    def initialize_from_batch(self, x: Tensor) -> None:
+        """b_dec = the batch mean; with `gate_init_quantile` q, b_gate = −(the q-quantile of each u), so each gate
+        opens on about 1 − q of the first batch: SA-GSAE's `theta_init_quantile` for a one-sided gate, so that
+        the two can be compared with the same start."""
+        super().initialize_from_batch(x)
+        if self.gate_init_quantile is not None:
+            self.b_gate.copy_(-self.column_quantile(self.paths(x)[0], self.gate_init_quantile))
 
     def _code(self, u: Tensor, pi: Tensor) -> Tensor:
         """H(π) ⊙ ReLU(exp(r_mag) u + b_mag); the gate passes no gradient."""

@@ -133,9 +133,7 @@ class SignAwareGatedSAE(GatedPathsSAE):
         super().initialize_from_batch(x)
         if self.theta_init_quantile is None:
             return
-        magnitude = self.paths(x)[1].abs()
-        rank = min(len(x), max(1, math.ceil(self.theta_init_quantile * len(x))))
-        theta = magnitude.kthvalue(rank, dim=0).values.clamp(min=2 * self.theta_floor)
+        theta = self.column_quantile(self.paths(x)[1].abs(), self.theta_init_quantile).clamp(min=2 * self.theta_floor)
         for name in self._threshold_names():
             getattr(self, name).copy_(theta.log() if self.log_theta else theta)
 
