@@ -87,6 +87,16 @@ def build_sweep(members: dict[str, dict[str, Any]]) -> SweepModule:
     return SweepModule({name: _class(spec["class_path"])(**spec["init_args"]) for name, spec in members.items()})
 
 
+def trainer_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The config's `trainer` over the sweep's defaults; the per-cell folder, logger and callbacks are the
+    sweep's own."""
+    settings = {"max_steps": 1000, "val_check_interval": 250, "num_sanity_val_steps": 0, **(config.get("trainer") or {})}
+    owned = {"default_root_dir", "logger", "callbacks"} & set(settings)
+    if owned:
+        raise ValueError(f"A sweep sets trainer.{', trainer.'.join(sorted(owned))} itself (per cell): remove it")
+    return settings
+
+
 def _newest_checkpoint(folder: Path) -> Path | None:
     candidates = [path for path in folder.glob("*.ckpt") if path.name in ("last.ckpt", "interrupted.ckpt")]
     return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
@@ -99,10 +109,10 @@ def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None
     datamodule = _class(data_spec["class_path"])(**(data_spec.get("init_args") or {}))
     members = expand_members(config["members"])
     sweep = build_sweep(members)
-    trainer_args = {"max_steps": 1000, "val_check_interval": 250, **(config.get("trainer") or {})}
+    trainer_args = trainer_settings(config)
     checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, save_top_k=0,
                                   every_n_train_steps=int(trainer_args["val_check_interval"]))
-    trainer = L.Trainer(**trainer_args, default_root_dir=folder, num_sanity_val_steps=0,
+    trainer = L.Trainer(**trainer_args, default_root_dir=folder,
                         logger=TensorBoardLogger(out, name=cell, version=""),
                         callbacks=[checkpoints, StepProgressBar(), InterruptCheckpoint()])
     resume = _newest_checkpoint(folder / "checkpoints")
@@ -130,7 +140,8 @@ def run_sweep(config: dict[str, Any], out: Path, cells: list[str] | None = None,
     for key in ("cells", "members"):
         if not config.get(key):
             raise ValueError(f"The sweep config needs a non-empty {key!r} section")
-    expand_members(config["members"])  # reject a bad grid before any cell starts
+    expand_members(config["members"])  # reject a bad grid or trainer section before any cell starts
+    trainer_settings(config)
     unknown = sorted(set(cells or []) - set(config["cells"]))
     if unknown:
         raise ValueError(f"Unknown cell(s) {unknown}; this sweep's cells: {sorted(config['cells'])}")

@@ -131,6 +131,9 @@ def test_sweep_rejects_unknown_cells_and_missing_sections(tmp_path):
     (tmp_path / "cells.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match=r"Unknown cell\(s\) \['Z'\]"):
         main(["sweep", "--config", str(tmp_path / "cells.yaml"), "--out", str(tmp_path / "out"), "--cells", "Z"])
+    (tmp_path / "logger.yaml").write_text(yaml.safe_dump({**config, "trainer": {"logger": False}}))
+    with pytest.raises(SystemExit, match="sets trainer.logger itself"):
+        main(["sweep", "--config", str(tmp_path / "logger.yaml"), "--out", str(tmp_path / "out")])
 
 
 def test_report_merges_same_named_cells_of_several_sweeps(tmp_path):
