@@ -51,6 +51,12 @@ def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x - x_hat).pow(2).sum(-1).mean()
 
 
+def check_init_quantile(name: str, value: float | None) -> None:
+    """A first-batch initialization quantile (None = off) must lie strictly between 0 and 1."""
+    if value is not None and not 0 < value < 1:
+        raise ValueError(f"{name} must lie in (0, 1), got {value}")
+
+
 def random_unit_columns(d_in: int, width: int) -> Tensor:
     decoder = torch.randn(d_in, width)
     return decoder / decoder.norm(dim=0, keepdim=True)
@@ -176,8 +182,7 @@ class GatedPathsSAE(SparseAutoencoder):
     def column_quantile(values: Tensor, quantile: float) -> Tensor:
         """Each column's `quantile` over the batch ([B, H] → [H]); kthvalue, since torch.quantile caps its input
         size below a 4096 × 4608 batch."""
-        if not 0 < quantile < 1:
-            raise ValueError(f"An initialization quantile must lie in (0, 1), got {quantile}")
+        check_init_quantile("An initialization quantile", quantile)
         rank = min(len(values), max(1, math.ceil(quantile * len(values))))
         return values.kthvalue(rank, dim=0).values
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sagsae.saes.base import GatedPathsSAE, SAELoss, register
+from sagsae.saes.base import GatedPathsSAE, SAELoss, check_init_quantile, register
 
 
 @register("gated")
@@ -14,8 +14,7 @@ class GatedSparseAutoencoder(GatedPathsSAE):
     def __init__(self, d_in: int, width: int, aux_weight: float = 1.0, unit_norm_decoder: bool = False,
                  gate_init_quantile: float | None = None) -> None:
         super().__init__(d_in, width, aux_weight, unit_norm_decoder)
-        if gate_init_quantile is not None and not 0 < gate_init_quantile < 1:
-            raise ValueError(f"gate_init_quantile must lie in (0, 1), got {gate_init_quantile}")
+        check_init_quantile("gate_init_quantile", gate_init_quantile)
         self.gate_init_quantile = gate_init_quantile
         self.r_mag = nn.Parameter(torch.zeros(width))
 

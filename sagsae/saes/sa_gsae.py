@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from sagsae.saes.base import GatedPathsSAE, SAELoss, register
+from sagsae.saes.base import GatedPathsSAE, SAELoss, check_init_quantile, register
 from sagsae.straight_through import bi_jump_relu, open_gate, two_sided_soft_threshold, two_sided_step
 
 GatePath = Literal["jump", "soft"]
@@ -69,8 +69,7 @@ class SignAwareGatedSAE(GatedPathsSAE):
         self.theta_init = default_jump_scale(d_in) if theta_init is None else theta_init
         self.bandwidth = default_jump_scale(d_in) if bandwidth is None else bandwidth
         self.theta_floor = theta_floor
-        if theta_init_quantile is not None and not 0 < theta_init_quantile < 1:
-            raise ValueError(f"theta_init_quantile must lie in (0, 1), got {theta_init_quantile}")
+        check_init_quantile("theta_init_quantile", theta_init_quantile)
         self.theta_init_quantile = theta_init_quantile
         if self.theta_init <= theta_floor:
             raise ValueError(f"theta_init ({self.theta_init}) must exceed theta_floor ({theta_floor})")
