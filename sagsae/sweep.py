@@ -16,6 +16,9 @@ or a live hookpoint) and the members (an SAE module, its fixed arguments, and a 
 Every member of a cell trains from the same batches (`SweepModule`), so a cell costs one pass over its data.
 Each cell writes `<out>/<cell>/results.json` when done; a rerun skips finished cells and resumes an unfinished
 one from its newest checkpoint (last.ckpt every `val_check_interval` steps, or interrupted.ckpt).
+
+A sweep splits across processes or machines with `--cells` and `--series`, and grows by a seed with
+`--seeds 2 --out <new folder>`; `python -m sagsae report` merges the same-named cells of several output folders.
 """
 
 from __future__ import annotations
@@ -157,15 +160,30 @@ def run_sweep(config: dict[str, Any], out: Path, cells: list[str] | None = None,
         print(f"[{cell}] {len(results['members'])} SAEs, {results['steps']} steps: {out / cell / RESULTS}")
 
 
+def select(config: dict[str, Any], series: list[str] | None, seeds: list[int] | None) -> dict[str, Any]:
+    """The config with only the named member series, and every member's `init_seed` grid replaced by `seeds`."""
+    members = config.get("members") or []
+    if series:
+        unknown = sorted(set(series) - {entry.get("name") for entry in members})
+        if unknown:
+            raise ValueError(f"Unknown series {unknown}; this sweep's series: {[entry.get('name') for entry in members]}")
+        members = [entry for entry in members if entry.get("name") in series]
+    if seeds:
+        members = [{**entry, "grid": {**(entry.get("grid") or {}), "init_seed": seeds}} for entry in members]
+    return {**config, "members": members}
+
+
 def sweep_command(command: str, description: str, default_config: Path | None, argv: list[str] | None,
                   run: Callable[[dict[str, Any], Path, list[str] | None], None]) -> None:
-    """The command line shared by `sweep` and `synth`: --config, --out, --cells, --max_steps."""
+    """The command line shared by `sweep` and `synth`: --config, --out, --cells, --series, --seeds, --max_steps."""
     parser = argparse.ArgumentParser(prog=f"python -m sagsae {command}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=default_config, required=default_config is None,
                         help="a sweep config (see configs/sweeps/)")
     parser.add_argument("--out", type=Path, help="output folder (default: the config's `out`)")
     parser.add_argument("--cells", nargs="+", help="run only these cells")
+    parser.add_argument("--series", nargs="+", help="run only these members (their `name`s)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="replace every member's init_seed grid by these seeds")
     parser.add_argument("--max_steps", type=int, help="override trainer.max_steps")
     args = parser.parse_args(argv)
     if not args.config.is_file():
@@ -177,7 +195,7 @@ def sweep_command(command: str, description: str, default_config: Path | None, a
     if out is None:
         parser.error("name the output folder with --out or the config's `out`")
     try:
-        run(config, out, args.cells)
+        run(select(config, args.series, args.seeds), out, args.cells)
     except ValueError as error:
         raise SystemExit(f"{command}: {error}") from None
 

@@ -14,7 +14,7 @@ from datamodules import TensorActivationDataModule
 from lightning_modules import GatedSAE, SAGSAE, TopKSAE
 from lightning_modules.sweep import SweepModule
 from sagsae.__main__ import main
-from sagsae.sweep import expand_members
+from sagsae.sweep import expand_members, select
 
 DATA = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
 
@@ -59,6 +59,19 @@ def test_grid_expansion_names_and_errors():
         expand_members([{"name": "x", "class_path": "lightning_modules.NoSuchSAE"}])
     with pytest.raises(ValueError, match="both named"):
         expand_members([{"name": "x", "class_path": "lightning_modules.SAGSAE"}] * 2)
+
+
+def test_series_and_seed_selection_split_a_sweep():
+    """--series keeps the named members only; --seeds replaces every member's seed grid (a new seed's run)."""
+    config = {"members": [
+        {"name": "SA-GSAE(H)", "class_path": "lightning_modules.SAGSAE", "grid": {"sparsity_coefficient": [1, 2], "init_seed": [0, 1]}},
+        {"name": "Gated(2H)", "class_path": "lightning_modules.GatedSAE", "grid": {"sparsity_coefficient": [4]}}]}
+    assert sorted(expand_members(select(config, ["Gated(2H)"], None)["members"])) == ["Gated-2H-l4"]
+    assert sorted(expand_members(select(config, None, [2])["members"])) == [
+        "Gated-2H-l4-s2", "SA-GSAE-H-l1-s2", "SA-GSAE-H-l2-s2"]
+    assert select(config, None, None) == config
+    with pytest.raises(ValueError, match=r"Unknown series \['TopK'\]"):
+        select(config, ["TopK"], None)
 
 
 SYNTH = {
