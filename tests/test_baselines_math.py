@@ -184,6 +184,20 @@ def test_gated_quantile_gate_initialization():
         build_sae("gated", d_in=8, width=6, gate_init_quantile=0.0)
 
 
+def test_jumprelu_quantile_threshold_initialization():
+    """θ starts at the q-quantile of each pre-activation on the first batch: each latent fires on 1 − q of it."""
+    torch.manual_seed(0)
+    sae = build_sae("jumprelu", d_in=8, width=6, theta_init_quantile=0.75)
+    x = torch.randn(400, 8)
+    sae.initialize_from_batch(x)
+    pre = (x - x.mean(0)) @ sae.W_enc.T
+    expected = torch.stack([column.sort().values[299] for column in pre.T])
+    close(sae.threshold, expected)
+    close((sae.encode(x) != 0).float().mean(0), torch.full((6,), 0.25))
+    with pytest.raises(ValueError, match="theta_init_quantile"):
+        build_sae("jumprelu", d_in=8, width=6, theta_init_quantile=1.5)
+
+
 @pytest.mark.parametrize("name", ["topk", "abstopk"])
 @pytest.mark.parametrize("dead_latents", [[], [0, 3, 7]])
 def test_topk_gradients_match_the_dense_computation(name, dead_latents):

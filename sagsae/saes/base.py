@@ -113,6 +113,14 @@ class SparseAutoencoder(nn.Module):
         """Data-dependent initialization on the first (normalized) batch: b_dec = its mean."""
         self.b_dec.copy_(x.mean(0))
 
+    @staticmethod
+    def column_quantile(values: Tensor, quantile: float) -> Tensor:
+        """Each column's `quantile` over the batch ([B, H] → [H]); kthvalue, since torch.quantile caps its input
+        size below a 4096 × 4608 batch."""
+        check_init_quantile("An initialization quantile", quantile)
+        rank = min(len(values), max(1, math.ceil(quantile * len(values))))
+        return values.kthvalue(rank, dim=0).values
+
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
         if self.unit_norm_decoder and self.W_dec.grad is not None:
@@ -177,14 +185,6 @@ class GatedPathsSAE(SparseAutoencoder):
         self.W_gate = nn.Parameter(self.W_dec.detach().T.clone())
         self.b_gate = nn.Parameter(torch.zeros(width))
         self.b_mag = nn.Parameter(torch.zeros(width))
-
-    @staticmethod
-    def column_quantile(values: Tensor, quantile: float) -> Tensor:
-        """Each column's `quantile` over the batch ([B, H] → [H]); kthvalue, since torch.quantile caps its input
-        size below a 4096 × 4608 batch."""
-        check_init_quantile("An initialization quantile", quantile)
-        rank = min(len(values), max(1, math.ceil(quantile * len(values))))
-        return values.kthvalue(rank, dim=0).values
 
     def paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """u = W_gate (x − b_dec) and π = u + b_gate."""

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from sagsae.saes.base import LinearEncoderSAE, SAELoss, register, squared_error
+from sagsae.saes.base import LinearEncoderSAE, SAELoss, check_init_quantile, register, squared_error
 from sagsae.saes.sa_gsae import default_jump_scale
 from sagsae.straight_through import bi_jump_relu, two_sided_step
 
@@ -16,12 +16,26 @@ from sagsae.straight_through import bi_jump_relu, two_sided_step
 @register("jumprelu")
 class JumpReLUSparseAutoencoder(LinearEncoderSAE):
     def __init__(self, d_in: int, width: int, theta_init: float | None = None, bandwidth: float | None = None,
-                 theta_floor: float = 1e-6, unit_norm_decoder: bool = True) -> None:
+                 theta_floor: float = 1e-6, unit_norm_decoder: bool = True,
+                 theta_init_quantile: float | None = None) -> None:
         super().__init__(d_in, width, unit_norm_decoder)
+        check_init_quantile("theta_init_quantile", theta_init_quantile)
+        self.theta_init_quantile = theta_init_quantile
         self.theta_init = default_jump_scale(d_in) if theta_init is None else theta_init
         self.bandwidth = default_jump_scale(d_in) if bandwidth is None else bandwidth
         self.theta_floor = theta_floor
         self.threshold = nn.Parameter(torch.full((width,), self.theta_init))
+
+    @torch.no_grad()
+    def initialize_from_batch(self, x: Tensor) -> None:
+        """b_dec = the batch mean; with `theta_init_quantile` q, each θ starts at the q-quantile of its
+        pre-activation, so each latent fires on about 1 − q of the first batch. θ moves about one learning
+        rate per Adam step, so from the small default start a short run cannot reach a sparse code (SA-GSAE's
+        θ start, docs/method.md)."""
+        super().initialize_from_batch(x)
+        if self.theta_init_quantile is not None:
+            quantile = self.column_quantile(self.pre_activation(x), self.theta_init_quantile)
+            self.threshold.copy_(quantile.clamp(min=2 * self.theta_floor))
 
     def _never(self) -> Tensor:
         """θ⁻ = +∞: the one-sided jump is the two-sided one that never opens below zero."""
