@@ -76,6 +76,15 @@ def _hookpoint(cell: dict) -> str | None:
     return (cell.get("activations") or {}).get("hookpoint")
 
 
+def paper_claim(cell: dict, a: str, b: str) -> str:
+    """What the paper reports for this kind of hookpoint, where the pair is the paper's own (an SA-GSAE series
+    against a Gated one); "–" for any other pair."""
+    classes = {m["series"]: m.get("class_path", "").rpartition(".")[2] for m in cell["members"].values()}
+    if (classes.get(a), classes.get(b)) != ("SAGSAE", "GatedSAE"):
+        return "–"
+    return PAPER.get(_hookpoint(cell) or "", "–")
+
+
 def plot_cell(label: str, series: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -139,7 +148,7 @@ def cell_section(label: str, cell: dict, pairs: list[tuple[str, str]], image: st
             v = compare(curve(series[a]), curve(series[b]))
             verdicts.append({"cell": label, "a": a, "b": b, "verdict": v.verdict, "overlap": v.overlap,
                              "min_gap": v.min_gap, "max_gap": v.max_gap, "dead_reduction": v.dead_reduction,
-                             "paper": PAPER.get(_hookpoint(cell) or "", "–")})
+                             "paper": paper_claim(cell, a, b)})
     return lines + [""], verdicts
 
 

@@ -14,6 +14,7 @@ from datamodules import TensorActivationDataModule
 from lightning_modules import GatedSAE, SAGSAE, TopKSAE
 from lightning_modules.sweep import SweepModule
 from sagsae.__main__ import main
+from sagsae.report import PAPER, paper_claim
 from sagsae.sweep import expand_members, select
 
 DATA = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
@@ -147,6 +148,15 @@ def test_sweep_rejects_unknown_cells_and_missing_sections(tmp_path):
     (tmp_path / "logger.yaml").write_text(yaml.safe_dump({**config, "trainer": {"logger": False}}))
     with pytest.raises(SystemExit, match="sets trainer.logger itself"):
         main(["sweep", "--config", str(tmp_path / "logger.yaml"), "--out", str(tmp_path / "out")])
+
+
+def test_report_gives_the_paper_claim_only_for_sagsae_against_gated():
+    members = {f"{series}-s0": {"series": series, "class_path": f"lightning_modules.{cls}"}
+               for series, cls in [("SA", "SAGSAE"), ("G", "GatedSAE"), ("G2", "GatedSAE"), ("T", "TopKSAE")]}
+    cell = {"activations": {"hookpoint": "mlp_out"}, "members": members}
+    assert paper_claim(cell, "SA", "G") == PAPER["mlp_out"]
+    assert paper_claim(cell, "G", "G2") == paper_claim(cell, "SA", "T") == paper_claim(cell, "G", "SA") == "–"
+    assert paper_claim({**cell, "activations": None}, "SA", "G") == "–"  # synthetic cells: no hookpoint
 
 
 def test_report_merges_same_named_cells_of_several_sweeps(tmp_path):
