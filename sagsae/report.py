@@ -30,8 +30,10 @@ PAPER = {  # SPEC §1: the paper's half-width SA-GSAE vs full-width Gated, by ho
 def load_cells(sweeps: list[Path]) -> dict[str, dict]:
     """cell name → results.json of every finished cell of the given sweep folders. Cells of the same name in
     several sweeps (the same data) are merged, so that series from separate sweeps can be compared; their
-    step counts are listed, since a comparison is only fair at one budget."""
+    step counts are listed, since a comparison is only fair at one budget. A member found in two folders is
+    refused: it would count twice as a seed."""
     cells: dict[str, dict] = {}
+    origin: dict[tuple[str, str], Path] = {}
     for sweep in sweeps:
         files = sorted(sweep.glob(f"*/{RESULTS}"))
         if not files:
@@ -39,12 +41,16 @@ def load_cells(sweeps: list[Path]) -> dict[str, dict]:
         for path in files:
             cell = json.loads(path.read_text())
             name = path.parent.name
+            for member in cell["members"]:
+                if (name, member) in origin:
+                    raise ValueError(f"{member} of cell {name} is in both {origin[name, member]} and {sweep}: the same "
+                                     f"SAE would count twice as a seed; give `report` only one of them")
+                origin[name, member] = sweep
             if name not in cells:
                 cells[name] = {**cell, "steps": [cell["steps"]]}
                 continue
             merged = cells[name]
-            for member, row in cell["members"].items():
-                merged["members"][member if member not in merged["members"] else f"{sweep.name}:{member}"] = row
+            merged["members"].update(cell["members"])
             merged["steps"] = sorted(set(merged["steps"]) | {cell["steps"]})
     return cells
 
@@ -201,6 +207,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         report = write_report(args.sweeps, args.out or args.sweeps[0] / "report",
                               [tuple(pair) for pair in args.compare] if args.compare else None)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"report: {error}") from None
     print(f"Wrote {report}")

@@ -177,3 +177,5 @@ def test_report_merges_same_named_cells_of_several_sweeps(tmp_path):
     write_report([tmp_path / "first", tmp_path / "second"], tmp_path / "report", [("Y", "X")])
     verdict = json.loads((tmp_path / "report" / "verdicts.json").read_text())[0]
     assert verdict["verdict"] == "dominates" and verdict["min_gap"] == pytest.approx(0.1)
+    with pytest.raises(SystemExit, match="X-2-0 of cell A is in both .*first and .*first"):
+        main(["report", str(tmp_path / "first"), str(tmp_path / "first"), "--out", str(tmp_path / "twice")])
