@@ -170,6 +170,107 @@ def test_parameter_counts_are_exact():
     assert matching_width("gated", d, count_parameters("sagsae", d, h)) == pytest.approx(h * (2 * d + 4) / (2 * d + 3))
 
 
+@pytest.mark.parametrize("name, option", [("gated", "gate_init_quantile"), ("jumprelu", "theta_init_quantile")])
+def test_quantile_start_opens_each_latent_on_one_minus_q_of_the_first_batch(name, option):
+    """Gated: b_gate = −(the q-quantile of each u = W_gate x̃); JumpReLU: θ = the q-quantile of each
+    pre-activation W_enc x̃. Either way each latent fires on 1 − q of the first batch."""
+    torch.manual_seed(0)
+    sae = build_sae(name, d_in=8, width=6, **{option: 0.75})
+    x = torch.randn(400, 8)
+    sae.initialize_from_batch(x)
+    weights = sae.W_gate if name == "gated" else sae.W_enc
+    projections = (x - x.mean(0)) @ weights.T
+    expected = torch.stack([column.sort().values[299] for column in projections.T])
+    close(-sae.b_gate if name == "gated" else sae.threshold, expected)
+    close((sae.encode(x) != 0).float().mean(0), torch.full((6,), 0.25))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=option):
+            build_sae(name, d_in=8, width=6, **{option: bad})
+
+
+@pytest.mark.parametrize("name", ["topk", "abstopk"])
+def test_topk_and_abstopk_with_auxk(name):
+    sae = make(name, k=3, aux_k=2)
+    pre = (X - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    values = pre if name == "abstopk" else torch.relu(pre)
+    scores = values.abs()
+    codes = topk_direct(values, scores, 3)
+    dead = torch.zeros(H, dtype=torch.bool)
+    dead[[0, 3, 7]] = True
+    out = sae.loss(X, LAM, dead=dead)
+    close(out.codes, codes)
+    assert ((out.codes != 0).sum(1) <= 3).all() and ((out.codes != 0).sum(1) == 3).any()
+    x_hat = decode(sae, codes)
+    close(out.terms["recon"], sq(X, x_hat))
+    dead_scores = torch.where(dead, scores, -torch.inf)
+    aux_codes = topk_direct(torch.where(dead, values, 0), dead_scores, 2)
+    close(out.terms["auxk"], sq(X - x_hat, aux_codes @ sae.W_dec.T) / 32)
+    if name == "abstopk":
+        assert (out.codes < 0).any(), "AbsTopK keeps negative codes"
+
+
+def test_batchtopk_training_and_inference_threshold():
+    sae = make("batchtopk", k=2)
+    out = sae.loss(X, LAM)
+    values = torch.relu((X - sae.b_dec) @ sae.W_enc.T + sae.b_enc).detach()
+    kept = values.flatten().topk(2 * B).values
+    assert int((out.codes != 0).sum()) == 2 * B
+    close(out.codes.flatten().sort().values[-2 * B:], kept.sort().values)
+    close(sae.threshold, kept.min())
+    sae.eval()
+    close(sae.encode(X), torch.where(values > kept.min(), values, 0))
+
+
+def test_unit_norm_decoder_projects_gradients_and_renormalizes():
+    for name in ("jumprelu", "topk", "batchtopk", "abstopk"):
+        sae = make(name, **({"k": 3} if "topk" in name else {}))
+        sae.loss(X, LAM, dead=torch.ones(H, dtype=torch.bool)).total.backward()
+        sae.before_optimizer_step()
+        columns = sae.W_dec / sae.W_dec.norm(dim=0)
+        close((columns * sae.W_dec.grad).sum(0), torch.zeros(H))
+        with torch.no_grad():
+            sae.W_dec.mul_(3.0)
+        sae.after_optimizer_step()
+        close(sae.W_dec.norm(dim=0), torch.ones(H))
+
+
+@pytest.mark.parametrize("name", ["relu", "gated", "sagsae"])
+def test_encoder_shrink_decoder_grow_does_not_lower_the_penalty(name):
+    """Scaling a latent's encoder by 1/c and its decoder column by c keeps x̂; the norm-weighted penalty
+    must not fall, so the escape gains nothing."""
+    sae = make(name)
+    before = sae.loss(X, LAM)
+    with torch.no_grad():
+        c = 4.0
+        sae.W_dec.mul_(c)
+        for encoder in ("W_enc", "b_enc", "W_gate", "b_gate", "b_mag", "threshold"):
+            if hasattr(sae, encoder):
+                getattr(sae, encoder).div_(c)
+    after = sae.loss(X, LAM)
+    close(after.reconstruction, before.reconstruction)
+    assert float(after.terms["sparsity"]) >= float(before.terms["sparsity"]) * (1 - 1e-5)
+
+
+def test_parameter_counts_are_exact():
+    d, h = 576, 4608
+    expected = {
+        "sagsae": 2 * h * d + d + 4 * h,  # W_gate, W_dec, b_dec; b_gate, b_mag, r, θ
+        "gated": 2 * h * d + d + 3 * h,  # b_gate, b_mag, r_mag
+        "relu": 2 * h * d + d + h,
+        "jumprelu": 2 * h * d + d + 2 * h,
+        "topk": 2 * h * d + d + h,
+        "batchtopk": 2 * h * d + d + h,  # the inference threshold is a buffer, not trained
+        "abstopk": 2 * h * d + d + h,
+    }
+    assert set(expected) == set(SAE_REGISTRY)
+    for name, count in expected.items():
+        assert count_parameters(name, d, h) == count, name
+    untied = build_sae("sagsae", d_in=d, width=h, tie_r=False, tie_theta=False)
+    assert sum(p.numel() for p in untied.parameters()) == 2 * h * d + d + 6 * h
+    assert count_parameters("gated", d, 2 * h) == 4 * h * d + d + 6 * h  # Gated(2H), SPEC §3
+    assert matching_width("gated", d, count_parameters("sagsae", d, h)) == pytest.approx(h * (2 * d + 4) / (2 * d + 3))
+
+
 def test_gated_quantile_gate_initialization():
     """b_gate starts at minus the q-quantile of each u on the first batch: each gate opens on 1 − q of it."""
     torch.manual_seed(0)
