@@ -116,8 +116,7 @@ class SparseAutoencoder(nn.Module):
     @staticmethod
     def column_quantile(values: Tensor, quantile: float) -> Tensor:
         """Each column's `quantile` over the batch ([B, H] → [H]); kthvalue, since torch.quantile caps its input
-        size below a 4096 × 4608 batch."""
-        check_init_quantile("An initialization quantile", quantile)
+        size below a 4096 × 4608 batch. Callers pass a quantile their constructor checked (check_init_quantile)."""
         rank = min(len(values), max(1, math.ceil(quantile * len(values))))
         return values.kthvalue(rank, dim=0).values
 
