@@ -3,7 +3,7 @@
 from callbacks.gate_collapse import GateCollapseMonitor
 from callbacks.interrupt import InterruptCheckpoint, rescue_checkpoint
 from callbacks.metrics import ReconstructionMetrics, SAEMetrics
-from callbacks.report import EvaluationReport
+from callbacks.evaluation_report import EvaluationReport
 from callbacks.run_info import RunInfo, StepProgressBar
 from callbacks.spliced_loss import SplicedLMLoss
 

@@ -15,7 +15,7 @@ from collections import deque
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.metrics import explained_variance
+from sagsae.measures import explained_variance
 
 ADVICE = ("keep the auxiliary loss on (aux_weight > 0), lower the sparsity coefficient, lengthen "
           "sparsity_warmup_steps, or lower the learning rate")

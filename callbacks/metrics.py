@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from sagsae.measures import explained_variance, window_summary
+
 
 class ReconstructionMetrics(Metric):
     """Window sums for R² = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², MSE, L0, and each latent's firings by sign."""
@@ -42,25 +44,8 @@ class ReconstructionMetrics(Metric):
         self.negative += (codes < 0).sum(0)
 
     def compute(self) -> dict[str, Tensor]:
-        total_variance = self.sum_squares - self.sum_x.pow(2).sum() / self.tokens
-        firings = self.positive + self.negative
-        alive = firings > 0
-        minority = torch.minimum(self.positive, self.negative) / firings.clamp(min=1)
-        return {
-            "r2": 1 - self.squared_error / total_variance,
-            "mse": self.squared_error / (self.tokens * self.sum_x.numel()),
-            "l0": self.active / self.tokens,
-            "silent_fraction": (firings == 0).double().mean(),
-            # bipolar census (SPEC §6): alive latents whose minority sign is ≥ 10% of their firings
-            "bipolar_fraction": (minority[alive] >= 0.1).double().mean() if alive.any() else alive.double().sum(),
-            "firing_density": firings / self.tokens,  # per latent, for the density histogram
-        }
-
-
-def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
-    """R² of one batch (window = the batch), used for the gate path's auxiliary reconstruction."""
-    x, x_hat = x.double(), x_hat.double()
-    return 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        return window_summary(self.squared_error, self.sum_x, self.sum_squares, self.active, self.tokens,
+                              self.positive, self.negative)
 
 
 class SAEMetrics(L.Callback):

@@ -17,12 +17,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.activation_stream import stream_position
-from datamodules.lm_activations import _GeneratorDataset
+from datamodules.activation_stream import IterableStream, rank_and_world, stream_position
+from sagsae.measures import normalization_scale
 
 KEY = "activations"
 METADATA = "metadata.json"
@@ -50,37 +50,6 @@ def shard_shape(path: Path) -> tuple[int, int]:
     if len(shape) != 2:
         raise ValueError(f"{path}: {KEY!r} must be [n, d], got shape {shape}")
     return int(shape[0]), int(shape[1])
-
-
-class ShardWriter:
-    """Accumulates activation chunks and writes fixed-size shards."""
-
-    def __init__(self, folder: Path, shard_tokens: int, dtype: torch.dtype) -> None:
-        self.folder, self.shard_tokens, self.dtype = folder, shard_tokens, dtype
-        folder.mkdir(parents=True, exist_ok=True)
-        self.pending: list[Tensor] = []
-        self.pending_tokens = 0
-        self.shards = 0
-        self.tokens = 0
-
-    def add(self, chunk: Tensor) -> None:
-        self.pending.append(chunk.to(self.dtype).cpu())
-        self.pending_tokens += len(chunk)
-        while self.pending_tokens >= self.shard_tokens:
-            rows = torch.cat(self.pending)
-            self._write(rows[: self.shard_tokens])
-            self.pending = [rows[self.shard_tokens:]]
-            self.pending_tokens = len(self.pending[0])
-
-    def close(self) -> None:
-        if self.pending_tokens:
-            self._write(torch.cat(self.pending))
-        self.pending, self.pending_tokens = [], 0
-
-    def _write(self, rows: Tensor) -> None:
-        save_file({KEY: rows.contiguous()}, str(self.folder / f"shard-{self.shards:05d}.safetensors"))
-        self.shards += 1
-        self.tokens += len(rows)
 
 
 class ActivationFileDataModule(L.LightningDataModule):
@@ -128,21 +97,19 @@ class ActivationFileDataModule(L.LightningDataModule):
         return {"activations": self.hparams.path, "d_model": self.d_model,
                 **{k: self.metadata.get(k) for k in ("model", "hookpoint", "layer", "dataset", "context_length")}}
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-
     def _my_shards(self) -> list[Path]:
-        rank, world = self._rank_and_world()
+        rank, world = rank_and_world(self.trainer)
         return self.shards[rank::world] if len(self.shards) >= world else self.shards
 
     def _row_count(self, shard: Path) -> int:
         """Rows of `shard` that this rank reads (a stride of them when there are fewer shards than ranks)."""
-        rank, world = self._rank_and_world()
+        rank, world = rank_and_world(self.trainer)
         rows = self._shard_rows[shard]
         return len(range(rank, rows, world)) if len(self.shards) < world else rows
 
-    def _rows(self, shard: Path) -> Tensor:
-        rank, world = self._rank_and_world()
+    def rows(self, shard: Path) -> Tensor:
+        """The rows of `shard` that this rank reads, as float32."""
+        rank, world = rank_and_world(self.trainer)
         rows = load_file(str(shard))[KEY].float()
         return rows[rank::world] if len(self.shards) < world else rows
 
@@ -155,11 +122,11 @@ class ActivationFileDataModule(L.LightningDataModule):
         shuffled = [mine[i] for i in order.tolist()]
         return [shuffled[i : i + size] for i in range(0, len(shuffled), size)]
 
-    def _batches(self) -> Iterator[Tensor]:
+    def batches(self) -> Iterator[Tensor]:
         """A deterministic stream: window w of epoch e is permuted by a generator seeded from (seed, rank, e, w),
         and its last partial batch is dropped. So batch k can be reached without reading the batches before it,
         which is what exact resume needs (`batches_consumed` in the checkpoint)."""
-        rank, _ = self._rank_and_world()
+        rank, _ = rank_and_world(self.trainer)
         batch = self.hparams.batch_size
         skip, self._resume_batches = self._resume_batches, 0
         for epoch in itertools.count():
@@ -168,7 +135,7 @@ class ActivationFileDataModule(L.LightningDataModule):
                 if skip >= count:
                     skip -= count
                     continue
-                rows = torch.cat([self._rows(s) for s in window])
+                rows = torch.cat([self.rows(s) for s in window])
                 seed = (((self.hparams.seed * 1_000_003 + rank) * 1_000_003 + epoch) * 1_000_003 + index) % 2**63
                 order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
                 for start in range(skip * batch, count * batch, batch):
@@ -190,15 +157,15 @@ class ActivationFileDataModule(L.LightningDataModule):
             count += len(rows)
             if count >= self.hparams.normalization_tokens:
                 break
-        return math.sqrt(self.d_model / (sums / count))
+        return normalization_scale(sums, count, self.d_model)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_GeneratorDataset(self._batches), batch_size=None)
+        return DataLoader(IterableStream(self.batches), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         if not self.val_shards:
             return DataLoader([], batch_size=None)
-        rank, world = self._rank_and_world()
+        rank, world = rank_and_world(self.trainer)
         rows = torch.cat([load_file(str(s))[KEY].float() for s in self.val_shards])[: self.hparams.val_tokens]
         return DataLoader(list(rows[rank::world].split(self.hparams.batch_size)), batch_size=None)
 

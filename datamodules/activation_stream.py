@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
+from torch.utils.data import IterableDataset
+
+
+class IterableStream(IterableDataset):
+    """A dataset that is a fresh iterator from `make_iterator` each time a DataLoader starts reading it."""
+
+    def __init__(self, make_iterator: Callable[[], Iterator[Tensor]]) -> None:
+        self.make_iterator = make_iterator
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self.make_iterator()
+
+
+def rank_and_world(trainer) -> tuple[int, int]:
+    """(global rank, world size) of the trainer a datamodule is attached to; (0, 1) without one."""
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
 
 def stream_position(trainer) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from sagsae.embedded import embedded_model_files, is_embedded
+from datamodules.embedded import embedded_model_files, is_embedded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from datamodules.activation_stream import NormGuard, shuffled_batches, stream_position, take_tokens
-from datamodules.language_model import load_language_model, resolve_dtype
-from datamodules.text import TextSource, pack_contexts, select_documents, tokenize_documents
-from sagsae.hookpoints import ActivationReader, parse_hookpoint
-
-
-class _GeneratorDataset(IterableDataset):
-    def __init__(self, make_iterator: Callable[[], Iterator[Tensor]]) -> None:
-        self.make_iterator = make_iterator
-
-    def __iter__(self) -> Iterator[Tensor]:
-        return self.make_iterator()
+from datamodules.activation_stream import (IterableStream, NormGuard, rank_and_world, shuffled_batches,
+                                           stream_position, take_tokens)
+from datamodules.hooked_lm import HookedLanguageModel
+from datamodules.hookpoints import parse_hookpoint
+from datamodules.lm_evaluation import spliced_cross_entropy
+from datamodules.text import Document, TextSource, rank_documents
+from sagsae.measures import normalization_scale
 
 
 class LMActivationDataModule(L.LightningDataModule):
@@ -84,94 +79,69 @@ class LMActivationDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.source = TextSource(dataset, dataset_config, data_files, split, text_column, streaming)
         self.guard = NormGuard(norm_guard_multiple)
-        self.reader: ActivationReader | None = None
-        self._resume_batches = 0
-        self._validation_batches: list[Tensor] | None = None
-        self._spliced_contexts: Tensor | None = None
+        self.lm: HookedLanguageModel | None = None
+        self.resume_batches = 0  # batches a resumed run has already consumed (from the checkpoint)
+        self.validation_batches: list[Tensor] | None = None
+        self.evaluation_contexts: Tensor | None = None
 
     # ----- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.reader is not None:
+        if self.lm is not None:
             return
         hp = self.hparams
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        lm, self.tokenizer = load_language_model(hp.model, hp.gguf_file, resolve_dtype(hp.lm_dtype, device), device)
-        self.reader = ActivationReader(lm, hp.hookpoint, hp.layer)
-        self.device = device
-        self.bos_id = self.tokenizer.bos_token_id
-        if self.bos_id is None:
-            self.bos_id = self.tokenizer.eos_token_id
-        if self.bos_id is None:
-            raise ValueError(f"The tokenizer of {hp.model!r} has neither a BOS nor an EOS token to start contexts")
-        self.separator_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.bos_id
-        self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids) | {self.bos_id, self.separator_id}))
+        self.lm = HookedLanguageModel(hp.model, hp.gguf_file, hp.hookpoint, hp.layer, hp.lm_dtype, device,
+                                      hp.context_length)
 
     @property
     def d_model(self) -> int:
-        if self.reader is None:
+        if self.lm is None:
             raise RuntimeError("The datamodule is not set up yet: call setup() first")
-        return self.reader.d_model
+        return self.lm.d_model
 
     def describe(self) -> dict:
         """What a run records about its activations."""
-        return {"model": self.hparams.model, "hookpoint": self.reader.hookpoint, "layer": self.reader.layer,
+        return {"model": self.hparams.model, "hookpoint": self.lm.hookpoint, "layer": self.lm.layer,
                 "d_model": self.d_model, "dataset": self.hparams.dataset,
                 "context_length": self.hparams.context_length, "dropped_massive": self.guard.dropped_massive,
                 "dropped_nonfinite": self.guard.dropped_nonfinite}
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-
     # ----- documents → contexts → activations ------------------------------------------------------
-    def _documents(self, validation: bool, pass_index: int) -> Iterator:
+    def documents(self, validation: bool, pass_index: int = 0) -> Iterator[Document]:
         """This rank's training or validation documents; indexable sources are reshuffled every pass."""
-        rank, world = self._rank_and_world()
-        select = dict(validation=validation, val_fraction=self.hparams.val_fraction, rank=rank, world_size=world)
-        if not self.source.indexable:
-            yield from select_documents(self.source.documents(), **select)
-            return
-        indices = list(select_documents(range(len(self.source)), **select))
-        if not indices:
-            raise ValueError(f"Dataset {self.hparams.dataset!r} has no {'validation' if validation else 'training'} "
-                             f"documents for rank {rank}: add documents or change data.val_fraction")
-        if not validation:
-            order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.hparams.seed + pass_index))
-            indices = [indices[i] for i in order.tolist()]
-        for index in indices:
-            yield self.source.document(index)
+        rank, world = rank_and_world(self.trainer)
+        return rank_documents(self.source, validation=validation, val_fraction=self.hparams.val_fraction,
+                              seed=self.hparams.seed, pass_index=pass_index, rank=rank, world_size=world)
 
-    def _activation_chunks(self, validation: bool, passes: Iterator[int], guard: NormGuard) -> Iterator[Tensor]:
-        """Guarded activations of the trainable positions, one chunk per LM forward.
+    def activation_chunks(self, validation: bool, passes: Iterable[int], guard: NormGuard) -> Iterator[Tensor]:
+        """Guarded activations of the trainable positions, one chunk per LM forward, over the given passes.
 
         Each stream has its own guard, so the training stream's drops do not depend on when the normalization
         estimate or the validation set were computed (exact resume replays it from the start)."""
         hp = self.hparams
         for pass_index in passes:
-            tokens = tokenize_documents(self._documents(validation, pass_index), self.tokenizer)
-            contexts = pack_contexts(tokens, hp.context_length, self.bos_id, self.separator_id)
+            contexts = self.lm.contexts(self.documents(validation, pass_index))
             produced = False
             while batch := list(itertools.islice(contexts, hp.lm_batch_size)):
                 produced = True
-                input_ids = torch.tensor(batch)
-                trainable = self._trainable(input_ids)
-                activations = self.reader(input_ids.to(self.device))
-                yield guard(activations[trainable.to(self.device)].float())
+                yield guard(self.lm.activations(torch.tensor(batch)))
             if not produced:
                 raise ValueError(f"Dataset {hp.dataset!r} yields fewer than {hp.context_length} tokens "
                                  f"for {'validation' if validation else 'training'}; add text or shorten contexts")
 
-    def _training_chunks(self, guard: NormGuard | None = None) -> Iterator[Tensor]:
+    def training_chunks(self, guard: NormGuard | None = None) -> Iterator[Tensor]:
+        """The training activations pass after pass, in LM-forward chunks (a fresh guard unless one is given)."""
         guard = NormGuard(self.hparams.norm_guard_multiple) if guard is None else guard
-        return self._activation_chunks(validation=False, passes=itertools.count(), guard=guard)
+        return self.activation_chunks(validation=False, passes=itertools.count(), guard=guard)
 
-    def _training_batches(self) -> Iterator[Tensor]:
+    def training_batches(self) -> Iterator[Tensor]:
         """The training stream from its start; after a resume, the batches already consumed are replayed
         (LM forwards without training) so that the run continues exactly where the checkpoint left it."""
         self.guard = NormGuard(self.hparams.norm_guard_multiple)
         generator = torch.Generator().manual_seed(self.hparams.seed)
-        batches = shuffled_batches(self._training_chunks(self.guard), self.hparams.batch_size,
+        batches = shuffled_batches(self.training_chunks(self.guard), self.hparams.batch_size,
                                    self.hparams.shuffle_buffer_tokens, generator)
-        skip, self._resume_batches = self._resume_batches, 0
+        skip, self.resume_batches = self.resume_batches, 0
         if skip:
             rank_zero_info(f"Resuming the activation stream: replaying {skip} batches of LM forwards "
                            f"({skip * self.hparams.batch_size:,} tokens) to reach the checkpoint's position")
@@ -179,79 +149,50 @@ class LMActivationDataModule(L.LightningDataModule):
                 pass
         return batches
 
+    def held_out_tokens(self, count: int) -> Tensor:
+        """The first `count` held-out activations of this rank (whole held-out documents, own guard)."""
+        guard = NormGuard(self.hparams.norm_guard_multiple)
+        return take_tokens(self.activation_chunks(validation=True, passes=[0], guard=guard), count)
+
+    def held_out_batches(self) -> list[Tensor]:
+        """This rank's share of the first `val_tokens` held-out tokens, computed once and kept (the LM is the
+        slow part)."""
+        if self.validation_batches is None:
+            _, world = rank_and_world(self.trainer)
+            held_out = self.held_out_tokens(math.ceil(self.hparams.val_tokens / world))
+            self.validation_batches = list(held_out.split(self.hparams.batch_size))
+        return self.validation_batches
+
     def state_dict(self) -> dict:
         return stream_position(self.trainer)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._resume_batches = int(state_dict.get("batches_consumed", 0))
+        self.resume_batches = int(state_dict.get("batches_consumed", 0))
 
     @torch.no_grad()
     def estimate_input_scale(self) -> float:
         """The scalar s with E‖s·x‖² = d over the first `normalization_tokens` training tokens (SPEC §5)."""
-        # _training_chunks() brings a guard of its own: the training stream's stays untouched
-        sample = take_tokens(self._training_chunks(), self.hparams.normalization_tokens)
+        sample = take_tokens(self.training_chunks(), self.hparams.normalization_tokens)  # its own guard
         total, count = float(sample.double().pow(2).sum()), len(sample)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            stats = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
+            stats = torch.tensor([total, float(count)], dtype=torch.float64, device=self.lm.device)
             torch.distributed.all_reduce(stats)
             total, count = stats.tolist()
-        return math.sqrt(self.d_model / (total / count))
+        return normalization_scale(total, int(count), self.d_model)
 
-    # ----- spliced LM loss (SPEC §6) ------------------------------------------------------------------
-    def _trainable(self, input_ids: Tensor) -> Tensor:
-        """Positions the SAE sees: not BOS (position 0), not special tokens."""
-        trainable = ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
-        trainable[:, 0] = False
-        return trainable
-
-    @torch.no_grad()
     def spliced_cross_entropy(self, reconstruct: Callable[[Tensor], Tensor], contexts: int = 16) -> dict[str, float]:
-        """Next-token CE on held-out contexts: clean, with the hookpoint replaced by the SAE's reconstruction
-        at the trained positions, and by zeros there; CE recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean)."""
-        if self._spliced_contexts is None:
-            tokens = tokenize_documents(self._documents(True, 0), self.tokenizer)
-            packed = pack_contexts(tokens, self.hparams.context_length, self.bos_id, self.separator_id)
-            self._spliced_contexts = torch.tensor(list(itertools.islice(packed, contexts)))
-        input_ids = self._spliced_contexts.to(self.device)
-        trainable = self._trainable(input_ids)
-        targets = input_ids[:, 1:]
-        scored = trainable[:, 1:]  # predict real tokens, not separators
-
-        def cross_entropy(logits: Tensor) -> float:
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-            return float(losses[scored].mean())
-
-        def splice(make: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-            def replace(activations: Tensor) -> Tensor:
-                replaced = activations.clone()
-                replaced[trainable] = make(activations[trainable].float()).to(activations.dtype)
-                return replaced
-            return replace
-
-        model = self.reader.model
-        with torch.inference_mode():
-            clean = cross_entropy(model(input_ids=input_ids, use_cache=False).logits)
-        spliced = cross_entropy(self.reader.logits_with_replacement(input_ids, splice(reconstruct)))
-        zero = cross_entropy(self.reader.logits_with_replacement(input_ids, splice(torch.zeros_like)))
-        recovered = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
-        return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero, "ce_recovered": recovered}
+        """Spliced LM loss (lm_evaluation) on the first `contexts` held-out contexts, the same ones every time."""
+        if self.evaluation_contexts is None:
+            packed = self.lm.contexts(self.documents(validation=True))
+            self.evaluation_contexts = torch.tensor(list(itertools.islice(packed, contexts)))
+        return spliced_cross_entropy(self.lm, self.evaluation_contexts, reconstruct)
 
     # ----- dataloaders ------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_GeneratorDataset(self._training_batches), batch_size=None)
-
-    def _held_out_batches(self) -> list[Tensor]:
-        """The first `val_tokens` held-out tokens, computed once and kept (the LM is the slow part)."""
-        if self._validation_batches is None:
-            _, world = self._rank_and_world()
-            guard = NormGuard(self.hparams.norm_guard_multiple)
-            held_out = take_tokens(self._activation_chunks(validation=True, passes=iter([0]), guard=guard),
-                                   math.ceil(self.hparams.val_tokens / world))
-            self._validation_batches = list(held_out.split(self.hparams.batch_size))
-        return self._validation_batches
+        return DataLoader(IterableStream(self.training_batches), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._held_out_batches(), batch_size=None)
+        return DataLoader(self.held_out_batches(), batch_size=None)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

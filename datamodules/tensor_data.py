@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import lightning as L
@@ -10,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.lm_activations import _GeneratorDataset
+from datamodules.activation_stream import IterableStream
+from sagsae.measures import normalization_scale
 
 
 class TensorActivationDataModule(L.LightningDataModule):
@@ -31,9 +31,9 @@ class TensorActivationDataModule(L.LightningDataModule):
     def estimate_input_scale(self) -> float:
         sample = self.train[: self.normalization_tokens].double()
         sample = sample[torch.isfinite(sample).all(1)]  # non-finite rows are skipped in training too
-        return math.sqrt(self.d_model / float(sample.pow(2).sum(1).mean()))
+        return normalization_scale(float(sample.pow(2).sum()), len(sample), self.d_model)
 
-    def _batches(self) -> Iterator[Tensor]:
+    def batches(self) -> Iterator[Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
         while True:
             order = torch.randperm(len(self.train), generator=generator)
@@ -41,7 +41,7 @@ class TensorActivationDataModule(L.LightningDataModule):
                         for i in range(0, len(order) - self.batch_size + 1, self.batch_size))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_GeneratorDataset(self._batches), batch_size=None)
+        return DataLoader(IterableStream(self.batches), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         held_out = self.val if self.val is not None else self.train[: self.batch_size]

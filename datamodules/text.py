@@ -12,7 +12,9 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from sagsae.embedded import embedded_corpus_file, is_embedded
+import torch
+
+from datamodules.embedded import embedded_corpus_file, is_embedded
 
 Document = str | list[int]
 
@@ -134,3 +136,22 @@ def tokenize_documents(documents: Iterable[Document], tokenizer, chunk: int = 64
             yield from flush()
             yield list(document)
     yield from flush()
+
+
+def rank_documents(source: TextSource, *, validation: bool, val_fraction: float, seed: int, pass_index: int,
+                   rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+    """This rank's training or validation documents for one pass; indexable sources reshuffle the training
+    documents every pass (seeded by seed + pass), streamed ones keep their order."""
+    select = dict(validation=validation, val_fraction=val_fraction, rank=rank, world_size=world_size)
+    if not source.indexable:
+        yield from select_documents(source.documents(), **select)
+        return
+    indices = list(select_documents(range(len(source)), **select))
+    if not indices:
+        raise ValueError(f"Dataset {source.dataset!r} has no {'validation' if validation else 'training'} "
+                         f"documents for rank {rank}: add documents or change data.val_fraction")
+    if not validation:
+        order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed + pass_index))
+        indices = [indices[i] for i in order.tolist()]
+    for index in indices:
+        yield source.document(index)

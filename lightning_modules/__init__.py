@@ -1,10 +1,6 @@
-"""One LightningModule per SAE architecture, all sharing `SAEModule`'s training loop."""
+"""The LightningModules: `SAEModule` trains any registered SAE; `SweepModule` trains many from one stream."""
 
-from lightning_modules.base import SAEModule
-from lightning_modules.gated import GatedSAE
-from lightning_modules.jumprelu import JumpReLUSAE
-from lightning_modules.relu import ReLUSAE
-from lightning_modules.sagsae import SAGSAE
-from lightning_modules.topk import AbsTopKSAE, BatchTopKSAE, TopKSAE
+from lightning_modules.sae_module import SAEModule
+from lightning_modules.sweep_module import SweepModule
 
-__all__ = ["AbsTopKSAE", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "ReLUSAE", "SAEModule", "SAGSAE", "TopKSAE"]
+__all__ = ["SAEModule", "SweepModule"]

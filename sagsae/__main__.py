@@ -1,25 +1,34 @@
-"""Entry point of `python -m sagsae` and the `sagsae` console script.
-
-`fit`, `validate`, `test` go to the LightningCLI; the other subcommands are small argparse programs.
-"""
+"""`sagsae` and `python -m sagsae`: the front door. `fit`, `validate` and `test` go to the LightningCLI; the
+other commands are small argparse programs (sagsae/commands/)."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-SUBCOMMANDS = {"params": "sagsae.params", "export": "sagsae.export", "cache": "datamodules.cache",
-               "sweep": "sagsae.sweep", "synth": "sagsae.synth",
-               "report": "sagsae.report"}
+from sagsae.commands import COMMANDS, TRAIN
+
+
+def usage() -> str:
+    lines = ["usage: sagsae COMMAND [options]   (sagsae COMMAND --help for its options)", "",
+             "Sign-Aware Gated sparse autoencoders and baselines, trained on a frozen LM's activations.", "",
+             "commands:", *(f"  {name:<9} {line}" for name, (_, line) in COMMANDS.items()), "",
+             "example: sagsae fit --config configs/default.yaml"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in SUBCOMMANDS:
-        return importlib.import_module(SUBCOMMANDS[args[0]]).main(args[1:])
-    from sagsae.cli import run  # Lightning is imported only by the CLI, never by the torch-only core
-
-    run(argv)  # None: LightningCLI reads the command line itself (and DDP re-launches it unchanged)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    if args[0] not in COMMANDS:
+        raise SystemExit(f"sagsae: unknown command {args[0]!r}\n\n{usage()}")
+    module = importlib.import_module(COMMANDS[args[0]][0])  # Lightning loads only with a command that needs it
+    if COMMANDS[args[0]][0] == TRAIN:
+        module.run(argv)  # None: LightningCLI reads the command line itself (and DDP re-launches it unchanged)
+    else:
+        module.main(args[1:])
 
 
 if __name__ == "__main__":

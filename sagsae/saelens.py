@@ -15,6 +15,7 @@ from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 from sae_lens.saes.sae import SAE, SAEConfig
 from torch import Tensor, nn
 
+from sagsae.saes.sa_gsae import signed_magnitude_path
 from sagsae.saes.topk import keep_top
 from sagsae.straight_through import open_gate
 
@@ -54,9 +55,7 @@ class SAGSAESaeLens(_SaeLensDecoder, SAE[SAGSAEConfig]):
         gate = open_gate(pi, self.threshold_pos, theta_neg)
         if not self.cfg.signed_magnitude:
             return self.hook_sae_acts_post(torch.where(gate, pi, 0))
-        magnitude = torch.where(pi > 0, self.r_pos, self.r_neg).exp() * u + self.b_mag
-        if self.cfg.sign_consistency:
-            gate &= (pi > 0) == (magnitude > 0)
+        magnitude = signed_magnitude_path(u, pi, self.r_pos, self.r_neg, self.b_mag, self.cfg.sign_consistency)
         return self.hook_sae_acts_post(torch.where(gate, magnitude, 0))
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from datamodules import ActivationFileDataModule
-from sagsae.cli import run
+from sagsae.commands.train import run
 from tests.test_cli import REPO
 
 
@@ -44,7 +44,7 @@ def test_cache_writes_shards_and_metadata(cache_dir):
 def test_file_datamodule_batches_normalization_and_ddp_shards(cache_dir):
     data = ActivationFileDataModule(str(cache_dir), batch_size=250, shuffle_buffer_tokens=1000)
     assert data.d_model == 32 and len(data.val_shards) == 1
-    batches = [b for _, b in zip(range(12), data._batches())]
+    batches = [b for _, b in zip(range(12), data.batches())]
     assert all(b.shape == (250, 32) for b in batches)
     assert data.estimate_input_scale() == pytest.approx(
         json.loads((cache_dir / "metadata.json").read_text())["normalization_scale"], rel=1e-3)
@@ -58,7 +58,7 @@ def test_file_datamodule_batches_normalization_and_ddp_shards(cache_dir):
     seen = []
     for rank in (0, 1):
         data.trainer = FakeTrainer(rank)
-        seen.append(torch.cat([data._rows(s) for s in data.shards[rank::2]]))
+        seen.append(torch.cat([data.rows(s) for s in data.shards[rank::2]]))
     data.trainer = None
     assert len(seen[0]) + len(seen[1]) == 3000
     assert not (torch.cdist(seen[0][:200], seen[1][:200]) == 0).any(), "ranks must read disjoint shards"
@@ -71,7 +71,7 @@ def test_fit_from_cache_and_from_a_single_file(cache_dir, tmp_path):
         root = tmp_path / f"run{index}"
         run(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--trainer.max_steps", "8",
              "--trainer.val_check_interval", "4", "--trainer.default_root_dir", str(root),
-             "--model.init_args.width", "64", "--data", "datamodules.ActivationFileDataModule",
+             "--model.sae.width", "64", "--data", "datamodules.ActivationFileDataModule",
              "--data.init_args.path", str(path), "--data.init_args.batch_size", "200",
              "--data.init_args.shuffle_buffer_tokens", "800", "--data.init_args.normalization_tokens", "500"])
         state = torch.load(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -91,7 +91,7 @@ def test_resume_from_cache_continues_the_stream_exactly(cache_dir, tmp_path):
     def fit(root, steps, ckpt=None):
         args = ["fit", "--config", str(REPO / "configs" / "default.yaml"), "--trainer.max_steps", str(steps),
                 "--trainer.val_check_interval", "100", "--trainer.limit_val_batches", "0",
-                "--trainer.default_root_dir", str(root), "--model.init_args.width", "64",
+                "--trainer.default_root_dir", str(root), "--model.sae.width", "64",
                 "--data", "datamodules.ActivationFileDataModule", "--data.init_args.path", str(cache_dir),
                 "--data.init_args.batch_size", "200", "--data.init_args.shuffle_buffer_tokens", "1500",
                 "--data.init_args.normalization_tokens", "500"]
@@ -108,6 +108,6 @@ def test_resume_from_cache_continues_the_stream_exactly(cache_dir, tmp_path):
         torch.testing.assert_close(resumed["state_dict"][name], value, rtol=0, atol=0, msg=name)
     # a plain fresh 10-step stream differs from one that skipped its first 6 batches: the test can fail
     data = ActivationFileDataModule(str(cache_dir), batch_size=200, shuffle_buffer_tokens=1500)
-    fresh = [b for _, b in zip(range(10), data._batches())]
+    fresh = [b for _, b in zip(range(10), data.batches())]
     data.load_state_dict({"batches_consumed": 6})
-    assert torch.equal(next(data._batches()), fresh[6])
+    assert torch.equal(next(data.batches()), fresh[6])

@@ -58,13 +58,13 @@ def test_embedded_datamodule_drops_bos_and_specials(tiny_llama, text_file):
                                   context_length=16, lm_batch_size=4, batch_size=64, shuffle_buffer_tokens=128,
                                   val_tokens=100, normalization_tokens=200)
     data.setup()
-    chunk = next(data._training_chunks())
+    chunk = next(data.training_chunks())
     # 4 contexts of 16 tokens: BOS never trained on, separators (EOS) dropped
     assert chunk.shape[1] == 32 and len(chunk) <= 4 * 15
     scale = data.estimate_input_scale()
-    sample = torch.cat([c for _, c in zip(range(3), data._training_chunks())])
+    sample = torch.cat([c for _, c in zip(range(3), data.training_chunks())])
     assert abs(float((sample * scale).pow(2).sum(-1).mean()) / 32 - 1) < 0.2
-    val = data._held_out_batches()
+    val = data.held_out_batches()
     assert sum(len(b) for b in val) == 100
 
 
@@ -96,16 +96,16 @@ def test_ranks_read_disjoint_documents_that_cover_the_training_split(streaming, 
     data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file), layer=1,
                                   streaming=streaming, val_fraction=0.1)
     assert data.source.indexable != streaming
-    single = list(data._documents(validation=False, pass_index=0))
+    single = list(data.documents(validation=False, pass_index=0))
     shards = []
     for rank in (0, 1):
         data.trainer = FakeTrainer(rank)
-        shards.append(list(data._documents(validation=False, pass_index=0)))
+        shards.append(list(data.documents(validation=False, pass_index=0)))
     data.trainer = None
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == sorted(single)
     assert abs(len(shards[0]) - len(shards[1])) <= 1
-    assert not set(single) & set(data._documents(validation=True, pass_index=0))
+    assert not set(single) & set(data.documents(validation=True, pass_index=0))
 
 
 def test_pretokenized_input_ids_column(tiny_llama, tmp_path):
@@ -118,7 +118,7 @@ def test_pretokenized_input_ids_column(tiny_llama, tmp_path):
                                   context_length=16, lm_batch_size=4, val_fraction=0.1)
     data.setup()
     assert data.source.document(0) == rows[0]["input_ids"]
-    chunk = next(data._training_chunks())
+    chunk = next(data.training_chunks())
     assert chunk.shape[1] == 32 and len(chunk) > 0
 
 
@@ -142,7 +142,7 @@ def _consume_documents(rank: int, port: int, model: str, data_file: str, queue) 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     data = LMActivationDataModule(model=model, dataset="json", data_files=data_file, val_fraction=0.1)
     data.trainer = FakeTrainer(dist.get_rank())
-    consumed = sorted(data._documents(validation=False, pass_index=0))
+    consumed = sorted(data.documents(validation=False, pass_index=0))
     everyone: list = [None, None]
     dist.all_gather_object(everyone, consumed)
     queue.put((rank, everyone))
@@ -171,7 +171,7 @@ def test_two_gloo_processes_consume_disjoint_documents(tiny_llama, text_file):
     assert first and second and not set(first) & set(second)
     assert abs(len(first) - len(second)) <= 1
     single = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file), val_fraction=0.1)
-    assert sorted(first + second) == sorted(single._documents(validation=False, pass_index=0))
+    assert sorted(first + second) == sorted(single.documents(validation=False, pass_index=0))
 
 
 def test_take_tokens_stops_at_the_count_and_reads_no_further():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sagsae.cli import run
+from sagsae.commands.train import run
 from tests.test_cli import REPO, tiny_args
 
 CONFIGS = sorted(p.relative_to(REPO / "configs") for p in (REPO / "configs").rglob("*.yaml")
@@ -20,7 +20,7 @@ SWEEP_CONFIGS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c) for c in CONFIGS])
 def test_config_fits_and_validates(config: Path, tiny_llama, text_file, tmp_path):
     args = [*tiny_args(tiny_llama, text_file, tmp_path, steps=6), "--config", str(REPO / "configs" / config),
-            "--model.init_args.width", "64"]
+            "--model.sae.width", "64"]
     run(["fit", *args])
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -47,7 +47,7 @@ def test_paper_configs_parse(config: Path):
     assert resolved["data"]["init_args"]["hookpoint"] == hookpoint
     assert resolved["data"]["init_args"]["model"] == {"pythia1b": "EleutherAI/pythia-1b",
                                                       "smollm3_3b": "HuggingFaceTB/SmolLM3-3B"}[model]
-    assert resolved["model"]["init_args"]["width"] == 16384
+    assert resolved["model"]["sae"]["init_args"]["width"] == 16384
 
 
 @pytest.mark.parametrize("config", SWEEP_CONFIGS, ids=[c.stem for c in SWEEP_CONFIGS])
@@ -57,13 +57,13 @@ def test_sweep_configs_expand(config: Path):
     import lightning as L
     import yaml
 
-    from sagsae.sweep import _class, expand_members
+    from sagsae.commands.sweep import expand_members, import_class
 
     spec = yaml.safe_load(config.read_text())
     members = expand_members(spec["members"])
     series = {member["series"] for member in members.values()}
     assert all(a in series and b in series for a, b in spec.get("compare", []))
-    assert all(issubclass(_class(cell["class_path"]), L.LightningDataModule)
+    assert all(issubclass(import_class(cell["class_path"]), L.LightningDataModule)
                for cell in (spec.get("cells") or {}).values())
     assert spec.get("cells") or spec.get("synthetic", {}).get("protocols")
     if config.stem.startswith("paper_"):

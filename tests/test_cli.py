@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sagsae.cli import run
+from sagsae.commands.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,12 +21,12 @@ def tiny_args(model: Path, data: Path, root: Path, steps: int = 30) -> list[str]
         "--trainer.max_steps", str(steps),
         "--trainer.val_check_interval", "10",
         "--trainer.default_root_dir", str(root),
-        "--model.init_args.width", "64",
-        "--model.init_args.lr", "0.01",
-        "--model.init_args.sparsity_coefficient", "0.5",
-        "--model.init_args.sparsity_warmup_steps", "10",
-        "--model.init_args.lr_warmup_steps", "5",
-        "--model.init_args.dead_window_tokens", "2048",
+        "--model.sae.width", "64",
+        "--model.lr", "0.01",
+        "--model.sparsity_coefficient", "0.5",
+        "--model.sparsity_warmup_steps", "10",
+        "--model.lr_warmup_steps", "5",
+        "--model.dead_window_tokens", "2048",
         "--data.init_args.model", str(model),
         "--data.init_args.dataset", "json",
         "--data.init_args.data_files", str(data),
@@ -73,7 +73,7 @@ def test_fit_writes_finite_rising_metrics_config_and_checkpoint(fitted_run):
     assert "config/text_summary" in events.Tags()["tensors"]
     assert sum(r2[-5:]) / 5 > sum(r2[:5]) / 5 + 0.1, f"R² did not rise: {r2}"
     config = yaml.safe_load((version / "config.yaml").read_text())
-    assert config["model"]["init_args"]["width"] == 64
+    assert config["model"]["sae"]["init_args"]["width"] == 64
     assert (version / "checkpoints" / "last.ckpt").is_file()
     assert (version / "run_metadata.json").is_file()
     assert not (version / "metrics.json").exists(), "reports belong to stand-alone validate/test runs only"
@@ -132,8 +132,8 @@ def test_print_config_prints_the_full_config():
                              "--print_config"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
-    assert config["model"]["class_path"] == "lightning_modules.SAGSAE"
-    assert config["model"]["init_args"]["width"] == 4608
+    assert config["model"]["sae"]["class_path"] == "sagsae.saes.SignAwareGatedSAE"
+    assert config["model"]["sae"]["init_args"]["width"] == 4608
     assert config["data"]["init_args"]["hookpoint"] == "mlp_out"
     assert "max_steps" in config["trainer"]
 
@@ -180,5 +180,5 @@ def test_ddp_fit_on_two_cpu_processes_with_gloo(tiny_llama, text_file, tmp_path)
 
 def test_sae_d_in_that_differs_from_the_activations_fails_before_training(tiny_llama, text_file, tmp_path):
     with pytest.raises(ValueError, match=r"d_in=48 but the hookpoint's activations have size 32.*d_in to 32"):
-        run(["fit", *tiny_args(tiny_llama, text_file, tmp_path), "--model.init_args.d_in", "48"])
+        run(["fit", *tiny_args(tiny_llama, text_file, tmp_path), "--model.d_in", "48"])
     assert not list(tmp_path.rglob("*.ckpt"))

@@ -11,22 +11,22 @@ import lightning as L
 import pytest
 import torch
 
-import lightning_modules as modules
 import sagsae
 from callbacks import SAEMetrics
 from datamodules import TensorActivationDataModule
-from sagsae.export import export_checkpoint
+from lightning_modules import SAEModule
+from sagsae.commands.export import export_checkpoint
 
 MODULES = {
-    "sagsae": (modules.SAGSAE, {}),
-    "sagsae-untied": (modules.SAGSAE, {"tie_r": False, "tie_theta": False, "log_theta": True}),
-    "sagsae-one-sided": (modules.SAGSAE, {"one_sided_gate": True}),
-    "relu": (modules.ReLUSAE, {}),
-    "gated": (modules.GatedSAE, {}),
-    "jumprelu": (modules.JumpReLUSAE, {}),
-    "topk": (modules.TopKSAE, {"k": 4}),
-    "batchtopk": (modules.BatchTopKSAE, {"k": 4}),
-    "abstopk": (modules.AbsTopKSAE, {"k": 4}),
+    "sagsae": ("sagsae", {}),
+    "sagsae-untied": ("sagsae", {"tie_r": False, "tie_theta": False, "log_theta": True}),
+    "sagsae-one-sided": ("sagsae", {"one_sided_gate": True}),
+    "relu": ("relu", {}),
+    "gated": ("gated", {}),
+    "jumprelu": ("jumprelu", {}),
+    "topk": ("topk", {"k": 4}),
+    "batchtopk": ("batchtopk", {"k": 4}),
+    "abstopk": ("abstopk", {"k": 4}),
 }
 D = 16
 
@@ -40,9 +40,9 @@ def raw_activations(n: int, seed: int) -> torch.Tensor:
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     paths = {}
-    for name, (module_class, switches) in MODULES.items():
+    for name, (architecture, switches) in MODULES.items():
         L.seed_everything(0)
-        module = module_class(width=32, sparsity_coefficient=0.1, sparsity_warmup_steps=2, lr=1e-2, **switches)
+        module = SAEModule.from_arguments(architecture, width=32, sparsity_coefficient=0.1, sparsity_warmup_steps=2, lr=1e-2, **switches)
         trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=0, callbacks=[SAEMetrics()])
         trainer.fit(module, TensorActivationDataModule(raw_activations(2048, 0), batch_size=256))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sagsae.hookpoints import ActivationReader, UnknownHookpointError, parse_hookpoint
+from datamodules.hookpoints import ActivationReader, UnknownHookpointError, parse_hookpoint
 from tests.conftest import build_tiny_model
 
 
@@ -58,7 +58,7 @@ def test_transformer_lens_aliases_and_errors(tiny_model):
 
 
 def test_several_hookpoints_from_one_forward(tiny_model):
-    from sagsae.hookpoints import read_hookpoints
+    from datamodules.hookpoints import read_hookpoints
 
     ids = torch.randint(3, 50, (2, 7))
     readers = [ActivationReader(tiny_model, name, layer)

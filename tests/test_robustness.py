@@ -14,7 +14,7 @@ import torch
 
 from callbacks import SAEMetrics
 from datamodules import TensorActivationDataModule
-from lightning_modules import SAGSAE
+from lightning_modules import SAEModule
 from tests.test_cli import REPO, tiny_args
 
 
@@ -26,7 +26,7 @@ def trainer_for(root, steps, callbacks=()):
 def test_nonfinite_batches_are_skipped_and_counted(tmp_path):
     data = torch.randn(4096, 8)
     data[300] = float("nan")  # lands in one of the 256-token batches of each pass
-    module = SAGSAE(d_in=8, width=16)
+    module = SAEModule.from_arguments("sagsae", d_in=8, width=16)
     with pytest.warns(UserWarning, match="Skipped a batch with non-finite activations"):
         trainer_for(tmp_path, 20).fit(module, TensorActivationDataModule(data, batch_size=256))
     assert module.skipped_batches >= 1
@@ -41,7 +41,7 @@ class PoisonWeights(L.Callback):
 
 
 def test_nonfinite_loss_saves_a_checkpoint_and_names_the_step(tmp_path):
-    module = SAGSAE(d_in=8, width=16)
+    module = SAEModule.from_arguments("sagsae", d_in=8, width=16)
     with pytest.raises(FloatingPointError, match="Non-finite loss at step 3"):
         trainer_for(tmp_path, 20, [PoisonWeights()]).fit(module, TensorActivationDataModule(torch.randn(4096, 8), batch_size=256))
     saved = list(tmp_path.rglob("nonfinite-step3.ckpt"))

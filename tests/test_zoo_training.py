@@ -10,10 +10,10 @@ import lightning as L
 import pytest
 import torch
 
-import lightning_modules as modules
 from callbacks import SAEMetrics
 from datamodules import LMActivationDataModule, TensorActivationDataModule
 from datamodules.activation_stream import take_tokens
+from lightning_modules import SAEModule
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,7 +26,7 @@ pytestmark = [
 def smollm2_activations() -> torch.Tensor:
     data = LMActivationDataModule(hookpoint="mlp_out", layer=15, lm_batch_size=16)
     data.setup()
-    return take_tokens(data._training_chunks(), 12_000)
+    return take_tokens(data.training_chunks(), 12_000)
 
 
 class RecordR2(L.Callback):
@@ -40,26 +40,26 @@ class RecordR2(L.Callback):
 
 
 CASES = {
-    "sagsae": (modules.SAGSAE, {"sparsity_coefficient": 8.0}),
-    "sagsae-untied": (modules.SAGSAE, {"sparsity_coefficient": 8.0, "tie_r": False, "tie_theta": False}),
-    "sagsae-one-sided": (modules.SAGSAE, {"sparsity_coefficient": 8.0, "one_sided_gate": True}),
-    "sagsae-no-signed-magnitude": (modules.SAGSAE, {"sparsity_coefficient": 8.0, "signed_magnitude": False}),
-    "sagsae-soft": (modules.SAGSAE, {"sparsity_coefficient": 8.0, "gate_path": "soft"}),
-    "relu": (modules.ReLUSAE, {"sparsity_coefficient": 5.0}),
-    "gated": (modules.GatedSAE, {"sparsity_coefficient": 3.0}),
-    "gated-form-a": (modules.GatedSAE, {"sparsity_coefficient": 3.0, "unit_norm_decoder": True}),
-    "jumprelu": (modules.JumpReLUSAE, {"sparsity_coefficient": 0.5}),
-    "topk": (modules.TopKSAE, {"k": 32}),
-    "batchtopk": (modules.BatchTopKSAE, {"k": 32}),
-    "abstopk": (modules.AbsTopKSAE, {"k": 32}),
+    "sagsae": ("sagsae", {"sparsity_coefficient": 8.0}),
+    "sagsae-untied": ("sagsae", {"sparsity_coefficient": 8.0, "tie_r": False, "tie_theta": False}),
+    "sagsae-one-sided": ("sagsae", {"sparsity_coefficient": 8.0, "one_sided_gate": True}),
+    "sagsae-no-signed-magnitude": ("sagsae", {"sparsity_coefficient": 8.0, "signed_magnitude": False}),
+    "sagsae-soft": ("sagsae", {"sparsity_coefficient": 8.0, "gate_path": "soft"}),
+    "relu": ("relu", {"sparsity_coefficient": 5.0}),
+    "gated": ("gated", {"sparsity_coefficient": 3.0}),
+    "gated-form-a": ("gated", {"sparsity_coefficient": 3.0, "unit_norm_decoder": True}),
+    "jumprelu": ("jumprelu", {"sparsity_coefficient": 0.5}),
+    "topk": ("topk", {"k": 32}),
+    "batchtopk": ("batchtopk", {"k": 32}),
+    "abstopk": ("abstopk", {"k": 32}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_trains_200_steps_without_nan_and_r2_rises(case, smollm2_activations):
-    module_class, switches = CASES[case]
+    architecture, switches = CASES[case]
     L.seed_everything(0)
-    module = module_class(width=1152, lr=1e-3, lr_warmup_steps=10, sparsity_warmup_steps=50,
+    module = SAEModule.from_arguments(architecture, width=1152, lr=1e-3, lr_warmup_steps=10, sparsity_warmup_steps=50,
                           dead_window_tokens=50_000, **switches)
     recorder = RecordR2()
     trainer = L.Trainer(max_steps=200, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -1,13 +1,17 @@
 """Shared machinery of every SAE architecture: the registry, the loss record and the torch-only interface.
 
 Each architecture is one file in this package that subclasses `SparseAutoencoder` and registers itself by
-name. Nothing here imports Lightning, so a trained SAE loads and runs with torch alone.
+name; everything specific to it (its switches, its SAELens layout, its sparsity kind, its Adam betas) is an
+attribute or method of its class, so training, export, loading and `params` never branch on a name. Nothing
+here imports Lightning, so a trained SAE loads and runs with torch alone.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,16 +26,35 @@ def register(name: str):
         if name in SAE_REGISTRY:
             raise ValueError(f"SAE architecture {name!r} is registered twice")
         cls.architecture = name
+        if "saelens_architecture" not in cls.__dict__:  # exported under its own name unless it says otherwise
+            cls.saelens_architecture = name
         SAE_REGISTRY[name] = cls
         return cls
 
     return decorate
 
 
-def build_sae(architecture: str, **kwargs) -> SparseAutoencoder:
+def sae_class(architecture: str) -> type[SparseAutoencoder]:
+    """The class registered as `architecture`; fails with the known names."""
     if architecture not in SAE_REGISTRY:
         raise ValueError(f"Unknown SAE architecture {architecture!r}; known: {sorted(SAE_REGISTRY)}")
-    return SAE_REGISTRY[architecture](**kwargs)
+    return SAE_REGISTRY[architecture]
+
+
+def build_sae(architecture: str, **kwargs) -> SparseAutoencoder:
+    return sae_class(architecture)(**kwargs)
+
+
+def sae_class_for_saelens(architecture: str) -> type[SparseAutoencoder]:
+    """The class that reads a SAELens folder of `architecture`: ours of that name, else the one exported under
+    it (SAELens's "standard" is our ReLU-L1)."""
+    if architecture in SAE_REGISTRY:
+        return SAE_REGISTRY[architecture]
+    for cls in SAE_REGISTRY.values():
+        if cls.saelens_architecture == architecture:
+            return cls
+    known = sorted(set(SAE_REGISTRY) | {cls.saelens_architecture for cls in SAE_REGISTRY.values()})
+    raise ValueError(f"Unsupported architecture {architecture!r}; supported: {known}")
 
 
 @dataclass
@@ -62,6 +85,16 @@ def random_unit_columns(d_in: int, width: int) -> Tensor:
     return decoder / decoder.norm(dim=0, keepdim=True)
 
 
+def fold_normalization(saelens_key: str, value: Tensor, input_scale: float) -> Tensor:
+    """A tensor in SAELens's raw-activation terms: x_norm = s·x_raw, so W_enc ← s·W_enc, W_dec and b_dec ← /s;
+    biases and thresholds live in code space and stay."""
+    if saelens_key == "W_enc":
+        return value * input_scale
+    if saelens_key in ("W_dec", "b_dec"):
+        return value / input_scale
+    return value
+
+
 class SparseAutoencoder(nn.Module):
     """Interface: `encode` → codes [B, H], `decode` → x̂ [B, d], `loss` → SAELoss for training.
 
@@ -75,8 +108,12 @@ class SparseAutoencoder(nn.Module):
     and applied by `normalize`, so that exports can fold it into the weights.
     """
 
-    architecture: str = ""
+    architecture: str = ""  # registry name, set by `register`
     signed_codes: bool = False  # codes of both signs (SA-GSAE, AbsTopK) or non-negative ones
+    k_sparse: bool = False  # sparsity set by a number k of active latents (TopK family) rather than by λ
+    adam_betas: tuple[float, float] = (0.0, 0.999)  # the training module's default for this architecture
+    saelens_architecture: str = ""  # the `architecture` of its SAELens export; default: the registry name
+    saelens_tensors: dict[str, str] = {}  # SAELens key → our attribute, for the layout-only exports
 
     def __init__(self, d_in: int, width: int, unit_norm_decoder: bool = False) -> None:
         super().__init__()
@@ -143,6 +180,57 @@ class SparseAutoencoder(nn.Module):
         """x̂ in the activations' own scale: normalize, encode, decode, undo the normalization."""
         return self(self.normalize(raw)) / self.input_scale
 
+    # ----- what rebuilds, exports and counts it --------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments, read back from the attributes of the same names: `type(sae)(**config)`
+        rebuilds this architecture (checkpoints and sweeps record it)."""
+        names = [name for name in inspect.signature(type(self).__init__).parameters if name != "self"]
+        missing = [name for name in names if not hasattr(self, name)]
+        if missing:
+            raise TypeError(f"{type(self).__name__} must keep its constructor arguments {missing} as attributes of "
+                            f"the same names (config() rebuilds the SAE from them)")
+        return {name: getattr(self, name) for name in names}
+
+    @classmethod
+    def parameter_count(cls, d_in: int, width: int, **switches: Any) -> int:
+        """Trainable parameters at this size (SPEC §3 accounting)."""
+        sae = cls(d_in=d_in, width=width, **switches)
+        return sum(p.numel() for p in sae.parameters() if p.requires_grad)
+
+    def saelens_tensor(self, key: str, attribute: str) -> Tensor:
+        """Our `attribute` as SAELens's `key`: float32 on CPU, normalization folded in, W_enc/W_dec transposed
+        ([d_in, d_sae] and [d_sae, d_in] there)."""
+        value = fold_normalization(key, getattr(self, attribute).detach().float().cpu(), float(self.input_scale))
+        return value.T.contiguous() if key in ("W_enc", "W_dec") else value.clone()
+
+    def to_saelens(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(tensors, architecture-specific cfg fields) in SAELens's layout, taking raw activations."""
+        tensors = {key: self.saelens_tensor(key, attribute) for key, attribute in self.saelens_tensors.items()}
+        return tensors, {"architecture": self.saelens_architecture, **self.saelens_config()}
+
+    def saelens_config(self) -> dict[str, Any]:
+        """cfg.json fields beyond SAELens's common ones (TopK: k)."""
+        return {}
+
+    @classmethod
+    def saelens_switches(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments read from a SAELens cfg.json (the inverse of `saelens_config`)."""
+        return {}
+
+    @torch.no_grad()
+    def load_saelens_tensors(self, tensors: dict[str, Tensor]) -> None:
+        for key, attribute in self.saelens_tensors.items():
+            value = tensors[key]
+            getattr(self, attribute).copy_(value.T if key in ("W_enc", "W_dec") else value)
+
+    @classmethod
+    def from_saelens(cls, cfg: dict[str, Any], tensors: dict[str, Tensor]) -> SparseAutoencoder:
+        """The SAE of a SAELens folder, taking raw activations (input_scale 1: the export folded it in)."""
+        sae = cls(d_in=int(cfg["d_in"]), width=int(cfg["d_sae"]), **cls.saelens_switches(cfg))
+        sae.load_saelens_tensors(tensors)
+        sae.input_scale.fill_(1.0)
+        return sae
+
     def check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.d_in:
             raise ValueError(
@@ -153,6 +241,8 @@ class SparseAutoencoder(nn.Module):
 
 class LinearEncoderSAE(SparseAutoencoder):
     """Architectures with one affine encoder, π = W_enc (x − b_dec) + b_enc, W_enc = W_decᵀ at init."""
+
+    saelens_tensors = {"W_enc": "W_enc", "b_enc": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
 
     def __init__(self, d_in: int, width: int, unit_norm_decoder: bool = False) -> None:
         super().__init__(d_in, width, unit_norm_decoder)

@@ -12,12 +12,32 @@ from sagsae.saes.topk import TopKSparseAutoencoder
 
 @register("batchtopk")
 class BatchTopKSparseAutoencoder(TopKSparseAutoencoder):
+    """TopK over the whole batch (k·B codes), with a learned inference threshold; exported as SAELens's
+    "jumprelu" with that threshold on every latent (its inference rule).
+
+    Args:
+        d_in: activation size (taken from the data in training).
+        width: number of latents H.
+        k: mean active latents per token (k·B per batch).
+        aux_k: dead latents used by AuxK; None = d/2.
+        aux_coefficient: AuxK weight (1/32).
+        threshold_momentum: momentum of the running inference threshold.
+        unit_norm_decoder: unit-norm decoder columns.
+    """
+
+    saelens_architecture = "jumprelu"
+
     def __init__(self, d_in: int, width: int, k: int = 32, aux_k: int | None = None,
                  aux_coefficient: float = 1 / 32, threshold_momentum: float = 0.99,
                  unit_norm_decoder: bool = True) -> None:
         super().__init__(d_in, width, k, aux_k, aux_coefficient, unit_norm_decoder)
         self.threshold_momentum = threshold_momentum
         self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
+
+    def to_saelens(self) -> tuple[dict[str, Tensor], dict]:
+        tensors, _ = super().to_saelens()
+        tensors["threshold"] = torch.full((self.width,), float(self.threshold.clamp(min=0)))
+        return tensors, {"architecture": self.saelens_architecture}
 
     def codes_and_reconstruction(self, values: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
         """Dense decode: the batch rule keeps a different number of latents in each row."""

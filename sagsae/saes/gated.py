@@ -11,6 +11,20 @@ from sagsae.saes.base import GatedPathsSAE, SAELoss, check_init_quantile, regist
 
 @register("gated")
 class GatedSparseAutoencoder(GatedPathsSAE):
+    """Gated SAE.
+
+    Args:
+        d_in: activation size (taken from the data in training).
+        width: number of latents H.
+        aux_weight: weight of the gate path's auxiliary reconstruction.
+        unit_norm_decoder: SPEC §3 form (a): unit-norm decoder, plain L1, frozen decoder in the aux term; the
+            default form (b) weights L1 by decoder norms with the decoder live in the aux term.
+        gate_init_quantile: start b_gate at minus this quantile of each u on the first batch (None = 0).
+    """
+
+    saelens_tensors = {"W_enc": "W_gate", "b_gate": "b_gate", "r_mag": "r_mag", "b_mag": "b_mag",
+                       "W_dec": "W_dec", "b_dec": "b_dec"}
+
     def __init__(self, d_in: int, width: int, aux_weight: float = 1.0, unit_norm_decoder: bool = False,
                  gate_init_quantile: float | None = None) -> None:
         super().__init__(d_in, width, aux_weight, unit_norm_decoder)

@@ -15,6 +15,22 @@ from sagsae.straight_through import bi_jump_relu, two_sided_step
 
 @register("jumprelu")
 class JumpReLUSparseAutoencoder(LinearEncoderSAE):
+    """JumpReLU SAE; λ is the L0 coefficient.
+
+    Args:
+        d_in: activation size (taken from the data in training).
+        width: number of latents H.
+        theta_init: initial threshold; None = 1e-3·√d.
+        bandwidth: ε of the rectangle kernel; None = 1e-3·√d.
+        theta_floor: thresholds are kept at or above this value.
+        unit_norm_decoder: unit-norm decoder columns (the paper's choice).
+        theta_init_quantile: start each θ at this quantile of its pre-activation on the first batch
+            (None = theta_init).
+    """
+
+    saelens_tensors = {"W_enc": "W_enc", "b_enc": "b_enc", "threshold": "threshold", "W_dec": "W_dec",
+                       "b_dec": "b_dec"}
+
     def __init__(self, d_in: int, width: int, theta_init: float | None = None, bandwidth: float | None = None,
                  theta_floor: float = 1e-6, unit_norm_decoder: bool = True,
                  theta_init_quantile: float | None = None) -> None:

@@ -10,6 +10,15 @@ from sagsae.saes.base import LinearEncoderSAE, SAELoss, register, squared_error
 
 @register("relu")
 class ReLUSparseAutoencoder(LinearEncoderSAE):
+    """ReLU-L1 SAE; exported as SAELens's "standard".
+
+    Args:
+        d_in: activation size (taken from the data in training).
+        width: number of latents H.
+        unit_norm_decoder: keep decoder columns at unit norm (plain L1) instead of weighting L1 by their norms.
+    """
+
+    saelens_architecture = "standard"
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
 

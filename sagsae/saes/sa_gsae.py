@@ -25,6 +25,17 @@ def default_jump_scale(d_in: int) -> float:
     return 1e-3 * math.sqrt(d_in)
 
 
+def signed_magnitude_path(u: Tensor, pi: Tensor, r_pos: Tensor, r_neg: Tensor | None, b_mag: Tensor,
+                          sign_consistency: bool) -> Tensor:
+    """m = exp(r^{sign π}) u + b_mag (r_neg None: tied, one rescale), zero where m opposes the gate's polarity
+    under `sign_consistency`. Shared with the SAELens plugin (sagsae.saelens), so the two encodes agree."""
+    rescale = r_pos.exp() if r_neg is None else torch.where(pi > 0, r_pos, r_neg).exp()
+    magnitude = rescale * u + b_mag
+    if sign_consistency:
+        magnitude = torch.where((pi > 0) == (magnitude > 0), magnitude, 0)
+    return magnitude
+
+
 @register("sagsae")
 class SignAwareGatedSAE(GatedPathsSAE):
     """SA-GSAE(H). Tied r⁺ = r⁻ and θ⁺ = θ⁻ by default (the paper's recommended symmetric variant).
@@ -32,9 +43,28 @@ class SignAwareGatedSAE(GatedPathsSAE):
     Ablations (SPEC §3): `one_sided_gate` (gate H(π − θ), codes ≥ 0: a Gated SAE with a learned jump
     threshold), `aux_weight: 0`, `tie_r: false`, `tie_theta: false`, and `signed_magnitude: false`, where the
     code is the gate path's own BiJump_θ(π), so the sparsity penalty shrinks it (no separate magnitude path).
+
+    Args:
+        d_in: activation size (taken from the data in training).
+        width: number of latents H.
+        tie_r: one magnitude rescale r for both polarities (the paper's default).
+        tie_theta: one threshold θ for both polarities.
+        sign_consistency: a code never fires against its gate's polarity.
+        aux_weight: α_aux of the gate-path reconstruction (0 = the `aux: false` ablation).
+        gate_path: "jump" (BiJump_θ(π)) or "soft" (two-sided soft threshold) for the sparsity/aux terms.
+        recon_trains_theta: let the main reconstruction reach θ through the pseudo-derivative.
+        log_theta: store log θ instead of θ.
+        theta_init: initial θ; None = 1e-3·√d.
+        bandwidth: ε of the rectangle kernel; None = 1e-3·√d.
+        theta_floor: thresholds are kept at or above this value.
+        theta_init_quantile: start each θ at this quantile of its |π| on the first batch (None = theta_init).
+        one_sided_gate: ablation: gate H(π − θ) and codes ≥ 0 (a Gated SAE with a learned jump threshold).
+        signed_magnitude: false = ablation: the code is the gate path's BiJump_θ(π) (shrunk by the penalty).
+        unit_norm_decoder: SPEC §3 form (a) instead of the default form (b).
     """
 
     signed_codes = True
+    SAELENS_SWITCHES = ("sign_consistency", "one_sided_gate", "signed_magnitude", "gate_path")
 
     def __init__(
         self,
@@ -104,10 +134,8 @@ class SignAwareGatedSAE(GatedPathsSAE):
         if not self.signed_magnitude:
             return self.gate_activation(pi)
         r_pos, r_neg = self.magnitude_rescales()
-        rescale = r_pos.exp() if self.tie_r else torch.where(pi > 0, r_pos, r_neg).exp()
-        magnitude = rescale * u + self.b_mag
-        if self.sign_consistency:
-            magnitude = torch.where((pi > 0) == (magnitude > 0), magnitude, 0)
+        magnitude = signed_magnitude_path(u, pi, r_pos, None if self.tie_r else r_neg, self.b_mag,
+                                          self.sign_consistency)
         theta_pos, theta_neg = self.thresholds()
         if self.recon_trains_theta:  # the gate's θ pseudo-derivative sees the magnitude it switches
             return magnitude * two_sided_step(pi, theta_pos, theta_neg, self.bandwidth)
@@ -139,6 +167,28 @@ class SignAwareGatedSAE(GatedPathsSAE):
     def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
         u, pi = self.paths(x)
         return self.gated_loss(x, self._code(u, pi), self.gate_activation(pi), sparsity_coefficient)
+
+    def to_saelens(self) -> tuple[dict[str, Tensor], dict]:
+        """SAELens layout with both sides' rescales and thresholds written out (untied on load)."""
+        tensors = {key: self.saelens_tensor(key, key) for key in ("b_gate", "b_mag", "W_dec", "b_dec")}
+        tensors["W_enc"] = self.saelens_tensor("W_enc", "W_gate")
+        for key, value in zip(("r_pos", "r_neg", "threshold_pos", "threshold_neg"),
+                              (*self.magnitude_rescales(), *self.thresholds())):
+            tensors[key] = value.detach().float().cpu().clone()
+        return tensors, {"architecture": self.saelens_architecture} | {s: getattr(self, s) for s in self.SAELENS_SWITCHES}
+
+    @classmethod
+    def saelens_switches(cls, cfg: dict) -> dict:
+        return {s: cfg[s] for s in cls.SAELENS_SWITCHES if s in cfg} | {"tie_r": False, "tie_theta": False}
+
+    @torch.no_grad()
+    def load_saelens_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.W_gate.copy_(tensors["W_enc"].T)
+        self.W_dec.copy_(tensors["W_dec"].T)
+        for key in ("b_gate", "b_mag", "r_pos", "r_neg", "b_dec"):
+            getattr(self, key).copy_(tensors[key])
+        for name, key in zip(self._threshold_names(), ("threshold_pos", "threshold_neg")):
+            getattr(self, name).copy_(tensors[key])
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

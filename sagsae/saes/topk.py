@@ -18,6 +18,20 @@ def keep_top(values: Tensor, scores: Tensor, k: int) -> Tensor:
 
 @register("topk")
 class TopKSparseAutoencoder(LinearEncoderSAE):
+    """TopK SAE with AuxK over dead latents (the sparsity coefficient λ is unused: k sets the sparsity).
+
+    Args:
+        d_in: activation size (taken from the data in training).
+        width: number of latents H.
+        k: active latents per token.
+        aux_k: dead latents used by AuxK; None = d/2.
+        aux_coefficient: AuxK weight (1/32).
+        unit_norm_decoder: unit-norm decoder columns (the paper's choice).
+    """
+
+    k_sparse = True
+    adam_betas = (0.9, 0.999)
+
     def __init__(self, d_in: int, width: int, k: int = 32, aux_k: int | None = None,
                  aux_coefficient: float = 1 / 32, unit_norm_decoder: bool = True) -> None:
         super().__init__(d_in, width, unit_norm_decoder)
@@ -26,6 +40,13 @@ class TopKSparseAutoencoder(LinearEncoderSAE):
         self.k = k
         self.aux_k = d_in // 2 if aux_k is None else aux_k
         self.aux_coefficient = aux_coefficient
+
+    def saelens_config(self) -> dict:
+        return {"k": self.k}
+
+    @classmethod
+    def saelens_switches(cls, cfg: dict) -> dict:
+        return {"k": int(cfg["k"])}
 
     def values_and_scores(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """The code values a latent would take, and the scores that rank latents (TopK: ReLU(π) both)."""

@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import math
 from pathlib import Path
 
-import torch
 import yaml
 
-from datamodules.activation_files import METADATA, ShardWriter
+from datamodules.activation_cache import write_cache
+from datamodules.language_model import DTYPES
 from datamodules.lm_activations import LMActivationDataModule
-from sagsae.staging import staged_folder
-
-STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def datamodule_from_configs(configs: list[str], overrides: list[tuple[str, str]]) -> LMActivationDataModule:
@@ -43,45 +38,15 @@ def datamodule_from_configs(configs: list[str], overrides: list[tuple[str, str]]
     return datamodule_class(**init_args)
 
 
-def write_cache(data: LMActivationDataModule, out: Path, train_tokens: int, val_tokens: int, shard_tokens: int,
-                dtype: str) -> dict:
-    if out.exists():  # before the LM loads
-        raise FileExistsError(f"{out} already exists: choose a new --out folder or remove it first")
-    data.setup()
-    with staged_folder(out) as staging:
-        train = ShardWriter(staging / "train", shard_tokens, STORAGE[dtype])
-        squares = 0.0
-        for chunk in data._activation_chunks(validation=False, passes=iter([0]), guard=data.guard):
-            chunk = chunk[: train_tokens - train.tokens - train.pending_tokens]
-            if dtype == "float16" and chunk.abs().max() > 6e4:
-                raise ValueError("Activations exceed float16's range: cache with --dtype float32 or bfloat16")
-            squares += float(chunk.double().pow(2).sum())
-            train.add(chunk)
-            if train.tokens + train.pending_tokens >= train_tokens:
-                break
-        train.close()
-        val = ShardWriter(staging / "val", shard_tokens, STORAGE[dtype])
-        data.hparams.val_tokens = val_tokens
-        for batch in data._held_out_batches():
-            val.add(batch)
-        val.close()
-        metadata = {**data.describe(), "dtype": dtype, "train_tokens": train.tokens, "val_tokens": val.tokens,
-                    "train_shards": train.shards, "val_shards": val.shards,
-                    "normalization_scale": math.sqrt(data.d_model / (squares / max(train.tokens, 1))),
-                    "requested_train_tokens": train_tokens}
-        (staging / METADATA).write_text(json.dumps(metadata, indent=2))
-    return metadata
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sagsae cache", description=__doc__,
+    parser = argparse.ArgumentParser(prog="sagsae cache", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", required=True, help="a training config (repeatable)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--train_tokens", type=int, default=1_000_000)
     parser.add_argument("--val_tokens", type=int, default=32_768)
     parser.add_argument("--shard_tokens", type=int, default=262_144)
-    parser.add_argument("--dtype", choices=sorted(STORAGE), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     while rest:

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from datamodules.activation_files import METADATA, ShardWriter
+from datamodules.activation_cache import ShardWriter
+from datamodules.activation_files import METADATA
 from sagsae import synthetic
 from sagsae.staging import staged_folder
-from sagsae.sweep import run_sweep, sweep_command
+from sagsae.commands.sweep import run_sweep, sweep_command
 
 TRUTH = "truth.safetensors"
 PROTOCOLS = {"a": synthetic.protocol_a, "b": synthetic.protocol_b, "c": synthetic.protocol_c}

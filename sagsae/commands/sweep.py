@@ -9,9 +9,12 @@ or a live hookpoint) and the members (an SAE module, its fixed arguments, and a 
       mlp_out: {class_path: datamodules.ActivationFileDataModule, init_args: {path: cache/smollm2_l15_mlp_out}}
     members:
       - name: SA-GSAE(H)
-        class_path: lightning_modules.SAGSAE
-        init_args: {width: 1152}
+        sae: sagsae          # a registered architecture's name, or an import path to an SAE class
+        init_args: {width: 1152, lr_warmup_steps: 10}
         grid: {sparsity_coefficient: [4, 8, 16, 32], init_seed: [0, 1]}
+
+A member's `init_args` and `grid` are one flat set of arguments: those of `SAEModule` (λ, LR, seeds, …) train,
+the others configure the SAE (width, k, switches), each routed by its name (`SAEModule.from_arguments`).
 
 Every member of a cell trains from the same batches (`SweepModule`), so a cell costs one pass over its data.
 Each cell writes `<out>/<cell>/results.json` when done; a rerun skips finished cells and resumes an unfinished
@@ -39,20 +42,32 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.interrupt import InterruptCheckpoint
 from callbacks.run_info import StepProgressBar, environment
-from lightning_modules.base import SAEModule
-from lightning_modules.sweep import SweepModule
-
-RESULTS = "results.json"
+from lightning_modules import SAEModule, SweepModule
+from sagsae.commands.report import RESULTS
+from sagsae.saes import SparseAutoencoder
 Scorer = Callable[[str, SAEModule], dict[str, float]]  # (cell, trained member) → extra result columns
 SHORT_NAMES = {"sparsity_coefficient": "l", "init_seed": "s", "width": "w", "k": "k", "lr": "lr"}
 
 
-def _class(path: str) -> type:
+def import_class(path: str) -> type:
+    """The class at a dotted import path, with an error that names it."""
     module, _, name = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"Cannot import {path!r} ({error}); write a full path such as lightning_modules.SAGSAE")
+        raise ValueError(f"Cannot import {path!r} ({error}); write a full path such as "
+                         f"datamodules.ActivationFileDataModule") from None
+
+
+def member_sae(entry: dict[str, Any]) -> str | type[SparseAutoencoder]:
+    """A member's `sae`: a registry name as it is, an import path as the class it names."""
+    sae = str(entry["sae"])
+    if "." not in sae:
+        return sae
+    cls = import_class(sae)
+    if not (isinstance(cls, type) and issubclass(cls, SparseAutoencoder)):
+        raise ValueError(f"{sae} is not a SparseAutoencoder class")
+    return cls
 
 
 def _identifier(label: str) -> str:
@@ -64,14 +79,14 @@ def _identifier(label: str) -> str:
 
 
 def expand_members(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """name → {series, class_path, init_args, grid point} for every point of every member's grid."""
+    """name → {series, sae, init_args, grid point} for every point of every member's grid; each member is built
+    here once, so that a wrong argument fails before any cell starts."""
     members: dict[str, dict[str, Any]] = {}
     for entry in entries:
-        unknown = set(entry) - {"name", "class_path", "init_args", "grid"}
-        if unknown or "class_path" not in entry or "name" not in entry:
-            raise ValueError(f"A sweep member needs name and class_path (and may have init_args, grid); got {entry}")
-        if not issubclass(_class(entry["class_path"]), SAEModule):
-            raise ValueError(f"{entry['class_path']} is not an SAEModule")
+        unknown = set(entry) - {"name", "sae", "init_args", "grid"}
+        if unknown or "sae" not in entry or "name" not in entry:
+            raise ValueError(f"A sweep member needs name and sae (and may have init_args, grid); got {entry}")
+        sae = member_sae(entry)
         grid = entry.get("grid") or {}
         keys = list(grid)
         for values in itertools.product(*(grid[key] if isinstance(grid[key], list) else [grid[key]] for key in keys)):
@@ -79,7 +94,7 @@ def expand_members(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             name = _identifier(entry["name"] + "".join(f"-{SHORT_NAMES.get(k, k)}{v}" for k, v in point.items()))
             if name in members:
                 raise ValueError(f"Two sweep members are both named {name!r}: give the entries distinct names")
-            members[name] = {"series": entry["name"], "class_path": entry["class_path"],
+            members[name] = {"series": entry["name"], "sae": sae,
                              "init_args": {**(entry.get("init_args") or {}), **point}, "point": point}
     if not members:
         raise ValueError("The sweep config lists no members")
@@ -87,7 +102,8 @@ def expand_members(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def build_sweep(members: dict[str, dict[str, Any]]) -> SweepModule:
-    return SweepModule({name: _class(spec["class_path"])(**spec["init_args"]) for name, spec in members.items()})
+    return SweepModule({name: SAEModule.from_arguments(spec["sae"], **spec["init_args"])
+                        for name, spec in members.items()})
 
 
 def trainer_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +125,7 @@ def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None
     """Train every member on one cell's data (resuming if a checkpoint exists) and write its results.json."""
     folder = out / cell
     data_spec = config["cells"][cell]
-    datamodule = _class(data_spec["class_path"])(**(data_spec.get("init_args") or {}))
+    datamodule = import_class(data_spec["class_path"])(**(data_spec.get("init_args") or {}))
     members = expand_members(config["members"])
     sweep = build_sweep(members)
     trainer_args = trainer_settings(config)
@@ -130,8 +146,8 @@ def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None
         "activations": datamodule.describe() if hasattr(datamodule, "describe") else None,
         "steps": trainer.global_step,
         "fit_seconds_this_run": seconds,
-        "members": {name: {"series": spec["series"], "class_path": spec["class_path"], "point": spec["point"],
-                           "width": sweep.members[name].sae.width, **sweep.latest_validation[name],
+        "members": {name: {"series": spec["series"], "architecture": sweep.members[name].sae.architecture,
+                           "point": spec["point"], "width": sweep.members[name].sae.width, **sweep.latest_validation[name],
                            **(scorer(cell, sweep.members[name]) if scorer is not None else {})}
                     for name, spec in members.items()},
     }
@@ -143,7 +159,7 @@ def run_sweep(config: dict[str, Any], out: Path, cells: list[str] | None = None,
     for key in ("cells", "members"):
         if not config.get(key):
             raise ValueError(f"The sweep config needs a non-empty {key!r} section")
-    expand_members(config["members"])  # reject a bad grid or trainer section before any cell starts
+    build_sweep(expand_members(config["members"]))  # reject a bad member or grid before any cell starts
     trainer_settings(config)
     unknown = sorted(set(cells or []) - set(config["cells"]))
     if unknown:
@@ -176,7 +192,7 @@ def select(config: dict[str, Any], series: list[str] | None, seeds: list[int] | 
 def sweep_command(command: str, description: str, default_config: Path | None, argv: list[str] | None,
                   run: Callable[[dict[str, Any], Path, list[str] | None], None]) -> None:
     """The command line shared by `sweep` and `synth`: --config, --out, --cells, --series, --seeds, --max_steps."""
-    parser = argparse.ArgumentParser(prog=f"python -m sagsae {command}", description=description,
+    parser = argparse.ArgumentParser(prog=f"sagsae {command}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=default_config, required=default_config is None,
                         help="a sweep config (see configs/sweeps/)")

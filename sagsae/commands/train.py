@@ -1,4 +1,5 @@
-"""`python -m sagsae {fit,validate,test}`: a LightningCLI over any SAE module and activation datamodule."""
+"""`sagsae {fit,validate,test}`: a LightningCLI over `SAEModule` (any registered SAE) and any activation
+datamodule."""
 
 from __future__ import annotations
 
@@ -7,22 +8,29 @@ from lightning.pytorch.cli import LightningCLI
 
 from callbacks import EvaluationReport, InterruptCheckpoint, RunInfo, SAEMetrics, StepProgressBar
 from lightning_modules import SAEModule
+from sagsae.commands import COMMANDS, TRAIN
 
 
 class SAGSAECLI(LightningCLI):
-    """Every run gets the metrics, the run record and the step progress bar, whatever the config says."""
+    """Every run gets the metrics, the run record and the step progress bar, whatever the config says. The
+    module configures its own Adam, so the CLI offers no optimizer or scheduler; `predict` is left out."""
 
     def __init__(self, args: list[str] | None = None) -> None:
         super().__init__(
             SAEModule,
             LightningDataModule,
-            subclass_mode_model=True,
             subclass_mode_data=True,
+            auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": [SAEMetrics(), RunInfo(), StepProgressBar(), EvaluationReport(),
                                             InterruptCheckpoint()]},
+            parser_kwargs={"prog": "sagsae", "description": "Train and evaluate sparse autoencoders."},
             args=args,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if COMMANDS.get(name, ("",))[0] == TRAIN}
 
 
 def run(args: list[str] | None = None) -> None:

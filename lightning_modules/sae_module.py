@@ -1,12 +1,14 @@
-"""The training loop shared by every SAE: optimizer, LR and λ warmup, normalization, dead-latent tracking.
-
-A subclass only names its architecture and lists which of its arguments configure it; the SAE itself (pure
-torch, `sagsae.saes`) is built lazily in `configure_model`, once the datamodule knows the activation size.
+"""The one LightningModule that trains any registered SAE: optimizer, LR and λ warmup, normalization, dead-latent
+tracking. The SAE (pure torch, `sagsae.saes`) is given as a class to build: in a config, `sae: {class_path,
+init_args}` without d_in, which is built in `configure_model` once the datamodule knows the activation size.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -15,38 +17,38 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks.interrupt import rescue_checkpoint
-from sagsae.saes import SparseAutoencoder, build_sae
+from sagsae.saes import SparseAutoencoder, sae_class
+
+SAEFactory = Callable[[int], SparseAutoencoder]  # d_in → the SAE, its other arguments already bound
 
 
 class SAEModule(L.LightningModule):
     """Trains one SAE on normalized activations.
 
     Args:
+        sae: the architecture and its switches, e.g. `{class_path: sagsae.saes.SignAwareGatedSAE, init_args:
+            {width: 4608}}` (`--model.sae.help CLASS` lists a class's switches).
         d_in: activation size; None = take it from the datamodule (a mismatch with the data is an error).
-        width: number of latents H; None = 8 × d_in.
-        sparsity_coefficient: λ, reached linearly over `sparsity_warmup_steps`.
+        sparsity_coefficient: λ, reached linearly over `sparsity_warmup_steps` (unused by k-sparse SAEs).
         lr: Adam learning rate, reached linearly over `lr_warmup_steps`.
         lr_decay_fraction: decay the LR linearly to zero over this last share of `trainer.max_steps` (0 = none).
-        betas: Adam betas.
+        betas: Adam betas; None = the architecture's own (TopK family (0.9, 0.999), others (0, 0.999)).
         dead_window_tokens: a latent that has not fired in this many training tokens is dead (SPEC §6).
         reset_dead_latents: let the architecture react to dead latents (SA-GSAE: threshold reset).
         init_seed: seed of the SAE's initial weights alone (None = the global generator), so that a sweep
             member and a stand-alone run with the same seed start from the same weights.
     """
 
-    architecture: str = ""  # registry name of the SAE in sagsae.saes
-    architecture_args: tuple[str, ...] = ()  # the subclass's __init__ arguments that configure that SAE
-
     def __init__(
         self,
+        sae: SAEFactory,
         d_in: int | None = None,
-        width: int | None = None,
         sparsity_coefficient: float = 1.0,
         sparsity_warmup_steps: int = 200,
         lr: float = 1e-3,
         lr_warmup_steps: int = 50,
         lr_decay_fraction: float = 0.0,
-        betas: tuple[float, float] = (0.0, 0.999),
+        betas: tuple[float, float] | None = None,
         dead_window_tokens: int = 1_000_000,
         reset_dead_latents: bool = True,
         init_seed: int | None = None,
@@ -59,20 +61,35 @@ class SAEModule(L.LightningModule):
             raise ValueError(f"model.lr_decay_fraction must lie in [0, 1], got {lr_decay_fraction}")
         if dead_window_tokens <= 0:
             raise ValueError(f"model.dead_window_tokens must be positive, got {dead_window_tokens}")
-        self.save_hyperparameters()  # the subclass's architecture switches included
+        self.save_hyperparameters()
+        self.make_sae = sae
         self.sae: SparseAutoencoder | None = None
         self.skipped_batches = 0
         if d_in is not None:
             self._build(d_in)
 
+    @classmethod
+    def from_arguments(cls, sae: str | type[SparseAutoencoder], **arguments: Any) -> SAEModule:
+        """A module from one flat set of arguments (what a sweep member lists): those of `SAEModule` train, the
+        rest configure the SAE, given by registry name or class."""
+        architecture = sae_class(sae) if isinstance(sae, str) else sae
+        training = set(inspect.signature(cls.__init__).parameters) - {"self", "sae"}
+        switches = {k: v for k, v in arguments.items() if k not in training}
+        accepted = set(inspect.signature(architecture.__init__).parameters) - {"self", "d_in"}
+        unknown = sorted(set(switches) - accepted)
+        if unknown:
+            raise ValueError(f"{architecture.__name__} has no argument(s) {unknown}: training arguments are "
+                             f"{sorted(training)}, the SAE's are {sorted(accepted)}")
+        return cls(sae=functools.partial(architecture, **switches),
+                   **{k: v for k, v in arguments.items() if k in training})
+
     # ----- construction -------------------------------------------------------------------------------
     def _build(self, d_in: int) -> None:
-        width = self.hparams.width or 8 * d_in
-        switches = {name: self.hparams[name] for name in self.architecture_args}
         with torch.random.fork_rng(devices=[]):
             if self.hparams.init_seed is not None:
                 torch.manual_seed(self.hparams.init_seed)
-            self.sae = build_sae(self.architecture, d_in=d_in, width=width, **switches)
+            self.sae = self.make_sae(d_in)
+        width = self.sae.width
         self.sae.input_scale.fill_(math.nan)  # unset until estimated on the data (or restored)
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
         self.register_buffer("firing_frequency", torch.zeros(width, dtype=torch.float64))  # EMA over ~W tokens
@@ -81,7 +98,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("initialized", torch.tensor(False))
 
     def configure_model(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.trainer, "datamodule", None)
         data_d = getattr(datamodule, "d_model", None) if datamodule is not None else None
         if self.sae is None:
             if data_d is None:
@@ -119,7 +136,7 @@ class SAEModule(L.LightningModule):
         """Linear warmup, then constant, then (with `lr_decay_fraction`) linear decay to 0 at max_steps."""
         warmup = self.hparams.lr_warmup_steps
         factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        total = self.trainer.max_steps if self._trainer is not None else -1
+        total = self.trainer.max_steps
         decay_steps = int(self.hparams.lr_decay_fraction * total)
         if decay_steps > 0:
             factor = min(factor, max(0.0, (total - step) / decay_steps))
@@ -127,8 +144,9 @@ class SAEModule(L.LightningModule):
 
     def optimizer_group(self) -> dict[str, Any]:
         """This SAE's Adam parameter group (a sweep puts every member's group in one optimizer)."""
+        betas = self.sae.adam_betas if self.hparams.betas is None else self.hparams.betas
         return {"params": list(self.sae.parameters()), "lr": self.hparams.lr,
-                "betas": tuple(float(beta) for beta in self.hparams.betas)}
+                "betas": tuple(float(beta) for beta in betas)}
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam([self.optimizer_group()])
@@ -218,8 +236,7 @@ class SAEModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """What `sagsae export` needs to rebuild the SAE with torch alone, and the run's latest metrics."""
-        checkpoint["sae"] = {"architecture": self.architecture, "d_in": self.sae.d_in, "width": self.sae.width,
-                             "switches": {name: self.hparams[name] for name in self.architecture_args}}
+        checkpoint["sae"] = {"architecture": self.sae.architecture, "config": self.sae.config()}
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "describe"):
             checkpoint["activations"] = datamodule.describe()

@@ -17,8 +17,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from callbacks.metrics import ReconstructionMetrics, explained_variance
-from lightning_modules.base import SAEModule
+from callbacks.metrics import ReconstructionMetrics
+from lightning_modules.sae_module import SAEModule
+from sagsae.measures import explained_variance
 
 
 class SweepModule(L.LightningModule):
@@ -125,8 +126,9 @@ class SweepModule(L.LightningModule):
         self._finish_evaluation("test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sweep_members"] = {name: {"class_path": f"{type(m).__module__}.{type(m).__name__}",
-                                              "init_args": dict(m.hparams)} for name, m in self.members.items()}
+        checkpoint["sweep_members"] = {name: {"architecture": m.sae.architecture, "config": m.sae.config(),
+                                              "training": {k: v for k, v in m.hparams.items() if k != "sae"}}
+                                       for name, m in self.members.items()}
         checkpoint["latest_validation"] = self.latest_validation
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

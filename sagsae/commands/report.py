@@ -82,11 +82,17 @@ def _hookpoint(cell: dict) -> str | None:
     return (cell.get("activations") or {}).get("hookpoint")
 
 
+def member_architecture(member: dict) -> str | None:
+    """A member's registry name; results.json written before sweeps recorded it name the training class."""
+    legacy = {"SAGSAE": "sagsae", "GatedSAE": "gated"}
+    return member.get("architecture") or legacy.get(member.get("class_path", "").rpartition(".")[2])
+
+
 def paper_claim(cell: dict, a: str, b: str) -> str:
     """What the paper reports for this kind of hookpoint, where the pair is the paper's own (an SA-GSAE series
     against a Gated one); "–" for any other pair."""
-    classes = {m["series"]: m.get("class_path", "").rpartition(".")[2] for m in cell["members"].values()}
-    if (classes.get(a), classes.get(b)) != ("SAGSAE", "GatedSAE"):
+    kinds = {m["series"]: member_architecture(m) for m in cell["members"].values()}
+    if (kinds.get(a), kinds.get(b)) != ("sagsae", "gated"):
         return "–"
     return PAPER.get(_hookpoint(cell) or "", "–")
 
@@ -196,7 +202,7 @@ def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sagsae report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="sagsae report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweeps", nargs="+", type=Path,
                         help="sweep output folders (from `sweep` or `synth`); same-named cells are merged")

@@ -1,0 +1,67 @@
+"""A frozen causal LM read at one hookpoint: documents in, the activations an SAE trains on out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from datamodules.hookpoints import ActivationReader
+from datamodules.language_model import load_language_model, resolve_dtype
+from datamodules.text import Document, pack_contexts, tokenize_documents
+
+
+class HookedLanguageModel:
+    """The LM, its tokenizer and one hookpoint. Contexts start with BOS and documents are joined by EOS (or BOS);
+    the SAE trains on every position but BOS and special tokens (`trainable_positions`)."""
+
+    def __init__(self, model: str, gguf_file: str | None, hookpoint: str, layer: int | None, lm_dtype: str,
+                 device: torch.device, context_length: int) -> None:
+        lm, self.tokenizer = load_language_model(model, gguf_file, resolve_dtype(lm_dtype, device), device)
+        self.reader = ActivationReader(lm, hookpoint, layer)
+        self.device = device
+        self.context_length = context_length
+        self.bos_id = self.tokenizer.bos_token_id
+        if self.bos_id is None:
+            self.bos_id = self.tokenizer.eos_token_id
+        if self.bos_id is None:
+            raise ValueError(f"The tokenizer of {model!r} has neither a BOS nor an EOS token to start contexts")
+        self.separator_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.bos_id
+        self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids) | {self.bos_id, self.separator_id}))
+
+    @property
+    def d_model(self) -> int:
+        return self.reader.d_model
+
+    @property
+    def hookpoint(self) -> str:
+        return self.reader.hookpoint
+
+    @property
+    def layer(self) -> int:
+        return self.reader.layer
+
+    def contexts(self, documents: Iterable[Document]) -> Iterator[list[int]]:
+        """Token contexts of `context_length`, BOS first, documents packed end to end."""
+        return pack_contexts(tokenize_documents(documents, self.tokenizer), self.context_length, self.bos_id,
+                             self.separator_id)
+
+    def trainable_positions(self, input_ids: Tensor) -> Tensor:
+        """Positions the SAE sees: not BOS (position 0), not special tokens."""
+        trainable = ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
+        trainable[:, 0] = False
+        return trainable
+
+    def activations(self, input_ids: Tensor) -> Tensor:
+        """The hookpoint's activations at the trainable positions of `input_ids` (a forward that stops there)."""
+        input_ids = input_ids.to(self.device)
+        return self.reader(input_ids)[self.trainable_positions(input_ids)].float()
+
+    def logits(self, input_ids: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return self.reader.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+
+    def logits_with_replacement(self, input_ids: Tensor, replace: Callable[[Tensor], Tensor]) -> Tensor:
+        """Logits with the hookpoint's tensor replaced by `replace(tensor)` in the forward."""
+        return self.reader.logits_with_replacement(input_ids.to(self.device), replace)

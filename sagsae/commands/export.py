@@ -1,0 +1,55 @@
+"""`python -m sagsae export --ckpt_path CKPT --out FOLDER`: a trained SAE in SAELens's v6 folder layout, with its
+run's metadata, firing frequencies and a model card (see sagsae.serialization)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from sagsae.serialization import export, read_checkpoint, sae_from_checkpoint
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
+    """Export the SAE of a training checkpoint (`last.ckpt`), with its run's metadata and a model card."""
+    state = read_checkpoint(ckpt_path)
+    sae = sae_from_checkpoint(state)
+    activations = state.get("activations") or {}
+    layer, hookpoint = activations.get("layer"), activations.get("hookpoint")
+    metadata = {
+        "model_name": activations.get("model"),
+        "hook_name": f"blocks.{layer}.hook_{hookpoint}" if hookpoint else None,
+        "hook_layer": layer,
+        "dataset_path": activations.get("dataset"),
+        "context_size": activations.get("context_length"),
+        "training_tokens": int(state["state_dict"].get("tokens_seen", torch.tensor(0))),
+        "global_step": state.get("global_step"),
+        "normalization_scalar_folded": float(sae.input_scale),
+        "sagsae_architecture": sae.architecture,
+        "sagsae_config": sae.config(),
+    }
+    card = model_card(sae, metadata, state.get("sae_metrics", {}))
+    return export(sae, out, metadata, state["state_dict"].get("firing_frequency"), card)
+
+
+def model_card(sae, metadata: dict, metrics: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in metadata.items())
+    shown = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())) or "| (none recorded) | |"
+    return (f"# {sae.architecture} SAE, width {sae.width}, on {metadata.get('model_name')} "
+            f"{metadata.get('hook_name')}\n\nTrained with sagsae. Load with `sagsae.load(folder)` (torch only) or "
+            f"`sae_lens.SAE.load_from_disk(folder)` (shared architectures). Inputs are raw activations: the "
+            f"normalization scalar is folded into the weights.\n\n| field | value |\n|---|---|\n{rows}\n\n"
+            f"## Latest metrics at export\n\n| metric | value |\n|---|---|\n{shown}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sagsae export", description=__doc__)
+    parser.add_argument("--ckpt_path", required=True, help="a training checkpoint, e.g. .../checkpoints/last.ckpt")
+    parser.add_argument("--out", required=True, help="the folder to create")
+    args = parser.parse_args(argv)
+    try:
+        folder = export_checkpoint(args.ckpt_path, args.out)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        parser.exit(2, f"export failed: {error}\n")
+    print(f"Exported to {folder}")

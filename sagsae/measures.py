@@ -1,0 +1,43 @@
+"""The metric math of SPEC §5–6 on plain tensors (no Lightning, no torchmetrics): the normalization scalar,
+R² of a batch, and the held-out window's summary from its sums. callbacks/metrics.py accumulates the sums
+across batches and ranks; sweeps, reports and exports read the same definitions from here."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def normalization_scale(sum_of_squares: float, tokens: int, d_in: int) -> float:
+    """The scalar s with E‖s·x‖² = d, from Σ‖x‖² over `tokens` activations (SPEC §5)."""
+    if tokens <= 0 or not sum_of_squares > 0:
+        raise ValueError(f"Cannot estimate the normalization scalar from {tokens} tokens of total energy "
+                         f"{sum_of_squares}: the activations are empty or all zero")
+    return math.sqrt(d_in / (sum_of_squares / tokens))
+
+
+def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
+    """R² of one batch (window = the batch): 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², in float64."""
+    x, x_hat = x.double(), x_hat.double()
+    return 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+
+def window_summary(squared_error: Tensor, sum_x: Tensor, sum_squares: Tensor, active: Tensor, tokens: Tensor,
+                   positive: Tensor, negative: Tensor) -> dict[str, Tensor]:
+    """R², MSE, L0, silent and bipolar fractions and per-latent firing density from a window's sums: R² divides
+    summed errors by summed variance (never a mean of per-batch ratios); a latent is bipolar when its minority
+    sign is ≥ 10% of its firings (SPEC §6)."""
+    total_variance = sum_squares - sum_x.pow(2).sum() / tokens
+    firings = positive + negative
+    alive = firings > 0
+    minority = torch.minimum(positive, negative) / firings.clamp(min=1)
+    return {
+        "r2": 1 - squared_error / total_variance,
+        "mse": squared_error / (tokens * sum_x.numel()),
+        "l0": active / tokens,
+        "silent_fraction": (firings == 0).double().mean(),
+        "bipolar_fraction": (minority[alive] >= 0.1).double().mean() if alive.any() else alive.double().sum(),
+        "firing_density": firings / tokens,
+    }

@@ -1,0 +1,80 @@
+"""Export to SAELens's v6 disk format and load with torch alone (`sagsae.load`).
+
+A folder holds `sae_weights.safetensors`, `cfg.json`, `sparsity.safetensors` (log10 firing frequency) and a
+`README.md` model card. The normalization scalar is folded into the weights, so exported SAEs take raw
+activations. Each architecture writes and reads its own tensors (`SparseAutoencoder.to_saelens` /
+`from_saelens`); this module only handles folders and training checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from sagsae.saes import SparseAutoencoder, build_sae, sae_class_for_saelens
+from sagsae.staging import staged_folder
+
+WEIGHTS, CONFIG, SPARSITY, CARD = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "README.md"
+
+
+def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None,
+           firing_frequency: Tensor | None = None, card: str = "") -> Path:
+    """Write the folder atomically: everything goes to a temporary folder that is renamed at the end."""
+    out = Path(out)
+    for name, parameter in sae.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise ValueError(f"Refusing to export: parameter {name!r} has non-finite values")
+    if not math.isfinite(float(sae.input_scale)):
+        raise ValueError("Refusing to export: the normalization scalar was never estimated (input_scale is NaN)")
+    tensors, architecture_cfg = sae.to_saelens()
+    cfg = {"d_in": sae.d_in, "d_sae": sae.width, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+           "normalize_activations": "none", "reshape_activations": "none", **architecture_cfg,
+           "metadata": metadata or {}}
+    with staged_folder(out) as staging:
+        save_file(tensors, str(staging / WEIGHTS))
+        (staging / CONFIG).write_text(json.dumps(cfg, indent=2))
+        if firing_frequency is not None:
+            log_density = firing_frequency.float().clamp(min=1e-10).log10().cpu()
+            save_file({"sparsity": log_density}, str(staging / SPARSITY))
+        (staging / CARD).write_text(card)
+    return out
+
+
+def load(folder: str | Path) -> SparseAutoencoder:
+    """A torch `nn.Module` with encode/decode/forward on raw activations, from a folder written by `export`
+    or saved by SAELens (standard, gated, jumprelu, topk)."""
+    folder = Path(folder)
+    for required in (CONFIG, WEIGHTS):
+        if not (folder / required).is_file():
+            raise FileNotFoundError(f"{folder / required} is missing: is {folder} an exported SAE folder?")
+    cfg = json.loads((folder / CONFIG).read_text())
+    sae_class = sae_class_for_saelens(str(cfg.get("architecture")))
+    return sae_class.from_saelens(cfg, load_file(str(folder / WEIGHTS))).eval()
+
+
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """A sagsae training checkpoint's contents (torch.load), with errors that name the file."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"Checkpoint {ckpt_path} does not exist")
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file: say which and why
+        raise ValueError(f"Could not read checkpoint {ckpt_path}: {error}") from error
+    if not isinstance(state, dict) or "sae" not in state or "state_dict" not in state:
+        raise ValueError(f"{ckpt_path} is not a sagsae training checkpoint (it has no 'sae' entry)")
+    return state
+
+
+def sae_from_checkpoint(state: dict[str, Any]) -> SparseAutoencoder:
+    """The trained SAE of a checkpoint read by `read_checkpoint`, with its normalization scalar."""
+    spec = state["sae"]
+    sae = build_sae(spec["architecture"], **spec["config"])
+    sae.load_state_dict({k.removeprefix("sae."): v for k, v in state["state_dict"].items() if k.startswith("sae.")})
+    return sae
