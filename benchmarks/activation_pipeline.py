@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from datamodules import LMActivationDataModule
-from datamodules.text import pack_contexts, tokenize_documents
 
 
 def main() -> None:
@@ -29,8 +28,7 @@ def main() -> None:
     data = LMActivationDataModule(model=args.model, hookpoint=args.hookpoint, layer=args.layer)
     data.setup()
     hp = data.hparams
-    tokens = tokenize_documents(data._documents(False, 0), data.tokenizer)
-    contexts = list(itertools.islice(pack_contexts(tokens, hp.context_length, data.bos_id, data.separator_id),
+    contexts = list(itertools.islice(data.lm.contexts(data.documents(validation=False)),
                                      args.lm_batches * hp.lm_batch_size))
     batches = [torch.tensor(contexts[i : i + hp.lm_batch_size]) for i in range(0, len(contexts), hp.lm_batch_size)]
     total = sum(b.numel() for b in batches)
@@ -40,15 +38,15 @@ def main() -> None:
         function()
         return time.perf_counter() - start
 
-    data.reader(batches[0])  # warm-up
-    truncated = timed(lambda: [data.reader(b) for b in batches])
+    data.lm.reader(batches[0])  # warm-up
+    truncated = timed(lambda: [data.lm.reader(b) for b in batches])
     with torch.inference_mode():
-        full = timed(lambda: [data.reader.model(input_ids=b, use_cache=False) for b in batches])
+        full = timed(lambda: [data.lm.logits(b) for b in batches])
     trained_tokens = 0
 
     def pipeline() -> None:
         nonlocal trained_tokens
-        for batch in itertools.islice(data._training_batches(), total // hp.batch_size):
+        for batch in itertools.islice(data.training_batches(), total // hp.batch_size):
             trained_tokens += len(batch)
     stream = timed(pipeline)
     rows = {"truncated_forward": total / truncated, "full_forward": total / full,

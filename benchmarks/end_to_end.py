@@ -21,7 +21,7 @@ import lightning as L
 import torch
 
 from datamodules import LMActivationDataModule
-from lightning_modules import SAEModule, SAGSAE
+from lightning_modules import SAEModule
 
 
 class StepClock(L.Callback):
@@ -42,7 +42,7 @@ def fit_tokens_per_second(module: L.LightningModule, data: L.LightningDataModule
 
 
 def pipeline_tokens_per_second(data: LMActivationDataModule, steps: int) -> float:
-    batches = data._training_batches()
+    batches = data.training_batches()
     next(batches)
     start = time.perf_counter()
     tokens = sum(len(batch) for batch in itertools.islice(batches, steps - 1))
@@ -71,7 +71,7 @@ def main() -> None:
     data = datamodule(args)
     data.setup()
     pipeline = pipeline_tokens_per_second(data, args.steps)
-    module: SAEModule = SAGSAE(width=args.width, sparsity_coefficient=8.0)
+    module: SAEModule = SAEModule.from_arguments("sagsae", width=args.width, sparsity_coefficient=8.0)
     trained = fit_tokens_per_second(module, datamodule(args), args.steps)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()

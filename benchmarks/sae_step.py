@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from sagsae.saes import SAE_REGISTRY, build_sae
+from sagsae.saes import SAE_REGISTRY, build_sae, sae_class
+
+K = 64  # active latents of the TopK family, ours and the peers'
 
 
 def seconds_per_call(function, repeats: int) -> float:
@@ -41,7 +43,7 @@ def floor_step(x: torch.Tensor, width: int):
 
 
 def sae_step(name: str, x: torch.Tensor, width: int):
-    sae = build_sae(name, d_in=x.shape[1], width=width, **({"k": 64} if "topk" in name else {}))
+    sae = build_sae(name, d_in=x.shape[1], width=width, **({"k": K} if sae_class(name).k_sparse else {}))
     sae.initialize_from_batch(x)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
     dead = torch.zeros(width, dtype=torch.bool)
@@ -69,7 +71,7 @@ def saelens_step(name: str, x: torch.Tensor, width: int):
         return None
     prefix = SAELENS[name]
     config_class = getattr(sae_lens, f"{prefix}TrainingSAEConfig")
-    options = {"k": 64} if "TopK" in prefix else {}
+    options = {"k": K} if "TopK" in prefix else {}
     sae = getattr(sae_lens, f"{prefix}TrainingSAE")(config_class(d_in=x.shape[1], d_sae=width, **options))
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
     coefficients = {key: 1.0 for key in sae.get_coefficients()}
@@ -89,7 +91,7 @@ def sparsify_step(x: torch.Tensor, width: int):
         from sparsify import SparseCoder, SparseCoderConfig
     except ImportError:
         return None
-    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=width, k=64))
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=width, k=K))
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step():

@@ -1,6 +1,6 @@
 """N SAEs trained from one activation stream (`SweepModule`) against N separate runs, on live activations.
 
-    python -m benchmarks.sweep [--members 4 --width 1152 --steps 6 --json out.json]
+    python -m benchmarks.sweep_throughput [--members 4 --width 1152 --steps 6 --json out.json]
 
 Each separate run pays the LM forward for every batch; the sweep pays it once per batch for all members. The
 ratio is the sweep's throughput in SAE-tokens/s (tokens × members) over the separate runs' combined one.
@@ -14,12 +14,11 @@ import json
 import torch
 
 from benchmarks.end_to_end import add_common_arguments, datamodule, fit_tokens_per_second
-from lightning_modules import SAGSAE
-from lightning_modules.sweep import SweepModule
+from lightning_modules import SAEModule, SweepModule
 
 
-def member(seed: int, width: int) -> SAGSAE:
-    return SAGSAE(width=width, sparsity_coefficient=8.0, init_seed=seed)
+def member(seed: int, width: int) -> SAEModule:
+    return SAEModule.from_arguments("sagsae", width=width, sparsity_coefficient=8.0, init_seed=seed)
 
 
 def main() -> None:

@@ -18,25 +18,27 @@ import lightning as L
 import torch
 import yaml
 
-import lightning_modules
 from callbacks import SAEMetrics
 from datamodules import LMActivationDataModule, TensorActivationDataModule
 from datamodules.activation_stream import take_tokens
+from lightning_modules import SAEModule
+from sagsae.commands.sweep import import_class
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARCHITECTURES = ("default", "gated", "relu", "jumprelu", "topk", "batchtopk", "abstopk")
 
 
 def model_config(name: str) -> tuple[type, dict]:
-    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]
-    module_class = getattr(lightning_modules, config["class_path"].rsplit(".", 1)[1])
-    return module_class, dict(config.get("init_args", {}))
+    """(SAE class, its init_args and the config's training arguments as one flat set) of configs/<name>.yaml."""
+    config = dict(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"])
+    sae = config.pop("sae")
+    return import_class(sae["class_path"]), {**(sae.get("init_args") or {}), **config}
 
 
 def live_activations(tokens: int, val_tokens: int, hookpoint: str) -> dict[str, torch.Tensor]:
     data = LMActivationDataModule(hookpoint=hookpoint, layer=15, val_tokens=val_tokens)
     data.setup()
-    return {"train": take_tokens(data._training_chunks(), tokens), "val": torch.cat(data._held_out_batches())}
+    return {"train": take_tokens(data.training_chunks(), tokens), "val": torch.cat(data.held_out_batches())}
 
 
 def evaluate(module, val: torch.Tensor) -> dict[str, float]:
@@ -69,13 +71,13 @@ def main() -> None:
         torch.save(activations, args.save)
     results = {}
     for name in args.architectures:
-        module_class, init_args = model_config(name)
+        sae_class, init_args = model_config(name)
         init_args.update(sparsity_warmup_steps=min(init_args.get("sparsity_warmup_steps", 200), args.steps // 2),
                          lr_warmup_steps=min(init_args.get("lr_warmup_steps", 50), args.steps // 10))
         if args.width:
             init_args["width"] = args.width
         L.seed_everything(0)
-        module = module_class(**init_args)
+        module = SAEModule.from_arguments(sae_class, **init_args)
         trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
                             callbacks=[SAEMetrics()])

@@ -75,7 +75,7 @@ def test_fit_from_cache_and_from_a_single_file(cache_dir, tmp_path):
              "--data.init_args.path", str(path), "--data.init_args.batch_size", "200",
              "--data.init_args.shuffle_buffer_tokens", "800", "--data.init_args.normalization_tokens", "500"])
         state = torch.load(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
-        assert state["global_step"] == 8 and state["sae"]["d_in"] == 32
+        assert state["global_step"] == 8 and state["sae"]["config"]["d_in"] == 32
 
 
 def test_bad_paths_and_tensors_are_named(tmp_path):

@@ -1,4 +1,5 @@
-"""Every shipped architecture config trains through `python -m sagsae fit` and reports through `validate`."""
+"""Every shipped architecture config trains through `python -m sagsae fit`, reports through `validate`, and
+exports to a folder that reloads bit for bit."""
 
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ from sagsae.commands.train import run
 from tests.test_cli import REPO, tiny_args
 
 CONFIGS = sorted(p.relative_to(REPO / "configs") for p in (REPO / "configs").rglob("*.yaml")
-                 if p.name != "default.yaml" and p.parent.name not in ("paper", "sweeps"))
+                 if p.parent.name not in ("paper", "sweeps"))  # default.yaml too: tiny_args start from it
 PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("*.yaml"))
 SWEEP_CONFIGS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c) for c in CONFIGS])
 def test_config_fits_and_validates(config: Path, tiny_llama, text_file, tmp_path):
-    args = [*tiny_args(tiny_llama, text_file, tmp_path, steps=6), "--config", str(REPO / "configs" / config),
-            "--model.sae.width", "64"]
+    overlay = [] if config.name == "default.yaml" else ["--config", str(REPO / "configs" / config)]  # tiny_args has it
+    args = [*tiny_args(tiny_llama, text_file, tmp_path, steps=6), *overlay, "--model.sae.width", "64"]
     run(["fit", *args])
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -29,6 +30,29 @@ def test_config_fits_and_validates(config: Path, tiny_llama, text_file, tmp_path
     run(["validate", *args, "--ckpt_path", str(checkpoint)])
     report = json.loads((tmp_path / "lightning_logs" / "version_1" / "metrics.json").read_text())
     assert {"val/r2", "val/l0", "val/ce_recovered"} <= set(report["metrics"])
+    assert_export_reloads_bit_for_bit(checkpoint, tmp_path / "export")
+
+
+def assert_export_reloads_bit_for_bit(checkpoint: Path, folder: Path) -> None:
+    """The loaded SAE writes back exactly the tensors and cfg that were exported, and reconstructs raw
+    activations as the trained one does (the normalization scalar folded in)."""
+    from safetensors.torch import load_file
+
+    import sagsae
+    from sagsae.commands.export import export_checkpoint
+    from sagsae.serialization import read_checkpoint, sae_from_checkpoint
+
+    export_checkpoint(checkpoint, folder)
+    loaded = sagsae.load(folder)
+    saved = load_file(str(folder / "sae_weights.safetensors"))
+    tensors, architecture_cfg = loaded.to_saelens()
+    assert tensors.keys() == saved.keys() and all(torch.equal(tensors[k], saved[k]) for k in saved)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert {k: cfg[k] for k in architecture_cfg} == architecture_cfg
+    trained = sae_from_checkpoint(read_checkpoint(checkpoint)).eval()
+    raw = torch.randn(64, trained.d_in, generator=torch.Generator().manual_seed(0)) / float(trained.input_scale)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(raw), trained.reconstruct_raw(raw), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("config", PAPER_CONFIGS, ids=[c.stem for c in PAPER_CONFIGS])

@@ -41,6 +41,11 @@ class TopKSparseAutoencoder(LinearEncoderSAE):
         self.aux_k = d_in // 2 if aux_k is None else aux_k
         self.aux_coefficient = aux_coefficient
 
+    @classmethod
+    def parameter_count(cls, d_in: int, width: int, **switches) -> int:
+        """k changes no count: build with k = 1 unless given, so that any width can be counted."""
+        return super().parameter_count(d_in, width, **({"k": 1} | switches))
+
     def saelens_config(self) -> dict:
         return {"k": self.k}
 
