@@ -11,16 +11,7 @@ from sagsae.saes.topk import TopKSparseAutoencoder
 
 @register("abstopk")
 class AbsTopKSparseAutoencoder(TopKSparseAutoencoder):
-    """Signed TopK: the k pre-activations of largest |π|, with their signs.
-
-    Args:
-        d_in: activation size (taken from the data in training).
-        width: number of latents H.
-        k: active latents per token.
-        aux_k: dead latents used by AuxK; None = d/2.
-        aux_coefficient: AuxK weight (1/32).
-        unit_norm_decoder: unit-norm decoder columns.
-    """
+    """Signed TopK: the k pre-activations of largest |π|, with their signs (switches: TopK's)."""
 
     signed_codes = True
 
