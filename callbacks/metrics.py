@@ -49,7 +49,8 @@ class ReconstructionMetrics(Metric):
 
 
 class SAEMetrics(L.Callback):
-    """Logs train/{mse,l0,r2,dead_fraction,aux_r2,tokens_per_s} every step and val/… over the held-out set.
+    """Logs train/{mse,l0,r2,dead_fraction,reset_latents,aux_r2,tokens_per_s} and, for SAEs with thresholds,
+    train/threshold_{abs,rel}_change every step, and val/… over the held-out set.
 
     train/dead_fraction uses the module's window of `dead_window_tokens` training tokens; val/dead_fraction
     is the share of latents that never fired on the held-out tokens (the window is the validation set).
@@ -77,7 +78,10 @@ class SAEMetrics(L.Callback):
         pl_module.log("train/mse", values["mse"].float(), **log)
         pl_module.log("train/l0", values["l0"].float(), prog_bar=True, **log)
         pl_module.log("train/r2", values["r2"].float(), prog_bar=True, **log)
-        pl_module.log("train/dead_fraction", pl_module.dead_mask().float().mean(), prog_bar=True, **log)
+        pl_module.log("train/dead_fraction", pl_module.dead_fraction(), prog_bar=True, **log)
+        pl_module.log("train/reset_latents", pl_module.reset_latents.float(), **log)
+        for name, value in pl_module.threshold_movement().items():
+            pl_module.log(f"train/{name}", value.float(), **log)
         if "gate_x_hat" in outputs:
             pl_module.log("train/aux_r2", explained_variance(outputs["x"], outputs["gate_x_hat"]).float(), **log)
         # Averaged over the last steps: the shuffle buffer refills in bursts, so single steps mislead.
@@ -105,6 +109,9 @@ class SAEMetrics(L.Callback):
         if trainer.is_global_zero and hasattr(experiment, "add_histogram"):
             density = values["firing_density"].clamp(min=1e-10).log10().float().cpu()
             experiment.add_histogram(f"{stage}/log10_firing_density", density, trainer.global_step)
+            changes = pl_module.threshold_changes()  # how far each latent's threshold moved from its start
+            if changes is not None and len(changes[1]):
+                experiment.add_histogram("train/threshold_rel_change", changes[1].float().cpu(), trainer.global_step)
         self._step_times.clear()  # validation time is not training throughput
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

@@ -33,7 +33,11 @@ class SAEModule(L.LightningModule):
         lr: Adam learning rate, reached linearly over `lr_warmup_steps`.
         lr_decay_fraction: decay the LR linearly to zero over this last share of `trainer.max_steps` (0 = none).
         betas: Adam betas; None = the architecture's own (TopK family (0.9, 0.999), others (0, 0.999)).
-        dead_window_tokens: a latent that has not fired in this many training tokens is dead (SPEC §6).
+        threshold_lr_scale: the thresholds' learning rate (SA-GSAE and JumpReLU θ, Gated b_gate) as a multiple
+            of `lr`: Adam moves a parameter about one learning rate per step whatever its gradient, so thresholds
+            of order 1 travel at most lr·steps (docs/method.md, "Thresholds that learn").
+        dead_window_tokens: a latent that has not fired in this many training tokens is dead (SPEC §6); so is
+            one that the dead-latent reset revived within that many tokens (`dead_fraction`).
         reset_dead_latents: let the architecture react to dead latents (SA-GSAE: threshold reset).
         init_seed: seed of the SAE's initial weights alone (None = the global generator), so that a sweep
             member and a stand-alone run with the same seed start from the same weights.
@@ -49,12 +53,14 @@ class SAEModule(L.LightningModule):
         lr_warmup_steps: int = 50,
         lr_decay_fraction: float = 0.0,
         betas: tuple[float, float] | None = None,
+        threshold_lr_scale: float = 1.0,
         dead_window_tokens: int = 1_000_000,
         reset_dead_latents: bool = True,
         init_seed: int | None = None,
     ) -> None:
         super().__init__()
-        for name, value in [("sparsity_coefficient", sparsity_coefficient), ("lr", lr)]:
+        for name, value in [("sparsity_coefficient", sparsity_coefficient), ("lr", lr),
+                            ("threshold_lr_scale", threshold_lr_scale)]:
             if not value >= 0 or not math.isfinite(value):
                 raise ValueError(f"model.{name} must be a finite non-negative number, got {value}")
         if not 0 <= lr_decay_fraction <= 1:
@@ -92,6 +98,11 @@ class SAEModule(L.LightningModule):
         width = self.sae.width
         self.sae.input_scale.fill_(math.nan)  # unset until estimated on the data (or restored)
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
+        window = self.hparams.dead_window_tokens
+        self.register_buffer("tokens_since_reset", torch.full((width,), window, dtype=torch.long))
+        self.register_buffer("reset_latents", torch.tensor(0, dtype=torch.long))  # reset at the latest step
+        thresholds = self.sae.threshold_values()  # their start, once initialized on the first batch
+        self.register_buffer("initial_thresholds", None if thresholds is None else torch.full_like(thresholds, math.nan))
         self.register_buffer("firing_frequency", torch.zeros(width, dtype=torch.float64))  # EMA over ~W tokens
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
         self.register_buffer("steps_trained", torch.tensor(0, dtype=torch.long))  # restored by validate/test too
@@ -107,7 +118,7 @@ class SAEModule(L.LightningModule):
         elif data_d is not None and data_d != self.sae.d_in:
             raise ValueError(
                 f"The SAE has d_in={self.sae.d_in} but the hookpoint's activations have size {data_d}: set "
-                f"model.init_args.d_in to {data_d} (or leave it unset), or pick a matching model/hookpoint."
+                f"model.d_in to {data_d} (or leave it unset), or pick a matching model/hookpoint."
             )
 
     def _ensure_input_scale(self) -> None:
@@ -142,15 +153,21 @@ class SAEModule(L.LightningModule):
             factor = min(factor, max(0.0, (total - step) / decay_steps))
         return factor
 
-    def optimizer_group(self) -> dict[str, Any]:
-        """This SAE's Adam parameter group (a sweep puts every member's group in one optimizer)."""
-        betas = self.sae.adam_betas if self.hparams.betas is None else self.hparams.betas
-        return {"params": list(self.sae.parameters()), "lr": self.hparams.lr,
-                "betas": tuple(float(beta) for beta in betas)}
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """This SAE's Adam parameter groups: its thresholds (at `threshold_lr_scale` × lr) and the rest; a sweep
+        puts every member's groups in one optimizer."""
+        betas = tuple(float(beta) for beta in (self.sae.adam_betas if self.hparams.betas is None else self.hparams.betas))
+        thresholds = self.sae.threshold_parameters() if self.hparams.threshold_lr_scale != 1 else []
+        others = [p for p in self.sae.parameters() if all(p is not t for t in thresholds)]
+        groups = [{"params": others, "lr": self.hparams.lr, "betas": betas}]
+        if thresholds:
+            groups.append({"params": thresholds, "lr": self.hparams.lr * self.hparams.threshold_lr_scale, "betas": betas})
+        return groups
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam([self.optimizer_group()])
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
+        groups = self.optimizer_groups()
+        optimizer = torch.optim.Adam(groups)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [self.lr_factor] * len(groups))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ----- steps ----------------------------------------------------------------------------------------
@@ -189,13 +206,15 @@ class SAEModule(L.LightningModule):
         loss (a non-finite one saves a checkpoint and stops the run), firing statistics and the step count."""
         if not self.initialized:
             self.sae.initialize_from_batch(self.trainer.strategy.reduce(self.sae.normalize(batch), reduce_op="mean"))
+            if self.initial_thresholds is not None:
+                self.initial_thresholds.copy_(self.sae.threshold_values())
             self.initialized.fill_(True)
         result = self.evaluate_batch(batch, train=True)
         if self._any_rank(not bool(torch.isfinite(result["loss"]))):
             path = rescue_checkpoint(self.trainer, f"nonfinite-step{self.trainer.global_step}.ckpt")
             raise FloatingPointError(
                 f"Non-finite loss at step {self.trainer.global_step}: the weights before this step are saved in "
-                f"{path}. Lower model.init_args.lr or the sparsity coefficient, or check the activations."
+                f"{path}. Lower model.lr or model.sparsity_coefficient, or check the activations."
             )
         self._track_firing(result["codes"])
         self.steps_trained += 1
@@ -226,6 +245,7 @@ class SAEModule(L.LightningModule):
         counts = self.trainer.strategy.reduce((codes != 0).sum(0).double(), reduce_op="sum")
         tokens = len(codes) * self.trainer.world_size
         self.tokens_since_fired.add_(tokens).masked_fill_(counts > 0, 0)
+        self.tokens_since_reset.add_(tokens)
         self.tokens_seen.add_(tokens)
         rate = min(1.0, tokens / self.hparams.dead_window_tokens)
         self.firing_frequency.lerp_(counts / tokens, rate)
@@ -233,6 +253,30 @@ class SAEModule(L.LightningModule):
     def dead_mask(self) -> Tensor:
         """Latents with no non-zero code in the last `dead_window_tokens` training tokens."""
         return self.tokens_since_fired >= self.hparams.dead_window_tokens
+
+    def dead_fraction(self) -> Tensor:
+        """The share of latents dead in the window, counting those the reset revived within it: a reset that
+        makes a latent fire again hides, but does not undo, its death (SPEC §6)."""
+        revived = self.tokens_since_reset < self.hparams.dead_window_tokens
+        return (self.dead_mask() | revived).float().mean()
+
+    def threshold_changes(self) -> tuple[Tensor, Tensor] | None:
+        """(|θ − θ₀| of every threshold, |θ − θ₀| / |θ₀| of those with θ₀ ≠ 0) since the first batch; None for
+        SAEs without thresholds or before training."""
+        if self.initial_thresholds is None or not self.initialized:
+            return None
+        start = self.initial_thresholds
+        change = (self.sae.threshold_values() - start).abs()
+        return change, change[start != 0] / start[start != 0].abs()
+
+    def threshold_movement(self) -> dict[str, Tensor]:
+        """The medians of `threshold_changes` (the relative one NaN where every θ₀ is 0); empty without them."""
+        changes = self.threshold_changes()
+        if changes is None:
+            return {}
+        absolute, relative = changes
+        return {"threshold_abs_change": absolute.median(),
+                "threshold_rel_change": relative.median() if len(relative) else torch.tensor(math.nan)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """What `sagsae export` needs to rebuild the SAE with torch alone, and the run's latest metrics."""
@@ -254,7 +298,10 @@ class SAEModule(L.LightningModule):
         """Projections and dead-latent resets, inside the step: callbacks that run after it (a checkpoint
         every N steps) then see, and save, the parameters the next step starts from."""
         self.sae.after_optimizer_step()
+        self.reset_latents.zero_()
         if self.hparams.reset_dead_latents:
             dead = self.dead_mask()
             if dead.any():
                 self.sae.reset_dead(dead)
+                self.reset_latents.fill_(int(dead.sum()))
+                self.tokens_since_reset.masked_fill_(dead, 0)

@@ -25,8 +25,9 @@ from sagsae.measures import explained_variance
 class SweepModule(L.LightningModule):
     """Trains `members` (name → SAEModule) side by side; logs `train/<name>/…` and `val/<name>/…`.
 
-    `results()` returns each member's latest held-out L0, R², MSE, silent and bipolar fractions, and its
-    training-window dead fraction (SPEC §6)."""
+    `latest_validation` holds each member's latest held-out L0, R², MSE, silent and bipolar fractions, its
+    training-window dead fraction (SPEC §6) and how far its thresholds moved; `validation_history` the same at
+    every validation (the budget checkpoints of a convergence report)."""
 
     def __init__(self, members: dict[str, SAEModule]) -> None:
         super().__init__()
@@ -36,6 +37,7 @@ class SweepModule(L.LightningModule):
         self.members = nn.ModuleDict(members)
         self._evaluation: dict[str, ReconstructionMetrics] = {}
         self.latest_validation: dict[str, dict[str, float]] = {}
+        self.validation_history: dict[str, list[dict[str, float]]] = {}  # every validation, in budget order
 
     def configure_model(self) -> None:
         for member in self.members.values():
@@ -52,8 +54,9 @@ class SweepModule(L.LightningModule):
 
     def configure_optimizers(self):
         members = list(self.members.values())
-        optimizer = torch.optim.Adam([member.optimizer_group() for member in members])
-        factors = [lambda step, member=member: member.lr_factor(step) for member in members]
+        groups = [(member, group) for member in members for group in member.optimizer_groups()]
+        optimizer = torch.optim.Adam([group for _, group in groups])
+        factors = [member.lr_factor for member, _ in groups]
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -81,7 +84,8 @@ class SweepModule(L.LightningModule):
         values = {"loss": result["loss"].detach(),
                   "l0": (result["codes"] != 0).sum(-1).float().mean(),
                   "r2": explained_variance(result["x"], result["x_hat"]).float(),
-                  "dead_fraction": member.dead_mask().float().mean()}
+                  "dead_fraction": member.dead_fraction(), "reset_latents": member.reset_latents.float(),
+                  **member.threshold_movement()}
         for key, value in values.items():
             self.log(f"train/{name}/{key}", value, on_step=True, on_epoch=False)
 
@@ -108,16 +112,21 @@ class SweepModule(L.LightningModule):
             metric.reset()
             member = self.members[name]
             row = {"l0": values["l0"], "r2": values["r2"], "mse": values["mse"],
-                   "silent_fraction": values["silent_fraction"], "dead_fraction": member.dead_mask().double().mean(),
+                   "silent_fraction": values["silent_fraction"], "dead_fraction": member.dead_fraction().double(),
                    "dense_fraction": (values["firing_density"] > 0.1).double().mean()}
             if member.sae.signed_codes:
                 row["bipolar_fraction"] = values["bipolar_fraction"]
             for key, value in row.items():
                 self.log(f"{stage}/{name}/{key}", value.float(), sync_dist=False)
+            if not all(math.isfinite(float(v)) for v in row.values()):
+                rank_zero_warn(f"Sweep member {name} has non-finite {stage} metrics: {row}")
+            row |= member.threshold_movement()  # NaN where thresholds started at 0 (Gated's default start)
             self.latest_validation[name] = {key: float(value) for key, value in row.items()}
             self.latest_validation[name]["tokens_seen"] = int(member.tokens_seen)
-            if not all(math.isfinite(v) for v in self.latest_validation[name].values()):
-                rank_zero_warn(f"Sweep member {name} has non-finite {stage} metrics: {self.latest_validation[name]}")
+            history = self.validation_history.setdefault(name, [])
+            if history and history[-1]["tokens_seen"] == int(member.tokens_seen):
+                history.pop()  # the same weights evaluated again (a final validate after fit)
+            history.append(dict(self.latest_validation[name]))
 
     def on_validation_epoch_end(self) -> None:
         self._finish_evaluation("val")
@@ -130,6 +139,8 @@ class SweepModule(L.LightningModule):
                                               "training": {k: v for k, v in m.hparams.items() if k != "sae"}}
                                        for name, m in self.members.items()}
         checkpoint["latest_validation"] = self.latest_validation
+        checkpoint["validation_history"] = self.validation_history
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.latest_validation = checkpoint.get("latest_validation", {})
+        self.validation_history = checkpoint.get("validation_history", {})

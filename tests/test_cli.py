@@ -69,7 +69,10 @@ def test_fit_writes_finite_rising_metrics_config_and_checkpoint(fitted_run):
 
     events = EventAccumulator(str(version))
     events.Reload()
-    assert "val/log10_firing_density" in events.Tags()["histograms"]
+    assert {"val/log10_firing_density", "train/threshold_rel_change"} <= set(events.Tags()["histograms"])
+    for tag in ("train/threshold_abs_change", "train/threshold_rel_change", "train/reset_latents"):
+        assert len(logged[tag]) == 30 and all(math.isfinite(value) for _, value in logged[tag]), tag
+    assert logged["train/threshold_rel_change"][-1][1] > 0, "the quantile-started thresholds moved"
     assert "config/text_summary" in events.Tags()["tensors"]
     assert sum(r2[-5:]) / 5 > sum(r2[:5]) / 5 + 0.1, f"R² did not rise: {r2}"
     config = yaml.safe_load((version / "config.yaml").read_text())

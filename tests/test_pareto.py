@@ -66,3 +66,15 @@ def test_overlap_ends_that_exp_log_does_not_round_trip():
     b = curve([(22.1, 0.345, 0), (111.68, 0.63, 0), (232.92, 0.786, 0), (388.43, 0.857, 0)])
     v = compare(a, b)
     assert v.verdict == "dominated" and math.isfinite(v.min_gap) and math.isfinite(v.max_gap)
+
+
+def test_gaps_inside_the_seeds_spread_are_noise():
+    """The tie band: a gap no wider than the seeds' R² spread does not count toward the verdict."""
+    a = curve([(1, 0.50, 0, 0.02), (10, 0.80, 0, 0.02)])
+    b = curve([(1, 0.51, 0, 0.01), (10, 0.79, 0, 0.01)])  # crosses a, but by 0.01 against a spread of 0.02
+    v = compare(a, b)
+    assert v.verdict == "within noise" and v.within_noise == 1.0
+    assert compare(curve([(1, 0.50, 0), (10, 0.80, 0)]), curve([(1, 0.51, 0), (10, 0.79, 0)])).verdict == "crosses"
+    wide = curve([(1, 0.40, 0, 0.02), (10, 0.79, 0, 0.02)])  # 0.11 behind at L0 1, 0.01 (noise) ahead at 10
+    v = compare(wide, b)
+    assert v.verdict == "dominated" and 0 < v.within_noise < 1

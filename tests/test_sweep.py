@@ -110,6 +110,10 @@ def test_synth_writes_data_trains_and_scores_against_the_truth(synth_run):
     for member in results["members"].values():
         assert 0 <= member["recovery"] <= 1 and member["true_l0"] == pytest.approx(0.8, abs=0.1)
         assert member["tokens_seen"] == 6 * 512
+        assert [row["tokens_seen"] for row in member["history"]] == [3 * 512, 6 * 512]  # every budget checkpoint
+        assert member["history"][-1]["r2"] == member["r2"]
+        if member["series"] == "SA-GSAE(K)":
+            assert member["threshold_rel_change"] >= 0  # θ₀ from θ_init > 0
     assert {m["series"] for m in results["members"].values()} == {"SA-GSAE(K)", "Gated(2K)"}
 
 
@@ -118,6 +122,9 @@ def test_report_writes_tables_plots_and_verdicts(synth_run):
     report = (synth_run / "report/report.md").read_text()
     assert "## A" in report and "## B" in report and "| SA-GSAE(K) | sparsity_coefficient 1 | 2 |" in report
     assert (synth_run / "report/A.png").stat().st_size > 10_000
+    assert (synth_run / "report/A_budget.png").stat().st_size > 10_000 and "![A against the budget]" in report
+    rows = [line for line in report.splitlines() if line.startswith("| SA-GSAE-K-s0-l1 |")]  # convergence tables
+    assert len(rows) == 2 and all(row.split(" | ")[1] == f"{6 * 512:,}" for row in rows)
     verdicts = json.loads((synth_run / "report/verdicts.json").read_text())
     assert [(v["cell"], v["a"], v["b"]) for v in verdicts] == [("A", "SA-GSAE(K)", "Gated(2K)"),
                                                                ("B", "SA-GSAE(K)", "Gated(2K)")]
@@ -138,6 +145,7 @@ def test_sweep_resumes_an_unfinished_cell_exactly(synth_run, tmp_path):
     for name in once:
         assert twice[name]["r2"] == pytest.approx(once[name]["r2"], abs=1e-6), name
         assert twice[name]["tokens_seen"] == once[name]["tokens_seen"]
+        assert twice[name]["history"] == once[name]["history"], "the budget history survives the resume"
 
 
 def test_sweep_rejects_unknown_cells_and_missing_sections(tmp_path):
@@ -183,3 +191,20 @@ def test_report_merges_same_named_cells_of_several_sweeps(tmp_path):
     assert verdict["verdict"] == "dominates" and verdict["min_gap"] == pytest.approx(0.1)
     with pytest.raises(SystemExit, match="X-2-0 of cell A is in both .*first and .*first"):
         main(["report", str(tmp_path / "first"), str(tmp_path / "first"), "--out", str(tmp_path / "twice")])
+
+
+def test_data_seed_changes_the_batches_and_nothing_else(synth_run, tmp_path):
+    """--data_seed reorders every cell's data: same init seeds, different batches, different weights."""
+    config = {**SYNTH, "cells": {"A": {"class_path": "datamodules.ActivationFileDataModule",
+                                       "init_args": {"path": str(synth_run / "out/data/A"), "batch_size": 512}}}}
+    del config["synthetic"]
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    runs = {}
+    for seed in (0, 0, 1):
+        out = tmp_path / f"data{seed}-{len(runs)}"
+        main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(out), "--max_steps", "3",
+              "--series", "SA-GSAE(K)", "--seeds", "0", "--data_seed", str(seed)])
+        runs[out.name] = json.loads((out / "A/results.json").read_text())["members"]["SA-GSAE-K-s0-l1"]["r2"]
+        assert yaml.safe_load((out / "sweep.yaml").read_text())["data_seed"] == seed
+    first, again, other = runs.values()
+    assert first == again and other != first

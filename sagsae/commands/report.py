@@ -17,6 +17,7 @@ from statistics import mean
 
 import yaml
 
+from sagsae.convergence import L0_TOLERANCE, R2_TOLERANCE, converged_at
 from sagsae.pareto import Curve, compare
 
 RESULTS = "results.json"
@@ -75,7 +76,8 @@ def sweep_points(cell: dict) -> dict[str, list[dict]]:
 
 
 def curve(rows: list[dict]) -> Curve:
-    return Curve.from_points([(r["l0"], r["r2"], r["dead_fraction"]) for r in rows if r["l0"] > 0], rows[0]["width"])
+    return Curve.from_points([(r["l0"], r["r2"], r["dead_fraction"], r["r2_max"] - r["r2_min"]) for r in rows
+                              if r["l0"] > 0], rows[0]["width"])
 
 
 def _hookpoint(cell: dict) -> str | None:
@@ -125,11 +127,81 @@ def plot_cell(label: str, series: dict[str, list[dict]], path: Path) -> None:
     plt.close(figure)
 
 
+def compared_series(pairs: list[tuple[str, str]]) -> list[str]:
+    return list(dict.fromkeys(name for pair in pairs for name in pair))
+
+
+def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Path) -> None:
+    """Held-out R² and L0 against training tokens, one line per member: the compared series in colour and
+    first in the legend (outside the axes), every other series faded grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.4))
+    focus = compared_series(pairs)
+    colours = {name: f"C{i}" for i, name in enumerate(focus)}
+    members = sorted(cell["members"].items(), key=lambda item: (item[1]["series"] not in colours, item[0]))
+    labelled: set[str] = set()
+    for name, member in members:
+        history = member.get("history") or []
+        if len(history) < 2:
+            continue
+        series = member["series"]
+        style = ({"color": colours[series], "alpha": 0.9, "linewidth": 1.4} if series in colours
+                 else {"color": "0.6", "alpha": 0.35, "linewidth": 0.8})
+        tokens = [row["tokens_seen"] / 1e6 for row in history]
+        legend = series if series not in labelled else None
+        labelled.add(series)
+        for axis, key in zip(axes, ("r2", "l0")):
+            axis.plot(tokens, [row[key] for row in history], marker=".", label=legend, **style)
+    for axis, ylabel in zip(axes, ("held-out R²", "L0 (held-out)")):
+        axis.set_xlabel("training tokens (millions)")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    figure.suptitle(f"{label}: held-out metrics against the training budget")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def convergence_lines(cell: dict, pairs: list[tuple[str, str]]) -> list[str]:
+    """Per member: the final budget's R² and L0, where it converged (or the last step's trend), and how far its
+    thresholds moved; the compared series first."""
+    focus = compared_series(pairs)
+    rank = {name: i for i, name in enumerate(focus)}
+    members = sorted(cell["members"].items(), key=lambda item: (rank.get(item[1]["series"], len(rank)), item[0]))
+    lines = [f"Converged at = the first budget from which held-out R² stays within {R2_TOLERANCE} and L0 within "
+             f"{L0_TOLERANCE:.0%} of their final values; otherwise the change over the last budget step.", "",
+             "| member | final tokens | R² | L0 | converged at (tokens) | last step: ΔR², ΔL0 | θ moved (median, relative) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, member in members:
+        history = member.get("history") or []
+        if len(history) < 2:
+            continue
+        final, before = history[-1], history[-2]
+        at = converged_at(history)
+        trend = f"{final['r2'] - before['r2']:+.4f}, {(final['l0'] - before['l0']) / max(before['l0'], 1e-9):+.1%}"
+        lines.append(f"| {name} | {final['tokens_seen']:,} | {_number(final['r2'])} | {_number(final['l0'], 2)} | "
+                     f"{f'{at:,}' if at is not None else '**not converged**'} | {trend} | "
+                     f"{_number(final.get('threshold_rel_change', math.nan))} |")
+    return lines + [""]
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.0%}"
+
+
 def _number(value: float, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def cell_section(label: str, cell: dict, pairs: list[tuple[str, str]], image: str | None) -> tuple[list[str], list[dict]]:
+def cell_section(label: str, cell: dict, pairs: list[tuple[str, str]], image: str | None,
+                 budget_image: str | None = None) -> tuple[list[str], list[dict]]:
     series = sweep_points(cell)
     lines = [f"## {label}", ""]
     activations = cell.get("activations") or {}
@@ -154,23 +226,29 @@ def cell_section(label: str, cell: dict, pairs: list[tuple[str, str]], image: st
                      _number(r["dead_fraction"]), _number(r.get("silent_fraction", math.nan)),
                      _number(r.get("bipolar_fraction", math.nan), 2), *(_number(r.get(k, math.nan), 2) for k in extra)]
             lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if budget_image:
+        lines += ["### Convergence", "", f"![{label} against the budget]({budget_image})", "",
+                  *convergence_lines(cell, pairs)]
     verdicts = []
     for a, b in pairs:
         if a in series and b in series:
             v = compare(curve(series[a]), curve(series[b]))
             verdicts.append({"cell": label, "a": a, "b": b, "verdict": v.verdict, "overlap": v.overlap,
                              "min_gap": v.min_gap, "max_gap": v.max_gap, "dead_reduction": v.dead_reduction,
+                             "within_noise": v.within_noise,
                              "paper": paper_claim(cell, a, b)})
     return lines + [""], verdicts
 
 
 def verdict_table(verdicts: list[dict]) -> list[str]:
-    lines = ["| cell | A | B | L0 overlap | A vs B | R²_A − R²_B (min / max) | dead reduction B/A (geomean) | paper |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | A | B | L0 overlap | A vs B | R²_A − R²_B (min / max) | within seed noise | "
+             "dead reduction B/A (geomean) | paper |", "|---|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
         span = f"{v['overlap'][0]:.1f}–{v['overlap'][1]:.1f}" if v["overlap"] else "none"
         lines.append(f"| {v['cell']} | {v['a']} | {v['b']} | {span} | **{v['verdict']}** | "
-                     f"{_number(v['min_gap'])} / {_number(v['max_gap'])} | {_number(v['dead_reduction'], 2)}× | {v['paper']} |")
+                     f"{_number(v['min_gap'])} / {_number(v['max_gap'])} | {_percent(v.get('within_noise'))} | "
+                     f"{_number(v['dead_reduction'], 2)}× | {v['paper']} |")
     return lines
 
 
@@ -186,14 +264,19 @@ def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | N
     for label, cell in cells.items():
         image = f"{label}.png"
         plot_cell(label, sweep_points(cell), out / image)
-        lines, cell_verdicts = cell_section(label, cell, pairs, image)
+        budget_image = None
+        if any(len(member.get("history") or []) > 1 for member in cell["members"].values()):
+            budget_image = f"{label}_budget.png"
+            plot_budgets(label, cell, pairs, out / budget_image)
+        lines, cell_verdicts = cell_section(label, cell, pairs, image, budget_image)
         sections += lines
         verdicts += cell_verdicts
     lines = ["# Sweep report", "", "Sweeps: " + ", ".join(f"`{s}`" for s in sweeps), ""]
     if verdicts:
         lines += ["## Pareto verdicts (SPEC §6)", "",
                   "A dominates B when its interpolated R²(L0) is ≥ B's everywhere on the L0 range both sweeps "
-                  "cover. Dead reduction: geometric mean over the matched L0 points of dead_B / dead_A.", "",
+                  "cover, counting only gaps wider than the seeds' R² spread there (the tie band: \"within noise\" "
+                  "when no gap is). Dead reduction: geometric mean over the matched L0 points of dead_B / dead_A.", "",
                   *verdict_table(verdicts), ""]
     report = out / "report.md"
     report.write_text("\n".join(lines + sections))

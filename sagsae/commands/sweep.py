@@ -18,10 +18,13 @@ the others configure the SAE (width, k, switches), each routed by its name (`SAE
 
 Every member of a cell trains from the same batches (`SweepModule`), so a cell costs one pass over its data.
 Each cell writes `<out>/<cell>/results.json` when done; a rerun skips finished cells and resumes an unfinished
-one from its newest checkpoint (last.ckpt every `val_check_interval` steps, or interrupted.ckpt).
+one from its newest checkpoint (last.ckpt after every validation, or interrupted.ckpt).
 
 A sweep splits across processes or machines with `--cells` and `--series`, and grows by a seed with
 `--seeds 2 --out <new folder>`; `python -m sagsae report` merges the same-named cells of several output folders.
+Every member of a cell sees the same batches, so seeds of one run differ in their initialization only; a run
+with `--data_seed N` (every cell's datamodule `seed`) varies the data order too, and `--seeds N --data_seed N
+--out <folder N>` per seed gives seeds that differ in both.
 """
 
 from __future__ import annotations
@@ -125,12 +128,15 @@ def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None
     """Train every member on one cell's data (resuming if a checkpoint exists) and write its results.json."""
     folder = out / cell
     data_spec = config["cells"][cell]
-    datamodule = import_class(data_spec["class_path"])(**(data_spec.get("init_args") or {}))
+    data_args = {**(data_spec.get("init_args") or {}), **({"seed": config["data_seed"]} if "data_seed" in config else {})}
+    datamodule = import_class(data_spec["class_path"])(**data_args)
     members = expand_members(config["members"])
     sweep = build_sweep(members)
     trainer_args = trainer_settings(config)
-    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, save_top_k=0,
-                                  every_n_train_steps=int(trainer_args["val_check_interval"]))
+    # last.ckpt at the end of every validation (the stream is one endless epoch), so that it holds that
+    # validation's row of the budget history
+    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1,
+                                  save_on_train_epoch_end=False)
     trainer = L.Trainer(**trainer_args, default_root_dir=folder,
                         logger=TensorBoardLogger(out, name=cell, version=""),
                         callbacks=[checkpoints, StepProgressBar(), InterruptCheckpoint()])
@@ -147,7 +153,8 @@ def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None
         "steps": trainer.global_step,
         "fit_seconds_this_run": seconds,
         "members": {name: {"series": spec["series"], "architecture": sweep.members[name].sae.architecture,
-                           "point": spec["point"], "width": sweep.members[name].sae.width, **sweep.latest_validation[name],
+                           "point": spec["point"], "width": sweep.members[name].sae.width,
+                           "history": sweep.validation_history.get(name, []), **sweep.latest_validation[name],
                            **(scorer(cell, sweep.members[name]) if scorer is not None else {})}
                     for name, spec in members.items()},
     }
@@ -191,7 +198,8 @@ def select(config: dict[str, Any], series: list[str] | None, seeds: list[int] | 
 
 def sweep_command(command: str, description: str, default_config: Path | None, argv: list[str] | None,
                   run: Callable[[dict[str, Any], Path, list[str] | None], None]) -> None:
-    """The command line shared by `sweep` and `synth`: --config, --out, --cells, --series, --seeds, --max_steps."""
+    """The command line shared by `sweep` and `synth`: --config, --out, --cells, --series, --seeds, --data_seed,
+    --max_steps."""
     parser = argparse.ArgumentParser(prog=f"sagsae {command}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=default_config, required=default_config is None,
@@ -200,11 +208,14 @@ def sweep_command(command: str, description: str, default_config: Path | None, a
     parser.add_argument("--cells", nargs="+", help="run only these cells")
     parser.add_argument("--series", nargs="+", help="run only these members (their `name`s)")
     parser.add_argument("--seeds", nargs="+", type=int, help="replace every member's init_seed grid by these seeds")
+    parser.add_argument("--data_seed", type=int, help="the data order's seed (every cell's datamodule `seed`)")
     parser.add_argument("--max_steps", type=int, help="override trainer.max_steps")
     args = parser.parse_args(argv)
     if not args.config.is_file():
         parser.error(f"--config {args.config} does not exist")
     config = yaml.safe_load(args.config.read_text()) or {}
+    if args.data_seed is not None:
+        config["data_seed"] = args.data_seed
     if args.max_steps is not None:
         config["trainer"] = {**(config.get("trainer") or {}), "max_steps": args.max_steps}
     out = args.out or (Path(config["out"]) if config.get("out") else None)

@@ -173,6 +173,15 @@ class SparseAutoencoder(nn.Module):
     def reset_dead(self, dead: Tensor) -> None:
         """React to latents that have not fired for a whole window (`dead` is a bool mask [H])."""
 
+    def threshold_values(self) -> Tensor | None:
+        """The learned per-latent thresholds that gate the codes, in π's units (None: it has none). Training logs
+        how far they move from their start, the question of docs/method.md's convergence section."""
+        return None
+
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        """The parameters that hold those thresholds (a training module may give them their own LR)."""
+        return []
+
     def normalize(self, raw: Tensor) -> Tensor:
         return raw * self.input_scale
 

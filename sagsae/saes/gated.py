@@ -41,6 +41,13 @@ class GatedSparseAutoencoder(GatedPathsSAE):
         if self.gate_init_quantile is not None:
             self.b_gate.copy_(-self.column_quantile(self.paths(x)[0], self.gate_init_quantile))
 
+    def threshold_values(self) -> Tensor:
+        """The gate opens where u > −b_gate: −b_gate is its threshold on u."""
+        return -self.b_gate.detach()
+
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        return [self.b_gate]
+
     def _code(self, u: Tensor, pi: Tensor) -> Tensor:
         """H(π) ⊙ ReLU(exp(r_mag) u + b_mag); the gate passes no gradient."""
         return torch.where(pi > 0, torch.relu(self.r_mag.exp() * u + self.b_mag), 0)

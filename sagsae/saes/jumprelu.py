@@ -68,6 +68,12 @@ class JumpReLUSparseAutoencoder(LinearEncoderSAE):
         terms = {"recon": squared_error(x, x_hat), "sparsity": sparsity_coefficient * l0}
         return SAELoss(sum(terms.values()), terms, codes, x_hat)
 
+    def threshold_values(self) -> Tensor:
+        return self.threshold.detach()
+
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        return [self.threshold]
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         super().after_optimizer_step()

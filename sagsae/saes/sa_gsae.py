@@ -190,6 +190,15 @@ class SignAwareGatedSAE(GatedPathsSAE):
         for name, key in zip(self._threshold_names(), ("threshold_pos", "threshold_neg")):
             getattr(self, name).copy_(tensors[key])
 
+    def threshold_values(self) -> Tensor:
+        """θ (tied or one-sided), or θ⁺ then θ⁻ (untied)."""
+        theta_pos, theta_neg = self.thresholds()
+        single = self.tie_theta or self.one_sided_gate
+        return (theta_pos if single else torch.cat([theta_pos, theta_neg])).detach()
+
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        return [getattr(self, name) for name in self._threshold_names()]
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         super().after_optimizer_step()
