@@ -73,7 +73,7 @@ def write_cache(data: LMActivationDataModule, out: Path, train_tokens: int, val_
         for batch in data.held_out_tokens(val_tokens).split(shard_tokens):
             val.add(batch)
         val.close()
-        metadata = {**data.describe(), "dtype": dtype, "train_tokens": train.tokens, "val_tokens": val.tokens,
+        metadata = {**data.describe(), "lm_data": dict(data.hparams), "dtype": dtype, "train_tokens": train.tokens, "val_tokens": val.tokens,
                     "train_shards": train.shards, "val_shards": val.shards,
                     "normalization_scale": normalization_scale(squares, train.tokens, data.d_model),
                     "requested_train_tokens": train_tokens}

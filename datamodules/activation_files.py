@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.activation_stream import IterableStream, rank_and_world, stream_position
+from datamodules.lm_activations import LMActivationDataModule
 from sagsae.measures import normalization_scale
 
 KEY = "activations"
@@ -83,6 +84,7 @@ class ActivationFileDataModule(L.LightningDataModule):
         self._d_model = dims.pop()
         self._shard_rows = {shard: rows for shard, (rows, _) in zip(self.shards, sizes)}
         self._resume_batches = 0
+        self.lm_data = None  # the live datamodule behind the cache, for the LM loss (language_model_data)
         folder = Path(path)
         self.metadata = json.loads((folder / METADATA).read_text()) if (folder / METADATA).is_file() else {}
         if val_path is None and folder.is_dir() and (folder / "val").is_dir():
@@ -96,6 +98,24 @@ class ActivationFileDataModule(L.LightningDataModule):
     def describe(self) -> dict:
         return {"activations": self.hparams.path, "d_model": self.d_model,
                 **{k: self.metadata.get(k) for k in ("model", "hookpoint", "layer", "dataset", "context_length")}}
+
+    def language_model_data(self) -> LMActivationDataModule:
+        """The live datamodule that produced this cache (from metadata.json), for the LM's spliced loss on the
+        cache's own held-out documents; built on first use. Caches written before `lm_data` was recorded are
+        rebuilt from the model, hookpoint, layer, dataset and context length they name."""
+        if self.lm_data is None:
+            if not self.metadata.get("model"):
+                raise NotImplementedError(f"{self.hparams.path} records no language model: no spliced LM loss")
+            keys = ("model", "hookpoint", "layer", "dataset", "context_length")
+            arguments = self.metadata.get("lm_data") or {k: self.metadata[k] for k in keys if k in self.metadata}
+            self.lm_data = LMActivationDataModule(**arguments)
+            self.lm_data.trainer = self.trainer
+            self.lm_data.setup()
+        return self.lm_data
+
+    def spliced_cross_entropy(self, reconstruct, contexts: int = 16) -> dict[str, float]:
+        """The spliced LM loss of `LMActivationDataModule`, on the LM and held-out documents of this cache."""
+        return self.language_model_data().spliced_cross_entropy(reconstruct, contexts)
 
     def _my_shards(self) -> list[Path]:
         rank, world = rank_and_world(self.trainer)

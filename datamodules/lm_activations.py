@@ -16,7 +16,7 @@ from datamodules.activation_stream import (IterableStream, NormGuard, rank_and_w
                                            stream_position, take_tokens)
 from datamodules.hooked_lm import HookedLanguageModel
 from datamodules.hookpoints import parse_hookpoint
-from datamodules.lm_evaluation import spliced_cross_entropy
+from datamodules.lm_evaluation import LMLossEvaluator
 from datamodules.text import Document, TextSource, rank_documents
 from sagsae.measures import normalization_scale
 
@@ -82,7 +82,7 @@ class LMActivationDataModule(L.LightningDataModule):
         self.lm: HookedLanguageModel | None = None
         self.resume_batches = 0  # batches a resumed run has already consumed (from the checkpoint)
         self.validation_batches: list[Tensor] | None = None
-        self.evaluation_contexts: Tensor | None = None
+        self.evaluators: dict[int, LMLossEvaluator] = {}  # by number of held-out contexts
 
     # ----- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -181,11 +181,12 @@ class LMActivationDataModule(L.LightningDataModule):
         return normalization_scale(total, int(count), self.d_model)
 
     def spliced_cross_entropy(self, reconstruct: Callable[[Tensor], Tensor], contexts: int = 16) -> dict[str, float]:
-        """Spliced LM loss (lm_evaluation) on the first `contexts` held-out contexts, the same ones every time."""
-        if self.evaluation_contexts is None:
+        """Spliced LM loss (lm_evaluation) on the first `contexts` held-out contexts, the same ones every time
+        (their clean and zeroed losses computed once)."""
+        if contexts not in self.evaluators:
             packed = self.lm.contexts(self.documents(validation=True))
-            self.evaluation_contexts = torch.tensor(list(itertools.islice(packed, contexts)))
-        return spliced_cross_entropy(self.lm, self.evaluation_contexts, reconstruct)
+            self.evaluators[contexts] = LMLossEvaluator(self.lm, torch.tensor(list(itertools.islice(packed, contexts))))
+        return self.evaluators[contexts].evaluate(reconstruct)
 
     # ----- dataloaders ------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -9,30 +9,42 @@ from torch import Tensor
 
 from datamodules.hooked_lm import HookedLanguageModel
 
+Reconstruct = Callable[[Tensor], Tensor]
 
-@torch.no_grad()
-def spliced_cross_entropy(lm: HookedLanguageModel, input_ids: Tensor,
-                          reconstruct: Callable[[Tensor], Tensor]) -> dict[str, float]:
-    """CE on `input_ids` clean, with the trainable positions' activations replaced by `reconstruct(x)`, and by
-    zeros there; CE recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean). Only real next tokens are scored."""
-    input_ids = input_ids.to(lm.device)
-    trainable = lm.trainable_positions(input_ids)
-    targets = input_ids[:, 1:]
-    scored = trainable[:, 1:]
 
-    def cross_entropy(logits: Tensor) -> float:
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-        return float(losses[scored].mean())
+class LMLossEvaluator:
+    """Next-token CE on fixed held-out contexts: clean and with the trainable positions zeroed once, then with
+    them replaced by each SAE's reconstruction. Only real next tokens are scored; contexts go through the LM
+    `chunk` at a time, so the logits' memory stays bounded by chunk × length × vocabulary."""
 
-    def splice(make: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-        def replace(activations: Tensor) -> Tensor:
-            replaced = activations.clone()
-            replaced[trainable] = make(activations[trainable].float()).to(activations.dtype)
-            return replaced
-        return replace
+    def __init__(self, lm: HookedLanguageModel, input_ids: Tensor, chunk: int = 16) -> None:
+        self.lm, self.input_ids, self.chunk = lm, input_ids, chunk
+        self.clean = self.cross_entropy(None)
+        self.zero = self.cross_entropy(torch.zeros_like)
 
-    clean = cross_entropy(lm.logits(input_ids))
-    spliced = cross_entropy(lm.logits_with_replacement(input_ids, splice(reconstruct)))
-    zero = cross_entropy(lm.logits_with_replacement(input_ids, splice(torch.zeros_like)))
-    recovered = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
-    return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero, "ce_recovered": recovered}
+    @torch.no_grad()
+    def cross_entropy(self, make: Reconstruct | None) -> float:
+        """Mean CE over the scored positions, with the trainable activations replaced by `make(x)` (None: clean)."""
+        total, count = 0.0, 0
+        for input_ids in self.input_ids.split(self.chunk):
+            input_ids = input_ids.to(self.lm.device)
+            trainable = self.lm.trainable_positions(input_ids)
+
+            def replace(activations: Tensor) -> Tensor:
+                replaced = activations.clone()
+                replaced[trainable] = make(activations[trainable].float()).to(activations.dtype)
+                return replaced
+
+            logits = self.lm.logits(input_ids) if make is None else self.lm.logits_with_replacement(input_ids, replace)
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:],
+                                                       reduction="none")[trainable[:, 1:]]
+            total, count = total + float(losses.sum()), count + len(losses)
+        return total / count
+
+    def evaluate(self, reconstruct: Reconstruct) -> dict[str, float]:
+        """CE clean, spliced and zeroed; ΔCE = CE_sae − CE_clean (nats); CE recovered =
+        (CE_zero − CE_sae) / (CE_zero − CE_clean)."""
+        spliced = self.cross_entropy(reconstruct)
+        recovered = (self.zero - spliced) / (self.zero - self.clean) if self.zero != self.clean else float("nan")
+        return {"ce_clean": self.clean, "ce_sae": spliced, "ce_zero": self.zero, "ce_delta": spliced - self.clean,
+                "ce_recovered": recovered}

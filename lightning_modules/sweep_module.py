@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -27,10 +28,15 @@ class SweepModule(L.LightningModule):
 
     `latest_validation` holds each member's latest held-out L0, R², MSE, silent and bipolar fractions, its
     training-window dead fraction (SPEC §6) and how far its thresholds moved; `validation_history` the same at
-    every validation (the budget checkpoints of a convergence report)."""
+    every validation (the budget checkpoints of a convergence report). With `lm_loss_contexts`, every
+    `lm_loss_every`-th of those rows and the final one add the spliced LM loss on that many held-out contexts:
+    ΔCE = CE with the SAE's reconstruction − clean CE (nats), and CE recovered."""
 
-    def __init__(self, members: dict[str, SAEModule]) -> None:
+    def __init__(self, members: dict[str, SAEModule], lm_loss_contexts: int = 0, lm_loss_every: int = 1) -> None:
         super().__init__()
+        if lm_loss_contexts < 0 or lm_loss_every < 1:
+            raise ValueError(f"lm_loss needs contexts ≥ 0 and every ≥ 1, got {lm_loss_contexts} and {lm_loss_every}")
+        self.lm_loss_contexts, self.lm_loss_every = lm_loss_contexts, lm_loss_every
         for name in members:
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"Sweep member names may hold letters, digits, '_' and '-'; got {name!r}")
@@ -121,12 +127,36 @@ class SweepModule(L.LightningModule):
             if not all(math.isfinite(float(v)) for v in row.values()):
                 rank_zero_warn(f"Sweep member {name} has non-finite {stage} metrics: {row}")
             row |= member.threshold_movement()  # NaN where thresholds started at 0 (Gated's default start)
-            self.latest_validation[name] = {key: float(value) for key, value in row.items()}
-            self.latest_validation[name]["tokens_seen"] = int(member.tokens_seen)
             history = self.validation_history.setdefault(name, [])
             if history and history[-1]["tokens_seen"] == int(member.tokens_seen):
                 history.pop()  # the same weights evaluated again (a final validate after fit)
+            if self._lm_loss_due(len(history)):
+                row |= self._lm_loss(name, member)
+            self.latest_validation[name] = {key: float(value) for key, value in row.items()}
+            self.latest_validation[name]["tokens_seen"] = int(member.tokens_seen)
             history.append(dict(self.latest_validation[name]))
+
+    def _lm_loss_due(self, checkpoint_index: int) -> bool:
+        """Every `lm_loss_every`-th budget checkpoint of a fit, and any stand-alone validation (a sweep's last)."""
+        if not self.lm_loss_contexts:
+            return False
+        return self.trainer.state.fn != TrainerFn.FITTING or (checkpoint_index + 1) % self.lm_loss_every == 0
+
+    def _lm_loss(self, name: str, member: SAEModule) -> dict[str, float]:
+        sae = member.sae
+        was_training = sae.training
+        sae.eval()
+        try:
+            values = self.trainer.datamodule.spliced_cross_entropy(sae.reconstruct_raw, self.lm_loss_contexts)
+        except NotImplementedError as reason:  # a cache without a language model: say so once, then stop asking
+            rank_zero_warn(f"No spliced LM loss for this sweep cell: {reason}")
+            self.lm_loss_contexts = 0
+            return {}
+        finally:
+            sae.train(was_training)
+        for key in ("ce_delta", "ce_recovered"):
+            self.log(f"val/{name}/{key}", values[key], sync_dist=False)
+        return {key: values[key] for key in ("ce_delta", "ce_recovered", "ce_clean")}
 
     def on_validation_epoch_end(self) -> None:
         self._finish_evaluation("val")

@@ -111,3 +111,30 @@ def test_resume_from_cache_continues_the_stream_exactly(cache_dir, tmp_path):
     fresh = [b for _, b in zip(range(10), data.batches())]
     data.load_state_dict({"batches_consumed": 6})
     assert torch.equal(next(data.batches()), fresh[6])
+
+
+def test_a_sweep_from_a_cache_scores_every_members_lm_loss(cache_dir, tmp_path):
+    """The cache names its LM and held-out documents, so a sweep cell on it adds ΔCE and CE recovered to every
+    `every`-th budget checkpoint and to the final row, per member; the same SAE scores what a live fit would."""
+    import yaml
+
+    from sagsae.__main__ import main
+
+    config = {"trainer": {"max_steps": 6, "val_check_interval": 2}, "lm_loss": {"contexts": 4, "every": 2},
+              "cells": {"c": {"class_path": "datamodules.ActivationFileDataModule",
+                              "init_args": {"path": str(cache_dir), "batch_size": 200, "shuffle_buffer_tokens": 800,
+                                            "normalization_tokens": 500}}},
+              "members": [{"name": "SA", "sae": "sagsae", "init_args": {"width": 16, "init_seed": 0}},
+                          {"name": "G", "sae": "gated", "init_args": {"width": 16, "init_seed": 1}}]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")])
+    members = json.loads((tmp_path / "out/c/results.json").read_text())["members"]
+    for member in members.values():
+        scored = [("ce_delta" in row) for row in member["history"]]
+        assert scored == [False, True, True], scored  # budgets 2, 4 (every 2nd) and the final one
+        assert math.isfinite(member["ce_delta"]) and 0 < member["ce_delta"] and member["ce_recovered"] < 1
+    assert members["SA"]["ce_delta"] != members["G"]["ce_delta"]
+    cached = ActivationFileDataModule(str(cache_dir))
+    assert cached.language_model_data().hparams.layer == 2
+    identity = cached.spliced_cross_entropy(lambda x: x, contexts=4)
+    assert identity["ce_delta"] == pytest.approx(0.0, abs=1e-6) and identity["ce_recovered"] == pytest.approx(1.0)

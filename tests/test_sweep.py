@@ -131,7 +131,7 @@ def test_report_writes_tables_plots_and_verdicts(synth_run):
     assert all(v["verdict"] in {"dominates", "dominated", "crosses", "no overlap"} for v in verdicts)
 
 
-def test_sweep_resumes_an_unfinished_cell_exactly(synth_run, tmp_path):
+def test_sweep_resumes_an_unfinished_cell_exactly(synth_run, tmp_path, capsys):
     config = {**SYNTH, "cells": {"A": {"class_path": "datamodules.ActivationFileDataModule",
                                        "init_args": {"path": str(synth_run / "out/data/A"), "batch_size": 512}}}}
     del config["synthetic"]
@@ -139,7 +139,10 @@ def test_sweep_resumes_an_unfinished_cell_exactly(synth_run, tmp_path):
     main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "once"), "--max_steps", "6"])
     main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "twice"), "--max_steps", "3"])
     (tmp_path / "twice/A/results.json").unlink()  # as if stopped after step 3
+    saved = torch.load(tmp_path / "twice/A/checkpoints/last.ckpt", weights_only=False)
+    assert saved["global_step"] == 3 and len(next(iter(saved["validation_history"].values()))) == 1
     main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "twice"), "--max_steps", "6"])
+    assert "resuming from" in capsys.readouterr().out
     once = json.loads((tmp_path / "once/A/results.json").read_text())["members"]
     twice = json.loads((tmp_path / "twice/A/results.json").read_text())["members"]
     for name in once:

@@ -75,9 +75,18 @@ def sweep_points(cell: dict) -> dict[str, list[dict]]:
     return {name: sorted(rows, key=lambda r: r["l0"]) for name, rows in series.items()}
 
 
-def curve(rows: list[dict]) -> Curve:
-    return Curve.from_points([(r["l0"], r["r2"], r["dead_fraction"], r["r2_max"] - r["r2_min"]) for r in rows
-                              if r["l0"] > 0], rows[0]["width"])
+METRICS = {"r2": ("R²", 1), "ce_delta": ("ΔCE", -1)}  # key → (label, sign that makes higher better)
+
+
+def curve(rows: list[dict], metric: str = "r2") -> Curve:
+    """A series' curve of `metric` against L0 (ΔCE negated, so that higher is better for every metric)."""
+    sign = METRICS[metric][1]
+    return Curve.from_points([(r["l0"], sign * r[metric], r["dead_fraction"], r[f"{metric}_max"] - r[f"{metric}_min"])
+                              for r in rows if r["l0"] > 0], rows[0]["width"])
+
+
+def has_metric(rows: list[dict], metric: str) -> bool:
+    return all(isinstance(r.get(metric), float) and math.isfinite(r[metric]) for r in rows)
 
 
 def _hookpoint(cell: dict) -> str | None:
@@ -99,31 +108,48 @@ def paper_claim(cell: dict, a: str, b: str) -> str:
     return PAPER.get(_hookpoint(cell) or "", "–")
 
 
-def plot_cell(label: str, series: dict[str, list[dict]], path: Path) -> None:
+def series_style(name: str, focus: list[str]) -> dict:
+    """The compared series in colour, every other one faded grey (report plots put the compared pair first)."""
+    if name in focus:
+        return {"color": f"C{focus.index(name)}", "alpha": 0.95, "linewidth": 1.6, "zorder": 3}
+    return {"color": "0.55", "alpha": 0.35, "linewidth": 0.9, "zorder": 1}
+
+
+def plot_cell(label: str, series: dict[str, list[dict]], path: Path, pairs: list[tuple[str, str]] = ()) -> None:
+    """R² against L0 and, beside it, the dead fraction, or ΔCE where every dead fraction is zero and ΔCE was
+    measured; seed means as lines, the seeds' range as bands, the legend outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, rows in series.items():
+    focus = compared_series(pairs)
+    all_rows = [r for rows in series.values() for r in rows]
+    right_key = ("ce_delta" if all(r["dead_fraction"] == 0 for r in all_rows)
+                 and any(has_metric(rows, "ce_delta") for rows in series.values()) else "dead_fraction")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    ordered = sorted(series, key=lambda name: (name not in focus, focus.index(name) if name in focus else 0))
+    for index, name in enumerate(ordered):
+        rows = series[name]
+        style = series_style(name, focus) if focus else {"color": f"C{index}"}
         l0 = [r["l0"] for r in rows]
-        line, = left.plot(l0, [r["r2"] for r in rows], marker="o", label=name)
-        left.fill_between(l0, [r["r2_min"] for r in rows], [r["r2_max"] for r in rows], alpha=0.2,
-                          color=line.get_color())
-        right.plot(l0, [r["dead_fraction"] for r in rows], marker="o", color=line.get_color(), label=name)
-        right.fill_between(l0, [r["dead_fraction_min"] for r in rows], [r["dead_fraction_max"] for r in rows],
-                           alpha=0.2, color=line.get_color())
-    for axis, ylabel in ((left, "held-out R²"), (right, "dead fraction (training window)")):
+        for axis, key in ((left, "r2"), (right, right_key)):
+            if not all(key in r for r in rows):
+                continue
+            axis.plot(l0, [r[key] for r in rows], marker="o", markersize=3, label=name, **style)
+            axis.fill_between(l0, [r[f"{key}_min"] for r in rows], [r[f"{key}_max"] for r in rows], alpha=0.15,
+                              color=style["color"])
+    right_label = "ΔCE (nats, spliced − clean)" if right_key == "ce_delta" else "dead fraction (training window)"
+    for axis, ylabel in ((left, "held-out R²"), (right, right_label)):
         axis.set_xscale("log")
         axis.set_xlabel("L0 (held-out)")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    figure.legend(*left.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     figure.suptitle(label)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -132,31 +158,34 @@ def compared_series(pairs: list[tuple[str, str]]) -> list[str]:
 
 
 def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Path) -> None:
-    """Held-out R² and L0 against training tokens, one line per member: the compared series in colour and
-    first in the legend (outside the axes), every other series faded grey."""
+    """Held-out R², L0 and (where measured) ΔCE against training tokens, one line per member: the compared
+    series in colour and first in the legend (outside the axes), every other series faded grey."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     focus = compared_series(pairs)
-    colours = {name: f"C{i}" for i, name in enumerate(focus)}
-    members = sorted(cell["members"].items(), key=lambda item: (item[1]["series"] not in colours, item[0]))
+    histories = {name: member.get("history") or [] for name, member in cell["members"].items()}
+    keys = [("r2", "held-out R²"), ("l0", "L0 (held-out)")]
+    if any("ce_delta" in row for history in histories.values() for row in history):
+        keys.append(("ce_delta", "ΔCE (nats)"))
+    figure, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.4))
+    members = sorted(cell["members"].items(), key=lambda item: (item[1]["series"] not in focus, item[0]))
     labelled: set[str] = set()
     for name, member in members:
-        history = member.get("history") or []
+        history = histories[name]
         if len(history) < 2:
             continue
         series = member["series"]
-        style = ({"color": colours[series], "alpha": 0.9, "linewidth": 1.4} if series in colours
-                 else {"color": "0.6", "alpha": 0.35, "linewidth": 0.8})
-        tokens = [row["tokens_seen"] / 1e6 for row in history]
+        style = series_style(series, focus)
         legend = series if series not in labelled else None
         labelled.add(series)
-        for axis, key in zip(axes, ("r2", "l0")):
-            axis.plot(tokens, [row[key] for row in history], marker=".", label=legend, **style)
-    for axis, ylabel in zip(axes, ("held-out R²", "L0 (held-out)")):
+        for axis, (key, _) in zip(axes, keys):
+            rows = [row for row in history if key in row]
+            axis.plot([row["tokens_seen"] / 1e6 for row in rows], [row[key] for row in rows], marker=".",
+                      label=legend, **style)
+    for axis, (_, ylabel) in zip(axes, keys):
         axis.set_xlabel("training tokens (millions)")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
@@ -232,21 +261,26 @@ def cell_section(label: str, cell: dict, pairs: list[tuple[str, str]], image: st
                   *convergence_lines(cell, pairs)]
     verdicts = []
     for a, b in pairs:
-        if a in series and b in series:
-            v = compare(curve(series[a]), curve(series[b]))
-            verdicts.append({"cell": label, "a": a, "b": b, "verdict": v.verdict, "overlap": v.overlap,
-                             "min_gap": v.min_gap, "max_gap": v.max_gap, "dead_reduction": v.dead_reduction,
-                             "within_noise": v.within_noise,
+        if a not in series or b not in series:
+            continue
+        for metric, (name, sign) in METRICS.items():
+            if not (has_metric(series[a], metric) and has_metric(series[b], metric)):
+                continue
+            v = compare(curve(series[a], metric), curve(series[b], metric))
+            verdicts.append({"cell": label, "a": a, "b": b, "metric": name, "verdict": v.verdict, "overlap": v.overlap,
+                             "min_gap": sign * (v.min_gap if sign > 0 else v.max_gap),
+                             "max_gap": sign * (v.max_gap if sign > 0 else v.min_gap),
+                             "dead_reduction": v.dead_reduction, "within_noise": v.within_noise,
                              "paper": paper_claim(cell, a, b)})
     return lines + [""], verdicts
 
 
 def verdict_table(verdicts: list[dict]) -> list[str]:
-    lines = ["| cell | A | B | L0 overlap | A vs B | R²_A − R²_B (min / max) | within seed noise | "
-             "dead reduction B/A (geomean) | paper |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | A | B | metric | L0 overlap | A vs B | A − B (min / max) | within seed noise | "
+             "dead reduction B/A (geomean) | paper |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
         span = f"{v['overlap'][0]:.1f}–{v['overlap'][1]:.1f}" if v["overlap"] else "none"
-        lines.append(f"| {v['cell']} | {v['a']} | {v['b']} | {span} | **{v['verdict']}** | "
+        lines.append(f"| {v['cell']} | {v['a']} | {v['b']} | {v.get('metric', 'R²')} | {span} | **{v['verdict']}** | "
                      f"{_number(v['min_gap'])} / {_number(v['max_gap'])} | {_percent(v.get('within_noise'))} | "
                      f"{_number(v['dead_reduction'], 2)}× | {v['paper']} |")
     return lines
@@ -263,7 +297,7 @@ def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | N
     sections, verdicts = [], []
     for label, cell in cells.items():
         image = f"{label}.png"
-        plot_cell(label, sweep_points(cell), out / image)
+        plot_cell(label, sweep_points(cell), out / image, pairs)
         budget_image = None
         if any(len(member.get("history") or []) > 1 for member in cell["members"].values()):
             budget_image = f"{label}_budget.png"
@@ -274,9 +308,11 @@ def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | N
     lines = ["# Sweep report", "", "Sweeps: " + ", ".join(f"`{s}`" for s in sweeps), ""]
     if verdicts:
         lines += ["## Pareto verdicts (SPEC §6)", "",
-                  "A dominates B when its interpolated R²(L0) is ≥ B's everywhere on the L0 range both sweeps "
-                  "cover, counting only gaps wider than the seeds' R² spread there (the tie band: \"within noise\" "
-                  "when no gap is). Dead reduction: geometric mean over the matched L0 points of dead_B / dead_A.", "",
+                  "A dominates B when its interpolated R²(L0) is ≥ B's (or its ΔCE(L0), the spliced LM loss minus "
+                  "the clean one, ≤ B's) everywhere on the L0 range both sweeps cover, counting only gaps wider "
+                  "than the seeds' spread there (the tie band: \"within noise\" when no gap is). A − B is R²_A − R²_B "
+                  "or ΔCE_A − ΔCE_B (nats; negative favours A). Dead reduction: geometric mean over the matched L0 "
+                  "points of dead_B / dead_A.", "",
                   *verdict_table(verdicts), ""]
     report = out / "report.md"
     report.write_text("\n".join(lines + sections))

@@ -13,6 +13,9 @@ or a live hookpoint) and the members (an SAE module, its fixed arguments, and a 
         init_args: {width: 1152, lr_warmup_steps: 10}
         grid: {sparsity_coefficient: [4, 8, 16, 32], init_seed: [0, 1]}
 
+`lm_loss: {contexts: 256, every: 2}` adds the spliced LM loss (ΔCE, CE recovered) on that many held-out contexts to
+every 2nd validation and the last, for cells whose data knows its LM (a live hookpoint, or a cache that names it).
+
 A member's `init_args` and `grid` are one flat set of arguments: those of `SAEModule` (λ, LR, seeds, …) train,
 the others configure the SAE (width, k, switches), each routed by its name (`SAEModule.from_arguments`).
 
@@ -40,7 +43,7 @@ from typing import Any
 
 import lightning as L
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.interrupt import InterruptCheckpoint
@@ -104,9 +107,14 @@ def expand_members(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return members
 
 
-def build_sweep(members: dict[str, dict[str, Any]]) -> SweepModule:
-    return SweepModule({name: SAEModule.from_arguments(spec["sae"], **spec["init_args"])
-                        for name, spec in members.items()})
+def build_sweep(members: dict[str, dict[str, Any]], lm_loss: dict[str, int] | None = None) -> SweepModule:
+    """The members side by side; `lm_loss` ({contexts, every}) adds the spliced LM loss to their validations."""
+    unknown = set(lm_loss or {}) - {"contexts", "every"}
+    if unknown:
+        raise ValueError(f"lm_loss takes contexts and every; got {sorted(unknown)}")
+    return SweepModule({name: SAEModule.from_arguments(spec["sae"], **spec["init_args"]) for name, spec in members.items()},
+                       lm_loss_contexts=int((lm_loss or {}).get("contexts", 0)),
+                       lm_loss_every=int((lm_loss or {}).get("every", 1)))
 
 
 def trainer_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +132,22 @@ def _newest_checkpoint(folder: Path) -> Path | None:
     return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
 
 
+class CheckpointAfterValidation(L.Callback):
+    """last.ckpt after every validation of a fit, so that it holds that validation's row of the budget history
+    (the stream is one endless epoch); written beside and renamed, so a kill mid-write leaves the previous one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            partial.replace(self.path)
+
+
 def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None = None) -> dict[str, Any]:
     """Train every member on one cell's data (resuming if a checkpoint exists) and write its results.json."""
     folder = out / cell
@@ -131,16 +155,14 @@ def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None
     data_args = {**(data_spec.get("init_args") or {}), **({"seed": config["data_seed"]} if "data_seed" in config else {})}
     datamodule = import_class(data_spec["class_path"])(**data_args)
     members = expand_members(config["members"])
-    sweep = build_sweep(members)
+    sweep = build_sweep(members, config.get("lm_loss"))
     trainer_args = trainer_settings(config)
-    # last.ckpt at the end of every validation (the stream is one endless epoch), so that it holds that
-    # validation's row of the budget history
-    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1,
-                                  save_on_train_epoch_end=False)
-    trainer = L.Trainer(**trainer_args, default_root_dir=folder,
+    checkpoints = folder / "checkpoints"  # last.ckpt, and interrupted.ckpt (saved in the root folder)
+    trainer = L.Trainer(**trainer_args, default_root_dir=checkpoints, enable_checkpointing=False,
                         logger=TensorBoardLogger(out, name=cell, version=""),
-                        callbacks=[checkpoints, StepProgressBar(), InterruptCheckpoint()])
-    resume = _newest_checkpoint(folder / "checkpoints")
+                        callbacks=[CheckpointAfterValidation(checkpoints / "last.ckpt"), StepProgressBar(),
+                                   InterruptCheckpoint()])
+    resume = _newest_checkpoint(checkpoints)
     if resume is not None:
         print(f"[{cell}] resuming from {resume}")
     started = time.perf_counter()
@@ -166,7 +188,7 @@ def run_sweep(config: dict[str, Any], out: Path, cells: list[str] | None = None,
     for key in ("cells", "members"):
         if not config.get(key):
             raise ValueError(f"The sweep config needs a non-empty {key!r} section")
-    build_sweep(expand_members(config["members"]))  # reject a bad member or grid before any cell starts
+    build_sweep(expand_members(config["members"]), config.get("lm_loss"))  # reject bad members before any cell starts
     trainer_settings(config)
     unknown = sorted(set(cells or []) - set(config["cells"]))
     if unknown:
