@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.activation_stream import IterableStream, rank_and_world, stream_position
+from datamodules.activation_stream import IterableStream, held_out_part, rank_and_world, stream_position
 from datamodules.lm_activations import LMActivationDataModule
 from sagsae.measures import normalization_scale
 
@@ -62,6 +62,8 @@ class ActivationFileDataModule(L.LightningDataModule):
         batch_size: tokens per batch.
         shuffle_buffer_tokens: tokens mixed before batches are drawn.
         val_tokens: held-out tokens evaluated at each validation.
+        held_out: "all" the held-out tokens, or the "selection" (first) or "verdict" (second) half of them and of
+            the LM loss's held-out contexts: choose a recipe on one, report on the other.
         normalization_tokens: tokens used to estimate the normalization scalar (E‖x‖² = d).
         seed: shard order and shuffle buffer.
 
@@ -73,8 +75,9 @@ class ActivationFileDataModule(L.LightningDataModule):
 
     def __init__(self, path: str, val_path: str | None = None, batch_size: int = 4096,
                  shuffle_buffer_tokens: int = 65_536, val_tokens: int = 32_768, normalization_tokens: int = 16_384,
-                 seed: int = 0) -> None:
+                 seed: int = 0, held_out: str = "all") -> None:
         super().__init__()
+        held_out_part([], held_out)  # an unknown part fails here
         self.save_hyperparameters()
         self.shards = shard_files(path, "train")
         sizes = [shard_shape(shard) for shard in self.shards]
@@ -115,7 +118,7 @@ class ActivationFileDataModule(L.LightningDataModule):
 
     def spliced_cross_entropy(self, reconstruct, contexts: int = 16) -> dict[str, float]:
         """The spliced LM loss of `LMActivationDataModule`, on the LM and held-out documents of this cache."""
-        return self.language_model_data().spliced_cross_entropy(reconstruct, contexts)
+        return self.language_model_data().spliced_cross_entropy(reconstruct, contexts, self.hparams.held_out)
 
     def _my_shards(self) -> list[Path]:
         rank, world = rank_and_world(self.trainer)
@@ -186,7 +189,8 @@ class ActivationFileDataModule(L.LightningDataModule):
         if not self.val_shards:
             return DataLoader([], batch_size=None)
         rank, world = rank_and_world(self.trainer)
-        rows = torch.cat([load_file(str(s))[KEY].float() for s in self.val_shards])[: self.hparams.val_tokens]
+        rows = torch.cat([load_file(str(s))[KEY].float() for s in self.val_shards])
+        rows = held_out_part(rows, self.hparams.held_out)[: self.hparams.val_tokens]
         return DataLoader(list(rows[rank::world].split(self.hparams.batch_size)), batch_size=None)
 
     def test_dataloader(self) -> DataLoader:

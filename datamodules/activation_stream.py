@@ -19,6 +19,18 @@ class IterableStream(IterableDataset):
         return self.make_iterator()
 
 
+HELD_OUT_PARTS = ("all", "selection", "verdict")
+
+
+def held_out_part(items, part: str):
+    """The held-out data (in document order) or one half of it: "selection" (the first half), on which a
+    recipe may be chosen, and "verdict" (the second), which reports the comparison that the choice never saw."""
+    if part not in HELD_OUT_PARTS:
+        raise ValueError(f"held_out must be one of {', '.join(HELD_OUT_PARTS)}, got {part!r}")
+    half = len(items) // 2
+    return items if part == "all" else items[:half] if part == "selection" else items[half:]
+
+
 def rank_and_world(trainer) -> tuple[int, int]:
     """(global rank, world size) of the trainer a datamodule is attached to; (0, 1) without one."""
     return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)

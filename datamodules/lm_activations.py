@@ -8,12 +8,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.activation_stream import (IterableStream, NormGuard, rank_and_world, shuffled_batches,
-                                           stream_position, take_tokens)
+from datamodules.activation_stream import (IterableStream, NormGuard, held_out_part, rank_and_world,
+                                           shuffled_batches, stream_position, take_tokens)
 from datamodules.hooked_lm import HookedLanguageModel
 from datamodules.hookpoints import parse_hookpoint
 from datamodules.lm_evaluation import LMLossEvaluator
@@ -82,7 +82,7 @@ class LMActivationDataModule(L.LightningDataModule):
         self.lm: HookedLanguageModel | None = None
         self.resume_batches = 0  # batches a resumed run has already consumed (from the checkpoint)
         self.validation_batches: list[Tensor] | None = None
-        self.evaluators: dict[int, LMLossEvaluator] = {}  # by number of held-out contexts
+        self.evaluators: dict[tuple[int, str], LMLossEvaluator] = {}  # by held-out contexts and part
 
     # ----- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -180,13 +180,19 @@ class LMActivationDataModule(L.LightningDataModule):
             total, count = stats.tolist()
         return normalization_scale(total, int(count), self.d_model)
 
-    def spliced_cross_entropy(self, reconstruct: Callable[[Tensor], Tensor], contexts: int = 16) -> dict[str, float]:
-        """Spliced LM loss (lm_evaluation) on the first `contexts` held-out contexts, the same ones every time
-        (their clean and zeroed losses computed once)."""
-        if contexts not in self.evaluators:
-            packed = self.lm.contexts(self.documents(validation=True))
-            self.evaluators[contexts] = LMLossEvaluator(self.lm, torch.tensor(list(itertools.islice(packed, contexts))))
-        return self.evaluators[contexts].evaluate(reconstruct)
+    def spliced_cross_entropy(self, reconstruct: Callable[[Tensor], Tensor], contexts: int = 16,
+                              part: str = "all") -> dict[str, float]:
+        """Spliced LM loss (lm_evaluation) on the first `contexts` held-out contexts of `part` (all, or the
+        selection or verdict half, activation_stream.held_out_part), the same ones every time (their clean and
+        zeroed losses computed once)."""
+        if (contexts, part) not in self.evaluators:
+            packed = list(self.lm.contexts(self.documents(validation=True)))  # tokenization only: cheap
+            chosen = held_out_part(packed, part)[:contexts]
+            if len(chosen) < contexts:
+                rank_zero_warn(f"The {part} held-out documents hold {len(chosen)} contexts, fewer than the {contexts} "
+                               f"asked for the LM loss: raise data.val_fraction for more")
+            self.evaluators[contexts, part] = LMLossEvaluator(self.lm, torch.tensor(chosen))
+        return self.evaluators[contexts, part].evaluate(reconstruct)
 
     # ----- dataloaders ------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -138,3 +138,19 @@ def test_a_sweep_from_a_cache_scores_every_members_lm_loss(cache_dir, tmp_path):
     assert cached.language_model_data().hparams.layer == 2
     identity = cached.spliced_cross_entropy(lambda x: x, contexts=4)
     assert identity["ce_delta"] == pytest.approx(0.0, abs=1e-6) and identity["ce_recovered"] == pytest.approx(1.0)
+
+
+def test_selection_and_verdict_halves_split_the_held_out_data(cache_dir):
+    """A recipe chosen on the selection half is reported on the verdict half: disjoint held-out tokens and LM
+    contexts, which together are all of them."""
+    parts = {part: ActivationFileDataModule(str(cache_dir), batch_size=100, val_tokens=10_000, held_out=part)
+             for part in ("all", "selection", "verdict")}
+    rows = {part: torch.cat(list(data.val_dataloader())) for part, data in parts.items()}
+    assert len(rows["selection"]) == 200 and torch.equal(torch.cat([rows["selection"], rows["verdict"]]), rows["all"])
+    parts["verdict"].spliced_cross_entropy(lambda x: x, contexts=2)
+    parts["selection"].spliced_cross_entropy(lambda x: x, contexts=2)
+    chosen = {part: data.language_model_data().evaluators[2, part].input_ids
+              for part, data in parts.items() if part != "all"}
+    assert not torch.equal(chosen["selection"], chosen["verdict"])
+    with pytest.raises(ValueError, match="held_out must be one of all, selection, verdict"):
+        ActivationFileDataModule(str(cache_dir), held_out="test")

@@ -53,14 +53,30 @@ def score(module: SAEModule, data) -> dict[str, float]:
     }
 
 
-def test_sagsae_recovers_signed_axes_with_one_latent_each(protocol_a_data):
-    module, monitor = train(protocol_a_data, steps=1500)
+@pytest.fixture(scope="module")
+def sagsae_k(protocol_a_data):
+    """SA-GSAE(K) with the formulation's defaults, 1,500 steps (shared by the tests that compare with it)."""
+    return train(protocol_a_data, steps=1500)
+
+
+def test_sagsae_recovers_signed_axes_with_one_latent_each(protocol_a_data, sagsae_k):
+    module, monitor = sagsae_k
     s = score(module, protocol_a_data)
     assert abs(s["l0"] - s["true_l0"]) <= 0.2 * s["true_l0"], s
     assert s["r2"] >= 0.95, s
     assert s["recovery"] >= 0.9, s
     assert s["sharing"] >= 0.9, s
     assert monitor.collapsed_at is None, "the default SA-GSAE must not trip the gate-collapse monitor"
+
+
+def test_a_one_sided_gate_at_width_k_cannot_carry_both_signs(protocol_a_data, sagsae_k):
+    """The negative control: Gated(K), at SA-GSAE(K)'s width and λ, gives each latent one sign, so it recovers at
+    most half of the 2K signed features, shares no axis, and reconstructs markedly worse."""
+    gated, _ = train(protocol_a_data, steps=1500, architecture="gated", width=48)
+    g, s = score(gated, protocol_a_data), score(sagsae_k[0], protocol_a_data)
+    assert g["recovery"] <= 0.5 < 0.9 <= s["recovery"], (g, s)
+    assert g["sharing"] == 0.0 and s["sharing"] >= 0.9, (g, s)
+    assert g["r2"] <= s["r2"] - 0.1, (g, s)
 
 
 def test_gated_needs_twice_the_width_for_the_same_result(protocol_a_data):
