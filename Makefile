@@ -39,7 +39,13 @@ results: $(STAMP)
 	    --out cache/smollm2_l15_$$hp; \
 	  [ -d cache/gemma3_l9_$$hp ] || $(PY) -m sagsae cache $(GEMMA3_CACHE) --data.init_args.hookpoint $$hp \
 	    --out cache/gemma3_l9_$$hp; done
+	[ -d cache/smollm2_l15_mlp_out_v10 ] || $(PY) -m sagsae cache $(SMOLLM2_CACHE) --data.init_args.hookpoint mlp_out \
+	  --data.init_args.val_fraction 0.1 --train_tokens 2000000 --val_tokens 98304 --out cache/smollm2_l15_mlp_out_v10
 	$(PY) -m sagsae synth --config configs/sweeps/synth.yaml
+	$(PY) -m sagsae synth --config configs/sweeps/synth_thresholds.yaml
+	$(PY) -m sagsae sweep --config configs/sweeps/smollm2_l15_thresholds.yaml
+	$(PY) -m sagsae report runs/synth_thresholds --out docs/results/synth_thresholds
+	$(PY) -m sagsae report runs/sweeps/smollm2_l15_thresholds --out docs/results/smollm2_l15_thresholds
 	for sweep in smollm2_l15 smollm2_l15_recipe smollm2_l15_quantile smollm2_l15_long gemma3_l9; do \
 	  $(PY) -m sagsae sweep --config configs/sweeps/$$sweep.yaml; done
 	$(PY) -m sagsae report runs/synth --out docs/results/synth --compare "SA-GSAE(K)" "Gated(2K)" \

@@ -27,8 +27,9 @@ def protocol_a_data():
 def train(data, steps: int, sparsity_coefficient: float = 4.0, architecture: str = "sagsae", width: int = 48,
           **switches) -> tuple[SAEModule, GateCollapseMonitor]:
     L.seed_everything(0)
-    module = SAEModule.from_arguments(architecture, d_in=64, width=width, sparsity_coefficient=sparsity_coefficient, sparsity_warmup_steps=200,
-                          lr=1e-3, lr_warmup_steps=0, dead_window_tokens=200_000, **switches)
+    arguments = dict(d_in=64, width=width, sparsity_coefficient=sparsity_coefficient, sparsity_warmup_steps=200,
+                     lr=1e-3, lr_warmup_steps=0, dead_window_tokens=200_000)
+    module = SAEModule.from_arguments(architecture, **{**arguments, **switches})
     monitor = GateCollapseMonitor(window_steps=200)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
@@ -67,6 +68,30 @@ def test_sagsae_recovers_signed_axes_with_one_latent_each(protocol_a_data, sagsa
     assert s["recovery"] >= 0.9, s
     assert s["sharing"] >= 0.9, s
     assert monitor.collapsed_at is None, "the default SA-GSAE must not trip the gate-collapse monitor"
+
+
+def shipped_default_switches() -> dict:
+    """The SA-GSAE switches and training recipe of configs/default.yaml, less what is set per benchmark here
+    (width, λ and its warmup, LR warmup, dead window)."""
+    import yaml
+
+    from tests.test_cli import REPO
+
+    model = dict(yaml.safe_load((REPO / "configs" / "default.yaml").read_text())["model"])
+    sae = model.pop("sae")
+    assert sae["class_path"] == "sagsae.saes.SignAwareGatedSAE"
+    per_benchmark = {"width", "sparsity_coefficient", "sparsity_warmup_steps", "lr_warmup_steps", "dead_window_tokens"}
+    return {k: v for k, v in {**sae["init_args"], **model}.items() if k not in per_benchmark}
+
+
+def test_the_shipped_default_recipe_recovers_signed_axes(protocol_a_data):
+    """Whatever start and threshold dynamics configs/default.yaml ships must pass Protocol A as the
+    formulation does (SPEC §7), at the same budget."""
+    module, monitor = train(protocol_a_data, steps=1500, **shipped_default_switches())
+    s = score(module, protocol_a_data)
+    assert abs(s["l0"] - s["true_l0"]) <= 0.2 * s["true_l0"], s
+    assert s["r2"] >= 0.95 and s["recovery"] >= 0.9 and s["sharing"] >= 0.9, s
+    assert monitor.collapsed_at is None
 
 
 def test_a_one_sided_gate_at_width_k_cannot_carry_both_signs(protocol_a_data, sagsae_k):

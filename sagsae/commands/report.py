@@ -159,7 +159,8 @@ def compared_series(pairs: list[tuple[str, str]]) -> list[str]:
 
 def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Path) -> None:
     """Held-out R², L0 and (where measured) ΔCE against training tokens, one line per member: the compared
-    series in colour and first in the legend (outside the axes), every other series faded grey."""
+    series in colour and first in the legend (outside the axes), every other series faded grey, a series' grid
+    points (λ or k, in member-name order) solid, dashed, dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +179,8 @@ def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Pat
         if len(history) < 2:
             continue
         series = member["series"]
-        style = series_style(series, focus)
+        siblings = [other for other, m in members if m["series"] == series]  # a series' grid points: dashes
+        style = series_style(series, focus) | {"linestyle": ("-", "--", ":", "-.")[siblings.index(name) % 4]}
         legend = series if series not in labelled else None
         labelled.add(series)
         for axis, (key, _) in zip(axes, keys):
