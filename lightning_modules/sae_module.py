@@ -35,7 +35,7 @@ class SAEModule(L.LightningModule):
         betas: Adam betas; None = the architecture's own (TopK family (0.9, 0.999), others (0, 0.999)).
         threshold_lr_scale: the thresholds' learning rate (SA-GSAE and JumpReLU θ, Gated b_gate) as a multiple
             of `lr`: Adam moves a parameter about one learning rate per step whatever its gradient, so thresholds
-            of order 1 travel at most lr·steps (docs/method.md, "Thresholds that learn").
+            of order 1 travel at most lr·steps (docs/method.md, "Convergence").
         dead_window_tokens: a latent that has not fired in this many training tokens is dead (SPEC §6); so is
             one that the dead-latent reset revived within that many tokens (`dead_fraction`).
         reset_dead_latents: let the architecture react to dead latents (SA-GSAE: threshold reset).
