@@ -1,6 +1,7 @@
 """One SAE training step (forward, loss, backward, Adam) per architecture, against the matmul floor.
 
     python -m benchmarks.sae_step [--d_in 576 --width 4608 --batch 4096 --repeats 5 --json out.json]
+                                  [--autocast bf16]      # on the GPU when one is present
 
 The floor is the bare encoder and decoder matmuls, forward and backward, in plain torch: what any SAE of
 this width must compute. Ratios are floor time / step time (1.0 = at the floor), measured in this process.
@@ -23,17 +24,27 @@ from sagsae.saes import SAE_REGISTRY, build_sae, sae_class
 K = 64  # active latents of the TopK family, ours and the peers'
 
 
-def seconds_per_call(function, repeats: int) -> float:
-    function()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        function()
+def seconds_per_call(function, repeats: int, autocast: str | None = None) -> float:
+    """Mean wall time of `function`, after one warm-up; on a GPU the clock waits for its queued kernels."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        function()  # warm-up
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            function()
+        synchronize()
     return (time.perf_counter() - start) / repeats
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def floor_step(x: torch.Tensor, width: int):
-    encoder = torch.randn(width, x.shape[1], requires_grad=True)
-    decoder = torch.randn(x.shape[1], width, requires_grad=True)
+    encoder = torch.randn(width, x.shape[1], device=x.device, requires_grad=True)
+    decoder = torch.randn(x.shape[1], width, device=x.device, requires_grad=True)
 
     def step():
         codes = torch.relu(x @ encoder.T)
@@ -43,10 +54,10 @@ def floor_step(x: torch.Tensor, width: int):
 
 
 def sae_step(name: str, x: torch.Tensor, width: int):
-    sae = build_sae(name, d_in=x.shape[1], width=width, **({"k": K} if sae_class(name).k_sparse else {}))
+    sae = build_sae(name, d_in=x.shape[1], width=width, **({"k": K} if sae_class(name).k_sparse else {})).to(x.device)
     sae.initialize_from_batch(x)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    dead = torch.zeros(width, dtype=torch.bool)
+    dead = torch.zeros(width, dtype=torch.bool, device=x.device)
 
     def step():
         out = sae.loss(x, 1.0, dead=dead)
@@ -72,10 +83,10 @@ def saelens_step(name: str, x: torch.Tensor, width: int):
     prefix = SAELENS[name]
     config_class = getattr(sae_lens, f"{prefix}TrainingSAEConfig")
     options = {"k": K} if "TopK" in prefix else {}
-    sae = getattr(sae_lens, f"{prefix}TrainingSAE")(config_class(d_in=x.shape[1], d_sae=width, **options))
+    sae = getattr(sae_lens, f"{prefix}TrainingSAE")(config_class(d_in=x.shape[1], d_sae=width, **options)).to(x.device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
     coefficients = {key: 1.0 for key in sae.get_coefficients()}
-    step_input = TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=torch.zeros(width, dtype=torch.bool),
+    step_input = TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=torch.zeros(width, dtype=torch.bool, device=x.device),
                                 n_training_steps=0, is_logging_step=False)
 
     def step():
@@ -91,12 +102,12 @@ def sparsify_step(x: torch.Tensor, width: int):
         from sparsify import SparseCoder, SparseCoderConfig
     except ImportError:
         return None
-    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=width, k=K))
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=width, k=K), device=x.device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        out = sae(x, dead_mask=torch.zeros(width, dtype=torch.bool))
+        out = sae(x, dead_mask=torch.zeros(width, dtype=torch.bool, device=x.device))
         (out.fvu + out.auxk_loss / 32).backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
@@ -111,17 +122,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--autocast", choices=["bf16"], help="run every step (the floor's too) under bf16 autocast")
     args = parser.parse_args()
     torch.manual_seed(0)
-    x = torch.randn(args.batch, args.d_in)
-    floor = seconds_per_call(floor_step(x, args.width), args.repeats)
-    rows = {"floor": floor} | {name: seconds_per_call(sae_step(name, x, args.width), args.repeats)
-                               for name in SAE_REGISTRY}
+    x = torch.randn(args.batch, args.d_in, device="cuda" if torch.cuda.is_available() else "cpu")
+    time_step = lambda step: seconds_per_call(step, args.repeats, args.autocast)  # noqa: E731
+    floor = time_step(floor_step(x, args.width))
+    rows = {"floor": floor} | {name: time_step(sae_step(name, x, args.width)) for name in SAE_REGISTRY}
     others = {f"saelens:{name}": saelens_step(name, x, args.width) for name in SAELENS}
     others["sparsify:topk"] = sparsify_step(x, args.width)
-    rows |= {name: seconds_per_call(step, args.repeats) for name, step in others.items() if step is not None}
+    rows |= {name: time_step(step) for name, step in others.items() if step is not None}
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    print(f"d_in {args.d_in}, width {args.width}, batch {args.batch}, {torch.get_num_threads()} threads, {device}")
+    print(f"d_in {args.d_in}, width {args.width}, batch {args.batch}, {torch.get_num_threads()} threads, {device}, "
+          f"{'bf16 autocast' if args.autocast else 'fp32'}")
     print(f"{'step':<12} {'ms':>10} {'tokens/s':>12} {'floor/step':>11}")
     for name, seconds in rows.items():
         print(f"{name:<12} {seconds * 1e3:>10.1f} {args.batch / seconds:>12,.0f} {floor / seconds:>11.2f}")

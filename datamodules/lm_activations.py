@@ -86,10 +86,13 @@ class LMActivationDataModule(L.LightningDataModule):
 
     # ----- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.lm is not None:
-            return
+        if self.lm is None:
+            self.load_language_model(self.trainer.strategy.root_device if self.trainer is not None
+                                     else torch.device("cpu"))
+
+    def load_language_model(self, device: torch.device) -> None:
+        """Load the LM on `device`; outside a Trainer (`sagsae cache`) this is how it reaches a GPU."""
         hp = self.hparams
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         self.lm = HookedLanguageModel(hp.model, hp.gguf_file, hp.hookpoint, hp.layer, hp.lm_dtype, device,
                                       hp.context_length)
 

@@ -14,6 +14,7 @@ import argparse
 import importlib
 from pathlib import Path
 
+import torch
 import yaml
 
 from datamodules.activation_cache import write_cache
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val_tokens", type=int, default=32_768)
     parser.add_argument("--shard_tokens", type=int, default=262_144)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="auto",
+                        help="where the LM runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1, …")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     while rest:
@@ -58,8 +61,18 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("train_tokens", "val_tokens", "shard_tokens"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive")
-    metadata = write_cache(datamodule_from_configs(args.config, overrides), args.out, args.train_tokens,
-                           args.val_tokens, args.shard_tokens, args.dtype)
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if args.device == "auto" else args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+    data = datamodule_from_configs(args.config, overrides)
+    if args.out.exists():  # before the LM loads
+        parser.error(f"--out {args.out} already exists: choose a new folder or remove it first")
+    data.load_language_model(device)
+    metadata = write_cache(data, args.out, args.train_tokens, args.val_tokens, args.shard_tokens, args.dtype)
     print(f"Cached {metadata['train_tokens']:,} train and {metadata['val_tokens']:,} validation tokens of "
           f"{metadata['model']} {metadata['hookpoint']} (layer {metadata['layer']}) in {args.out}")
     if metadata["train_tokens"] < args.train_tokens:
