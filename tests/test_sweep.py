@@ -211,3 +211,29 @@ def test_data_seed_changes_the_batches_and_nothing_else(synth_run, tmp_path):
         assert yaml.safe_load((out / "sweep.yaml").read_text())["data_seed"] == seed
     first, again, other = runs.values()
     assert first == again and other != first
+
+
+def test_report_reads_every_member_at_an_earlier_budget(tmp_path):
+    """`--at_tokens` reads each member at its last budget checkpoint within the budget: here Y leads X at 200
+    tokens and breaks down by 400, so the verdict flips between the two budgets, and a budget below every
+    checkpoint is refused with a message that names the flag."""
+    def member(series, l0, seed, r2_by_budget):
+        history = [{"l0": l0, "r2": r2, "dead_fraction": 0.0, "silent_fraction": 0.0, "tokens_seen": tokens}
+                   for tokens, r2 in r2_by_budget]
+        return {"series": series, "point": {"sparsity_coefficient": l0, "init_seed": seed}, "width": 8,
+                "history": history, **history[-1]}
+
+    members = {f"{series}-{l0}-{seed}": member(series, l0, seed, [(200, 0.5 + 0.01 * l0 + lead), (400, 0.5 + 0.01 * l0 + late)])
+               for series, lead, late in (("X", 0.0, 0.0), ("Y", 0.1, -0.3)) for l0 in (2, 4, 8) for seed in (0, 1)}
+    (tmp_path / "sweep" / "A").mkdir(parents=True)
+    (tmp_path / "sweep" / "A" / "results.json").write_text(json.dumps({"cell": "A", "steps": 4, "members": members}))
+    verdicts = {}
+    for budget in (300, 400):
+        main(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / f"at{budget}"), "--compare", "Y", "X",
+              "--at_tokens", str(budget)])
+        verdicts[budget] = json.loads((tmp_path / f"at{budget}" / "verdicts.json").read_text())[0]
+    assert verdicts[300]["verdict"] == "dominates" and verdicts[300]["min_gap"] == pytest.approx(0.1)
+    assert verdicts[400]["verdict"] == "dominated" and verdicts[400]["max_gap"] == pytest.approx(-0.3)
+    assert "after 300 training tokens" in (tmp_path / "at300" / "report.md").read_text()
+    with pytest.raises(SystemExit, match="no budget checkpoint at or below 100 tokens .*--at_tokens"):
+        main(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "at100"), "--at_tokens", "100"])

@@ -4,6 +4,7 @@ Per cell: R² against L0 and dead fraction against L0 for every series (seed mea
 a band), a table of every sweep point, the Pareto verdict of each compared pair over their L0 overlap (SPEC §6)
 with the sweep-geomean dead reduction, the bipolar census of signed SAEs, and what the paper reports for that
 kind of hookpoint. Compared pairs come from `--compare A B` or the sweep config's `compare: [[A, B], …]`.
+`--at_tokens N` reads every member as it stood after N training tokens (sweeps keep every budget checkpoint).
 """
 
 from __future__ import annotations
@@ -54,6 +55,23 @@ def load_cells(sweeps: list[Path]) -> dict[str, dict]:
             merged["members"].update(cell["members"])
             merged["steps"] = sorted(set(merged["steps"]) | {cell["steps"]})
     return cells
+
+
+def at_budget(cells: dict[str, dict], tokens: int) -> dict[str, dict]:
+    """The cells as they stood after `tokens` training tokens: each member's last budget checkpoint within it
+    (its metrics, and its history cut there), so that a verdict can be read at several budgets."""
+    cut = {}
+    for label, cell in cells.items():
+        members = {}
+        for name, member in cell["members"].items():
+            rows = [row for row in member.get("history") or [] if row["tokens_seen"] <= tokens]
+            if not rows:
+                raise ValueError(f"{name} of cell {label} has no budget checkpoint at or below {tokens:,} tokens "
+                                 f"(--at_tokens): choose a budget its history reaches")
+            kept = {key: member[key] for key in ("series", "architecture", "point", "width") if key in member}
+            members[name] = {**kept, "history": rows, **rows[-1]}
+        cut[label] = {**cell, "members": members, "steps": [f"cut at {tokens:,} tokens"]}
+    return cut
 
 
 def sweep_points(cell: dict) -> dict[str, list[dict]]:
@@ -157,6 +175,9 @@ def compared_series(pairs: list[tuple[str, str]]) -> list[str]:
     return list(dict.fromkeys(name for pair in pairs for name in pair))
 
 
+R2_FLOOR = -0.5  # budget plots draw lower held-out R² at this floor, marked ▼
+
+
 def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Path) -> None:
     """Held-out R², L0 and (where measured) ΔCE against training tokens, one line per member: the compared
     series in colour and first in the legend (outside the axes), every other series faded grey, a series' grid
@@ -185,8 +206,14 @@ def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Pat
         labelled.add(series)
         for axis, (key, _) in zip(axes, keys):
             rows = [row for row in history if key in row]
-            axis.plot([row["tokens_seen"] / 1e6 for row in rows], [row[key] for row in rows], marker=".",
-                      label=legend, **style)
+            tokens = [row["tokens_seen"] / 1e6 for row in rows]
+            values = [max(row[key], R2_FLOOR) if key == "r2" else row[key] for row in rows]
+            axis.plot(tokens, values, marker=".", label=legend, **style)
+            below = [t for t, row in zip(tokens, rows) if key == "r2" and row[key] < R2_FLOOR]
+            if below:  # a breakdown stays visible without flattening every other curve
+                axis.scatter(below, [R2_FLOOR] * len(below), marker="v", s=40, color=style["color"], zorder=4)
+    if any(row["r2"] < R2_FLOOR for history in histories.values() for row in history):
+        keys[0] = ("r2", f"held-out R² (▼: below {R2_FLOOR}, drawn at it)")
     for axis, (_, ylabel) in zip(axes, keys):
         axis.set_xlabel("training tokens (millions)")
         axis.set_ylabel(ylabel)
@@ -288,8 +315,11 @@ def verdict_table(verdicts: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | None = None) -> Path:
+def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | None = None,
+                 at_tokens: int | None = None) -> Path:
     cells = load_cells(sweeps)
+    if at_tokens is not None:
+        cells = at_budget(cells, at_tokens)
     if pairs is None:
         pairs = []
         for sweep in sweeps:
@@ -308,6 +338,9 @@ def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | N
         sections += lines
         verdicts += cell_verdicts
     lines = ["# Sweep report", "", "Sweeps: " + ", ".join(f"`{s}`" for s in sweeps), ""]
+    if at_tokens is not None:
+        lines += [f"Every member as it stood after {at_tokens:,} training tokens (its last budget checkpoint "
+                  f"within them; `--at_tokens`).", ""]
     if verdicts:
         lines += ["## Pareto verdicts (SPEC §6)", "",
                   "A dominates B when its interpolated R²(L0) is ≥ B's (or its ΔCE(L0), the spliced LM loss minus "
@@ -330,10 +363,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="report folder (default: <first sweep>/report)")
     parser.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
                         help="series to compare (repeatable); default: the sweep config's `compare`")
+    parser.add_argument("--at_tokens", type=int, metavar="N",
+                        help="read every member at its last budget checkpoint within N training tokens (from its "
+                             "history), to see whether a verdict holds as the budget grows")
     args = parser.parse_args(argv)
+    if args.at_tokens is not None and args.at_tokens <= 0:
+        parser.error("--at_tokens must be positive")
     try:
         report = write_report(args.sweeps, args.out or args.sweeps[0] / "report",
-                              [tuple(pair) for pair in args.compare] if args.compare else None)
+                              [tuple(pair) for pair in args.compare] if args.compare else None, args.at_tokens)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"report: {error}") from None
     print(f"Wrote {report}")
