@@ -77,6 +77,19 @@ class SweepModule(L.LightningModule):
             self._log_training(name, member, result)
         return total
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """The trainer's clipping, applied to each member's gradients on their own, as `fit` clips a member that
+        trains alone: one norm over every member would let one member's spike shrink the others' steps."""
+        if gradient_clip_val is None or gradient_clip_val == 0:
+            return
+        for member in self.members.values():
+            parameters = [p for group in member.optimizer_groups() for p in group["params"]]  # the order fit clips in
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         for member in self.members.values():
             member.on_before_optimizer_step(optimizer)

@@ -31,15 +31,22 @@ def three_members():
             "topk": SAEModule.from_arguments("topk", width=32, k=4, init_seed=3)}
 
 
-def test_three_saes_sharing_one_stream_match_three_separate_runs():
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_three_saes_sharing_one_stream_match_three_separate_runs(clip):
+    """With gradient clipping too: a sweep clips each member's gradient norm on its own, as `fit` clips it alone
+    (a clip of 0.05 is active at every step here, so the runs would differ if the sweep clipped jointly)."""
     sweep = SweepModule(three_members())
-    quiet_trainer(20, limit_val_batches=0).fit(sweep, TensorActivationDataModule(DATA, batch_size=256))
+    quiet_trainer(20, limit_val_batches=0, gradient_clip_val=clip).fit(sweep, TensorActivationDataModule(DATA, batch_size=256))
+    unclipped = SweepModule(three_members())
+    quiet_trainer(20, limit_val_batches=0).fit(unclipped, TensorActivationDataModule(DATA, batch_size=256))
     for name, alone in three_members().items():
-        quiet_trainer(20, limit_val_batches=0).fit(alone, TensorActivationDataModule(DATA, batch_size=256))
+        quiet_trainer(20, limit_val_batches=0, gradient_clip_val=clip).fit(alone, TensorActivationDataModule(DATA, batch_size=256))
         together = sweep.members[name].state_dict()
         assert int(together["steps_trained"]) == 20
         for key, value in alone.state_dict().items():
             assert torch.equal(value, together[key]), (name, key)
+        if clip is not None:
+            assert not torch.equal(unclipped.members[name].sae.W_dec, together["sae.W_dec"]), name
 
 
 def test_sweep_validation_reports_every_member():

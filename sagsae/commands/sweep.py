@@ -119,8 +119,10 @@ def build_sweep(members: dict[str, dict[str, Any]], lm_loss: dict[str, int] | No
 
 def trainer_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The config's `trainer` over the sweep's defaults; the per-cell folder, logger and callbacks are the
-    sweep's own."""
-    settings = {"max_steps": 1000, "val_check_interval": 250, "num_sanity_val_steps": 0, **(config.get("trainer") or {})}
+    sweep's own. Each member's gradient norm is clipped at 1.0 unless the config says otherwise, as
+    configs/default.yaml clips a `fit` (docs/method.md, "Convergence": without it SA-GSAE's loss spikes)."""
+    settings = {"max_steps": 1000, "val_check_interval": 250, "num_sanity_val_steps": 0, "gradient_clip_val": 1.0,
+                **(config.get("trainer") or {})}
     owned = {"default_root_dir", "logger", "callbacks"} & set(settings)
     if owned:
         raise ValueError(f"A sweep sets trainer.{', trainer.'.join(sorted(owned))} itself (per cell): remove it")
@@ -194,7 +196,7 @@ def run_sweep(config: dict[str, Any], out: Path, cells: list[str] | None = None,
     if unknown:
         raise ValueError(f"Unknown cell(s) {unknown}; this sweep's cells: {sorted(config['cells'])}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (out / "sweep.yaml").write_text(yaml.safe_dump({**config, "trainer": trainer_settings(config)}, sort_keys=False))
     (out / "environment.json").write_text(json.dumps(environment(), indent=2))
     L.seed_everything(int(config.get("seed", 0)), workers=True)
     for cell in cells or list(config["cells"]):
