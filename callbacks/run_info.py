@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import subprocess
+import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -111,3 +113,27 @@ class StepProgressBar(RichProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         return {short: metrics[name] for name, short in self.SHOWN.items() if name in metrics}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.started = time.perf_counter()
+        self.first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        """Where output is not a terminal (`make demo | tee log`, a batch job), the bar draws nothing until the
+        end, so a plain line every ~5% of the run (at most every 50 steps) says how it goes."""
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.is_terminal or not trainer.is_global_zero:
+            return
+        step, total = trainer.global_step, trainer.max_steps
+        if step % min(50, max(1, total // 20)) and step != total:
+            return
+        elapsed = time.perf_counter() - self.started
+        done = step - self.first_step
+        eta = f", ETA {elapsed / done * (total - step):.0f} s" if done and total > 0 else ""
+        shown = ", ".join(f"{name} {float(value):.4g}" for name, value in self.get_metrics(trainer, pl_module).items())
+        print(f"step {step}/{total}, {elapsed:.0f} s{eta}" + (f": {shown}" if shown else ""), flush=True)
+
+    @property
+    def is_terminal(self) -> bool:
+        return sys.stdout.isatty()

@@ -174,6 +174,10 @@ def test_ddp_fit_on_two_cpu_processes_with_gloo(tiny_llama, text_file, tmp_path)
                              "--trainer.devices", "2", "--trainer.strategy", "ddp"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    # output to a pipe gets plain progress lines (every step of a 10-step run), from rank 0 only
+    progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(",")[0] for line in progress] == [f"step {n}/10" for n in range(1, 11)], result.stdout[-2000:]
+    assert "L0 " in progress[-1] and "R² " in progress[-1]
     version = tmp_path / "lightning_logs" / "version_0"
     assert json.loads((version / "run_metadata.json").read_text())["world_size"] == 2
     state = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
