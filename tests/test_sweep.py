@@ -244,3 +244,8 @@ def test_report_reads_every_member_at_an_earlier_budget(tmp_path):
     assert "after 300 training tokens" in (tmp_path / "at300" / "report.md").read_text()
     with pytest.raises(SystemExit, match="no budget checkpoint at or below 100 tokens .*--at_tokens"):
         main(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "at100"), "--at_tokens", "100"])
+    main(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "only_x"), "--series", "X"])
+    only_x = (tmp_path / "only_x" / "report.md").read_text()
+    assert "| X | sparsity_coefficient 2 |" in only_x and "| Y |" not in only_x
+    with pytest.raises(SystemExit, match=r"Unknown series \['Z'\] \(--series\)"):
+        main(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "only_z"), "--series", "Z"])

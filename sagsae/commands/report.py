@@ -4,7 +4,8 @@ Per cell: R² against L0 and dead fraction against L0 for every series (seed mea
 a band), a table of every sweep point, the Pareto verdict of each compared pair over their L0 overlap (SPEC §6)
 with the sweep-geomean dead reduction, the bipolar census of signed SAEs, and what the paper reports for that
 kind of hookpoint. Compared pairs come from `--compare A B` or the sweep config's `compare: [[A, B], …]`.
-`--at_tokens N` reads every member as it stood after N training tokens (sweeps keep every budget checkpoint).
+`--at_tokens N` reads every member as it stood after N training tokens (sweeps keep every budget checkpoint);
+`--series A B …` reports only those series.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Pat
     if any("ce_delta" in row for history in histories.values() for row in history):
         keys.append(("ce_delta", "ΔCE (nats)"))
     figure, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.4))
-    members = sorted(cell["members"].items(), key=lambda item: (item[1]["series"] not in focus, item[0]))
+    rank = {name: i for i, name in enumerate(focus)}  # the compared pair's own order, then the others
+    members = sorted(cell["members"].items(), key=lambda item: (rank.get(item[1]["series"], len(rank)), item[0]))
     labelled: set[str] = set()
     for name, member in members:
         history = histories[name]
@@ -315,9 +317,22 @@ def verdict_table(verdicts: list[dict]) -> list[str]:
     return lines
 
 
+def only_series(cells: dict[str, dict], series: list[str]) -> dict[str, dict]:
+    """The cells with only the members of the named series (cells left with none are dropped)."""
+    known = {member["series"] for cell in cells.values() for member in cell["members"].values()}
+    unknown = sorted(set(series) - known)
+    if unknown:
+        raise ValueError(f"Unknown series {unknown} (--series); these sweeps hold: {sorted(known)}")
+    kept = {label: {**cell, "members": {name: member for name, member in cell["members"].items()
+                                        if member["series"] in series}} for label, cell in cells.items()}
+    return {label: cell for label, cell in kept.items() if cell["members"]}
+
+
 def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | None = None,
-                 at_tokens: int | None = None) -> Path:
+                 at_tokens: int | None = None, series: list[str] | None = None) -> Path:
     cells = load_cells(sweeps)
+    if series:
+        cells = only_series(cells, series)
     if at_tokens is not None:
         cells = at_budget(cells, at_tokens)
     if pairs is None:
@@ -363,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="report folder (default: <first sweep>/report)")
     parser.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
                         help="series to compare (repeatable); default: the sweep config's `compare`")
+    parser.add_argument("--series", nargs="+", help="report only these series (their `name`s in the sweep configs)")
     parser.add_argument("--at_tokens", type=int, metavar="N",
                         help="read every member at its last budget checkpoint within N training tokens (from its "
                              "history), to see whether a verdict holds as the budget grows")
@@ -371,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--at_tokens must be positive")
     try:
         report = write_report(args.sweeps, args.out or args.sweeps[0] / "report",
-                              [tuple(pair) for pair in args.compare] if args.compare else None, args.at_tokens)
+                              [tuple(pair) for pair in args.compare] if args.compare else None, args.at_tokens,
+                              args.series)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"report: {error}") from None
     print(f"Wrote {report}")
