@@ -22,12 +22,12 @@ import torch
 from sagsae.saes import SAE_REGISTRY, build_sae, sae_class
 
 K = 64  # active latents of the TopK family, ours and the peers'
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # every step runs here
 
 
 def seconds_per_call(function, repeats: int, autocast: str | None = None) -> float:
     """Mean wall time of `function`, after one warm-up; on a GPU the clock waits for its queued kernels."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
         function()  # warm-up
         synchronize()
         start = time.perf_counter()
@@ -38,7 +38,7 @@ def seconds_per_call(function, repeats: int, autocast: str | None = None) -> flo
 
 
 def synchronize() -> None:
-    if torch.cuda.is_available():
+    if DEVICE.type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -125,14 +125,14 @@ def main() -> None:
     parser.add_argument("--autocast", choices=["bf16"], help="run every step (the floor's too) under bf16 autocast")
     args = parser.parse_args()
     torch.manual_seed(0)
-    x = torch.randn(args.batch, args.d_in, device="cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.randn(args.batch, args.d_in, device=DEVICE)
     time_step = lambda step: seconds_per_call(step, args.repeats, args.autocast)  # noqa: E731
     floor = time_step(floor_step(x, args.width))
     rows = {"floor": floor} | {name: time_step(sae_step(name, x, args.width)) for name in SAE_REGISTRY}
     others = {f"saelens:{name}": saelens_step(name, x, args.width) for name in SAELENS}
     others["sparsify:topk"] = sparsify_step(x, args.width)
     rows |= {name: time_step(step) for name, step in others.items() if step is not None}
-    device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     print(f"d_in {args.d_in}, width {args.width}, batch {args.batch}, {torch.get_num_threads()} threads, {device}, "
           f"{'bf16 autocast' if args.autocast else 'fp32'}")
     print(f"{'step':<12} {'ms':>10} {'tokens/s':>12} {'floor/step':>11}")

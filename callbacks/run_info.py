@@ -126,7 +126,8 @@ class StepProgressBar(RichProgressBar):
         if self.is_terminal or not trainer.is_global_zero:
             return
         step, total = trainer.global_step, trainer.max_steps
-        if step % min(50, max(1, total // 20)) and step != total:
+        every = min(50, max(1, total // 20)) if total > 0 else 50  # no max_steps (-1): every 50 steps
+        if step % every and step != total:
             return
         elapsed = time.perf_counter() - self.started
         done = step - self.first_step

@@ -49,13 +49,16 @@ class ShardWriter:
 
 
 def write_cache(data: LMActivationDataModule, out: Path, train_tokens: int, val_tokens: int, shard_tokens: int,
-                dtype: str) -> dict:
+                dtype: str, device: torch.device | None = None) -> dict:
     """One pass over the training documents (never repeated: a shorter corpus gives fewer tokens) and the first
-    `val_tokens` held-out ones, written atomically to `out`; returns what metadata.json records."""
+    `val_tokens` held-out ones, written atomically to `out`; returns what metadata.json records. The LM runs on
+    `device` (None: where `setup` puts it, the CPU outside a Trainer)."""
     if out.exists():  # before the LM loads
         raise FileExistsError(f"{out} already exists: choose a new --out folder or remove it first")
     if dtype not in DTYPES:
         raise ValueError(f"Unknown cache dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if device is not None:
+        data.load_language_model(device)
     data.setup()
     with staged_folder(out) as staging:
         train = ShardWriter(staging / "train", shard_tokens, DTYPES[dtype])

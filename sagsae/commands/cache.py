@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--device {args.device!r}: {error}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
-    data = datamodule_from_configs(args.config, overrides)
-    if args.out.exists():  # before the LM loads
-        parser.error(f"--out {args.out} already exists: choose a new folder or remove it first")
-    data.load_language_model(device)
-    metadata = write_cache(data, args.out, args.train_tokens, args.val_tokens, args.shard_tokens, args.dtype)
+    try:
+        metadata = write_cache(datamodule_from_configs(args.config, overrides), args.out, args.train_tokens,
+                               args.val_tokens, args.shard_tokens, args.dtype, device)
+    except FileExistsError as error:  # raised before the LM loads
+        parser.error(f"--out {error}")
     print(f"Cached {metadata['train_tokens']:,} train and {metadata['val_tokens']:,} validation tokens of "
           f"{metadata['model']} {metadata['hookpoint']} (layer {metadata['layer']}) in {args.out}")
     if metadata["train_tokens"] < args.train_tokens:
