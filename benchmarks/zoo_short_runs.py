@@ -38,7 +38,7 @@ def model_config(name: str) -> tuple[type, dict]:
 def live_activations(tokens: int, val_tokens: int, hookpoint: str) -> dict[str, torch.Tensor]:
     data = LMActivationDataModule(hookpoint=hookpoint, layer=15, val_tokens=val_tokens)
     data.setup()
-    return {"train": take_tokens(data.training_chunks(), tokens), "val": torch.cat(data.held_out_batches())}
+    return {"train": take_tokens(data.training_chunks(), tokens), "val": data.held_out_rows()}
 
 
 def evaluate(module, val: torch.Tensor) -> dict[str, float]:

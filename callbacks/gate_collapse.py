@@ -10,10 +10,10 @@ Three signs, any of which warns once (with the step, the numbers and what to try
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 
 from sagsae.measures import explained_variance
 
@@ -60,10 +60,13 @@ class GateCollapseMonitor(L.Callback):
             return
         reasons = self._reasons(pl_module)
         if reasons:
+            where = f" (seen on rank {trainer.global_rank})" if trainer.world_size > 1 else ""
+            warnings.warn(f"SA-GSAE gate collapse at step {pl_module.global_step}{where}: {'; '.join(reasons)}. "
+                          f"Try: {ADVICE}.", stacklevel=1)
+        # One decision for all ranks: a rank that stopped alone would leave the others waiting for it forever.
+        if trainer.strategy.reduce_boolean_decision(bool(reasons), all=False):
             self.collapsed_at = pl_module.global_step
             pl_module.log("train/gate_collapse", 1.0)
-            rank_zero_warn(f"SA-GSAE gate collapse at step {pl_module.global_step}: {'; '.join(reasons)}. "
-                           f"Try: {ADVICE}.")
             if self.stop_training:
                 trainer.should_stop = True
 

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.activation_stream import IterableStream, held_out_part, rank_and_world, stream_position
+from datamodules.activation_stream import (IterableStream, held_out_loader, held_out_part, rank_and_world,
+                                           stream_position)
 from datamodules.lm_activations import LMActivationDataModule
 from sagsae.measures import normalization_scale
 
@@ -188,10 +189,9 @@ class ActivationFileDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if not self.val_shards:
             return DataLoader([], batch_size=None)
-        rank, world = rank_and_world(self.trainer)
         rows = torch.cat([load_file(str(s))[KEY].float() for s in self.val_shards])
         rows = held_out_part(rows, self.hparams.held_out)[: self.hparams.val_tokens]
-        return DataLoader(list(rows[rank::world].split(self.hparams.batch_size)), batch_size=None)
+        return held_out_loader(rows, self.hparams.batch_size, self.trainer)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 
 class IterableStream(IterableDataset):
@@ -34,6 +34,15 @@ def held_out_part(items, part: str):
 def rank_and_world(trainer) -> tuple[int, int]:
     """(global rank, world size) of the trainer a datamodule is attached to; (0, 1) without one."""
     return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
+def held_out_loader(rows: Tensor, batch_size: int, trainer) -> DataLoader:
+    """This rank's stride of the held-out `rows`, in batches. An iterable, not a list: Lightning gives a list
+    loader a distributed sampler, which would split the rows across ranks a second time (and pad with repeats),
+    so under DDP the ranks together would see neither all of the held-out tokens nor each once."""
+    rank, world = rank_and_world(trainer)
+    batches = list(rows[rank::world].split(batch_size))
+    return DataLoader(IterableStream(lambda: iter(batches)), batch_size=None)
 
 
 def stream_position(trainer) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Iterable, Iterator
 
 import lightning as L
@@ -12,8 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.activation_stream import (IterableStream, NormGuard, held_out_part, rank_and_world,
-                                           shuffled_batches, stream_position, take_tokens)
+from datamodules.activation_stream import (IterableStream, NormGuard, held_out_loader, held_out_part,
+                                           rank_and_world, shuffled_batches, stream_position, take_tokens)
 from datamodules.hooked_lm import HookedLanguageModel
 from datamodules.hookpoints import parse_hookpoint
 from datamodules.lm_evaluation import LMLossEvaluator
@@ -81,7 +80,7 @@ class LMActivationDataModule(L.LightningDataModule):
         self.guard = NormGuard(norm_guard_multiple)
         self.lm: HookedLanguageModel | None = None
         self.resume_batches = 0  # batches a resumed run has already consumed (from the checkpoint)
-        self.validation_batches: list[Tensor] | None = None
+        self.validation_rows: Tensor | None = None
         self.evaluators: dict[tuple[int, str], LMLossEvaluator] = {}  # by held-out contexts and part
 
     # ----- set-up ---------------------------------------------------------------------------------
@@ -110,20 +109,23 @@ class LMActivationDataModule(L.LightningDataModule):
                 "dropped_nonfinite": self.guard.dropped_nonfinite}
 
     # ----- documents → contexts → activations ------------------------------------------------------
-    def documents(self, validation: bool, pass_index: int = 0) -> Iterator[Document]:
-        """This rank's training or validation documents; indexable sources are reshuffled every pass."""
-        rank, world = rank_and_world(self.trainer)
+    def documents(self, validation: bool, pass_index: int = 0, every_rank: bool = False) -> Iterator[Document]:
+        """This rank's training or validation documents (all ranks' with `every_rank`); indexable sources are
+        reshuffled every pass."""
+        rank, world = (0, 1) if every_rank else rank_and_world(self.trainer)
         return rank_documents(self.source, validation=validation, val_fraction=self.hparams.val_fraction,
                               seed=self.hparams.seed, pass_index=pass_index, rank=rank, world_size=world)
 
-    def activation_chunks(self, validation: bool, passes: Iterable[int], guard: NormGuard) -> Iterator[Tensor]:
-        """Guarded activations of the trainable positions, one chunk per LM forward, over the given passes.
+    def activation_chunks(self, validation: bool, passes: Iterable[int], guard: NormGuard,
+                          every_rank: bool = False) -> Iterator[Tensor]:
+        """Guarded activations of the trainable positions, one chunk per LM forward, over the given passes (of
+        this rank's documents, or all ranks' with `every_rank`).
 
         Each stream has its own guard, so the training stream's drops do not depend on when the normalization
         estimate or the validation set were computed (exact resume replays it from the start)."""
         hp = self.hparams
         for pass_index in passes:
-            contexts = self.lm.contexts(self.documents(validation, pass_index))
+            contexts = self.lm.contexts(self.documents(validation, pass_index, every_rank))
             produced = False
             while batch := list(itertools.islice(contexts, hp.lm_batch_size)):
                 produced = True
@@ -153,18 +155,17 @@ class LMActivationDataModule(L.LightningDataModule):
         return batches
 
     def held_out_tokens(self, count: int) -> Tensor:
-        """The first `count` held-out activations of this rank (whole held-out documents, own guard)."""
+        """The first `count` held-out activations (whole held-out documents, own guard): the same tokens
+        whatever the number of ranks, so that a DDP validation reports what one process would."""
         guard = NormGuard(self.hparams.norm_guard_multiple)
-        return take_tokens(self.activation_chunks(validation=True, passes=[0], guard=guard), count)
+        return take_tokens(self.activation_chunks(validation=True, passes=[0], guard=guard, every_rank=True), count)
 
-    def held_out_batches(self) -> list[Tensor]:
-        """This rank's share of the first `val_tokens` held-out tokens, computed once and kept (the LM is the
-        slow part)."""
-        if self.validation_batches is None:
-            _, world = rank_and_world(self.trainer)
-            held_out = self.held_out_tokens(math.ceil(self.hparams.val_tokens / world))
-            self.validation_batches = list(held_out.split(self.hparams.batch_size))
-        return self.validation_batches
+    def held_out_rows(self) -> Tensor:
+        """The first `val_tokens` held-out tokens, computed once and kept (the LM is the slow part); each rank
+        validates on its stride of them."""
+        if self.validation_rows is None:
+            self.validation_rows = self.held_out_tokens(self.hparams.val_tokens)
+        return self.validation_rows
 
     def state_dict(self) -> dict:
         return stream_position(self.trainer)
@@ -189,7 +190,7 @@ class LMActivationDataModule(L.LightningDataModule):
         selection or verdict half, activation_stream.held_out_part), the same ones every time (their clean and
         zeroed losses computed once)."""
         if (contexts, part) not in self.evaluators:
-            packed = list(self.lm.contexts(self.documents(validation=True)))  # tokenization only: cheap
+            packed = list(self.lm.contexts(self.documents(validation=True, every_rank=True)))  # tokenization: cheap
             chosen = held_out_part(packed, part)[:contexts]
             if len(chosen) < contexts:
                 rank_zero_warn(f"The {part} held-out documents hold {len(chosen)} contexts, fewer than the {contexts} "
@@ -202,7 +203,7 @@ class LMActivationDataModule(L.LightningDataModule):
         return DataLoader(IterableStream(self.training_batches), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.held_out_batches(), batch_size=None)
+        return held_out_loader(self.held_out_rows(), self.hparams.batch_size, self.trainer)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

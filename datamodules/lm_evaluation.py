@@ -12,10 +12,20 @@ from datamodules.hooked_lm import HookedLanguageModel
 Reconstruct = Callable[[Tensor], Tensor]
 
 
+def process_rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's default group; (0, 1) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class LMLossEvaluator:
     """Next-token CE on fixed held-out contexts: clean and with the trainable positions zeroed once, then with
     them replaced by each SAE's reconstruction. Only real next tokens are scored; contexts go through the LM
-    `chunk` at a time, so the logits' memory stays bounded by chunk × length × vocabulary."""
+    `chunk` at a time, so the logits' memory stays bounded by chunk × length × vocabulary.
+
+    Under DDP every rank is given the same contexts, scores its stride of them and sums over ranks: every rank
+    gets the CE that one process gets (all ranks must call together)."""
 
     def __init__(self, lm: HookedLanguageModel, input_ids: Tensor, chunk: int = 16) -> None:
         self.lm, self.input_ids, self.chunk = lm, input_ids, chunk
@@ -25,8 +35,9 @@ class LMLossEvaluator:
     @torch.no_grad()
     def cross_entropy(self, make: Reconstruct | None) -> float:
         """Mean CE over the scored positions, with the trainable activations replaced by `make(x)` (None: clean)."""
+        rank, world = process_rank_and_world()
         total, count = 0.0, 0
-        for input_ids in self.input_ids.split(self.chunk):
+        for input_ids in self.input_ids[rank::world].split(self.chunk):
             input_ids = input_ids.to(self.lm.device)
             trainable = self.lm.trainable_positions(input_ids)
 
@@ -39,6 +50,10 @@ class LMLossEvaluator:
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:],
                                                        reduction="none")[trainable[:, 1:]]
             total, count = total + float(losses.sum()), count + len(losses)
+        if world > 1:
+            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=self.lm.device)
+            torch.distributed.all_reduce(sums)
+            total, count = sums.tolist()
         return total / count
 
     def evaluate(self, reconstruct: Reconstruct) -> dict[str, float]:

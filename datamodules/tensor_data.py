@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.activation_stream import IterableStream
+from datamodules.activation_stream import IterableStream, held_out_loader, rank_and_world
 from sagsae.measures import normalization_scale
 
 
@@ -34,15 +34,17 @@ class TensorActivationDataModule(L.LightningDataModule):
         return normalization_scale(float(sample.pow(2).sum()), len(sample), self.d_model)
 
     def batches(self) -> Iterator[Tensor]:
+        """Every pass's shuffled batches (one permutation, the same on every rank), dealt to ranks in turn."""
+        rank, world = rank_and_world(self.trainer)
         generator = torch.Generator().manual_seed(self.seed)
         while True:
             order = torch.randperm(len(self.train), generator=generator)
-            yield from (self.train[order[i : i + self.batch_size]]
-                        for i in range(0, len(order) - self.batch_size + 1, self.batch_size))
+            starts = range(0, len(order) - self.batch_size + 1, self.batch_size)
+            yield from (self.train[order[i : i + self.batch_size]] for i in starts[rank::world])
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(IterableStream(self.batches), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         held_out = self.val if self.val is not None else self.train[: self.batch_size]
-        return DataLoader(list(held_out.split(self.batch_size)), batch_size=None)
+        return held_out_loader(held_out, self.batch_size, self.trainer)

@@ -192,6 +192,14 @@ class SAEModule(L.LightningModule):
         flag = torch.tensor(float(condition), device=self.device)
         return bool(self.trainer.strategy.reduce(flag, reduce_op="sum") > 0)
 
+    def every_rank_batch(self, batch: Tensor) -> Tensor:
+        """Every rank's `batch`, concatenated in rank order: the data-driven starts (b_dec, quantile thresholds)
+        then see the tokens that one process given all ranks' batches would see, and every rank starts alike.
+        (An element-wise mean over ranks would shrink the spread that the quantiles measure.)"""
+        if self.trainer.world_size == 1:
+            return batch
+        return self.trainer.strategy.all_gather(batch).flatten(0, 1)
+
     def skip_nonfinite(self, batch: Tensor) -> bool:
         """True (with a warning and a count) when any rank's batch holds NaN/inf: every rank then skips it."""
         if not self._any_rank(not bool(torch.isfinite(batch).all())):
@@ -205,7 +213,7 @@ class SAEModule(L.LightningModule):
         """Everything of a training step before backward: data-driven initialization on the first batch, the
         loss (a non-finite one saves a checkpoint and stops the run), firing statistics and the step count."""
         if not self.initialized:
-            self.sae.initialize_from_batch(self.trainer.strategy.reduce(self.sae.normalize(batch), reduce_op="mean"))
+            self.sae.initialize_from_batch(self.sae.normalize(self.every_rank_batch(batch)))
             if self.initial_thresholds is not None:
                 self.initial_thresholds.copy_(self.sae.threshold_values())
             self.initialized.fill_(True)

@@ -2,9 +2,10 @@
 LM forward (or one cache read) per batch instead of N.
 
 Each member is an ordinary `SAEModule` (its own Adam hyperparameters, schedules, dead-latent tracking and seed).
-The members' losses are summed: their parameters are disjoint, so each gets exactly the gradient of its own
-loss, and one Adam with a parameter group (and an LR schedule) per member takes the step a member alone under
-`Trainer.fit` would take, in one fused update.
+Members back-propagate one after another, so only one member's activations are alive at a time (memory grows
+with the members' parameters, not their activations); their parameters are disjoint, so each gets exactly the
+gradient of its own loss, and one Adam with a parameter group (and an LR schedule) per member takes the step a
+member alone under `Trainer.fit` would take, in one fused update.
 """
 
 from __future__ import annotations
@@ -30,12 +31,23 @@ class SweepModule(L.LightningModule):
     training-window dead fraction (SPEC §6) and how far its thresholds moved; `validation_history` the same at
     every validation (the budget checkpoints of a convergence report). With `lm_loss_contexts`, every
     `lm_loss_every`-th of those rows and the final one add the spliced LM loss on that many held-out contexts:
-    ΔCE = CE with the SAE's reconstruction − clean CE (nats), and CE recovered."""
+    ΔCE = CE with the SAE's reconstruction − clean CE (nats), and CE recovered.
 
-    def __init__(self, members: dict[str, SAEModule], lm_loss_contexts: int = 0, lm_loss_every: int = 1) -> None:
+    `gradient_clip_val` (with `gradient_clip_algorithm` "norm" or "value") clips each member's gradients on their
+    own, as `Trainer(gradient_clip_val=…)` clips a member that trains alone: the sweep steps its optimizer itself
+    (to back-propagate member by member), and Lightning leaves clipping to a module that does."""
+
+    def __init__(self, members: dict[str, SAEModule], lm_loss_contexts: int = 0, lm_loss_every: int = 1,
+                 gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm") -> None:
         super().__init__()
         if lm_loss_contexts < 0 or lm_loss_every < 1:
             raise ValueError(f"lm_loss needs contexts ≥ 0 and every ≥ 1, got {lm_loss_contexts} and {lm_loss_every}")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
+        if gradient_clip_val is not None and not gradient_clip_val >= 0:
+            raise ValueError(f"gradient_clip_val must be ≥ 0 (or null for none), got {gradient_clip_val}")
+        self.automatic_optimization = False
+        self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
         self.lm_loss_contexts, self.lm_loss_every = lm_loss_contexts, lm_loss_every
         for name in members:
             if not name.replace("_", "").replace("-", "").isalnum():
@@ -66,38 +78,51 @@ class SweepModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Each member's forward and backward in turn (its graph freed before the next member's forward), then
+        what `fit`'s automatic optimization does for a member alone, in its order: gradient projections, the
+        clip, the Adam step, the LR schedule, and the after-step projections and resets.
+
+        Under DDP the members' losses are summed into one backward instead: DDP's reducer averages gradients
+        across ranks once per backward and expects every parameter in it (same gradients, more memory)."""
         first = next(iter(self.members.values()))
         if first.skip_nonfinite(batch):  # the same decision for every member
-            return None
+            return
+        optimizer = self.optimizers()
+        one_backward = self.trainer.world_size > 1
         total = 0.0
         for name, member in self.members.items():
             result = member.train_batch(batch)
-            total = total + result["loss"]
             self._log_training(name, member, result)
-        return total
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
-        """The trainer's clipping, applied to each member's gradients on their own, as `fit` clips a member that
-        trains alone: one norm over every member would let one member's spike shrink the others' steps."""
-        if gradient_clip_val is None or gradient_clip_val == 0:
-            return
-        for member in self.members.values():
-            parameters = [p for group in member.optimizer_groups() for p in group["params"]]  # the order fit clips in
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
+            if one_backward:
+                total = total + result["loss"]
             else:
-                torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
+                self.manual_backward(result["loss"])
+            del result
+        if one_backward:
+            self.manual_backward(total)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16: clip the true gradients
+        if scaler is not None and self.gradient_clip_val:
+            scaler.unscale_(optimizer.optimizer)
         for member in self.members.values():
             member.on_before_optimizer_step(optimizer)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+            self._clip(member)
+        optimizer.step()
+        optimizer.zero_grad()
+        self.lr_schedulers().step()
         for member in self.members.values():
             member.after_optimizer_step()
+
+    def _clip(self, member: SAEModule) -> None:
+        """One member's gradients clipped on their own: one norm over every member would let one member's spike
+        shrink the others' steps."""
+        if not self.gradient_clip_val:
+            return
+        parameters = [p for group in member.optimizer_groups() for p in group["params"]]  # the order fit clips in
+        if self.gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(parameters, self.gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(parameters, self.gradient_clip_val)
 
     def _log_training(self, name: str, member: SAEModule, result: dict[str, Tensor]) -> None:
         values = {"loss": result["loss"].detach(),

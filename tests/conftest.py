@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,6 +87,22 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("texts") / "texts.jsonl"
     path.write_text("\n".join(json.dumps({"text": text}) for text in sample_texts(400)))
     return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tiny_llama, text_file, tmp_path_factory) -> Path:
+    """A `sagsae cache` folder of the tiny Llama's mlp_out: 3 training shards of 1,000 tokens, 400 held out."""
+    out = tmp_path_factory.mktemp("cache") / "tiny"
+    overrides = ["--data.init_args.model", str(tiny_llama), "--data.init_args.dataset", "json",
+                 "--data.init_args.data_files", str(text_file), "--data.init_args.layer", "2",
+                 "--data.init_args.context_length", "32", "--data.init_args.lm_batch_size", "16",
+                 "--data.init_args.val_fraction", "0.1"]
+    result = subprocess.run([sys.executable, "-m", "sagsae", "cache", "--config", "configs/default.yaml",
+                             "--out", str(out), "--train_tokens", "3000", "--val_tokens", "400",
+                             "--shard_tokens", "1000", *overrides], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
 
 
 def perturbed_sae(architecture: str, d_in: int, width: int, threshold_spread: float = 0.5, **kwargs):

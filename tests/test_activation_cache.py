@@ -16,21 +16,6 @@ from sagsae.commands.train import run
 from tests.test_cli import REPO
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tiny_llama, text_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache") / "tiny"
-    overrides = ["--data.init_args.model", str(tiny_llama), "--data.init_args.dataset", "json",
-                 "--data.init_args.data_files", str(text_file), "--data.init_args.layer", "2",
-                 "--data.init_args.context_length", "32", "--data.init_args.lm_batch_size", "16",
-                 "--data.init_args.val_fraction", "0.1"]
-    result = subprocess.run([sys.executable, "-m", "sagsae", "cache", "--config", "configs/default.yaml",
-                             "--out", str(out), "--train_tokens", "3000", "--val_tokens", "400",
-                             "--shard_tokens", "1000", *overrides], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
 def test_cache_writes_shards_and_metadata(cache_dir):
     metadata = json.loads((cache_dir / "metadata.json").read_text())
     assert metadata["train_tokens"] == 3000 and metadata["train_shards"] == 3

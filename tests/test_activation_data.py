@@ -64,8 +64,8 @@ def test_embedded_datamodule_drops_bos_and_specials(tiny_llama, text_file):
     scale = data.estimate_input_scale()
     sample = torch.cat([c for _, c in zip(range(3), data.training_chunks())])
     assert abs(float((sample * scale).pow(2).sum(-1).mean()) / 32 - 1) < 0.2
-    val = data.held_out_batches()
-    assert sum(len(b) for b in val) == 100
+    assert len(data.held_out_rows()) == 100
+    assert sum(len(batch) for batch in data.val_dataloader()) == 100
 
 
 def test_spliced_lm_loss_perfect_reconstruction_recovers_everything(tiny_llama, text_file):

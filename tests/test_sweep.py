@@ -33,10 +33,11 @@ def three_members():
 
 @pytest.mark.parametrize("clip", [None, 0.05])
 def test_three_saes_sharing_one_stream_match_three_separate_runs(clip):
-    """With gradient clipping too: a sweep clips each member's gradient norm on its own, as `fit` clips it alone
-    (a clip of 0.05 is active at every step here, so the runs would differ if the sweep clipped jointly)."""
-    sweep = SweepModule(three_members())
-    quiet_trainer(20, limit_val_batches=0, gradient_clip_val=clip).fit(sweep, TensorActivationDataModule(DATA, batch_size=256))
+    """Members back-propagate one by one, and with gradient clipping too: a sweep clips each member's gradient
+    norm on its own, as `fit` clips it alone (a clip of 0.05 is active at every step here, so the runs would
+    differ if the sweep clipped jointly)."""
+    sweep = SweepModule(three_members(), gradient_clip_val=clip)
+    quiet_trainer(20, limit_val_batches=0).fit(sweep, TensorActivationDataModule(DATA, batch_size=256))
     unclipped = SweepModule(three_members())
     quiet_trainer(20, limit_val_batches=0).fit(unclipped, TensorActivationDataModule(DATA, batch_size=256))
     for name, alone in three_members().items():

@@ -52,6 +52,7 @@ from lightning_modules import SAEModule, SweepModule
 from sagsae.commands.report import RESULTS
 from sagsae.saes import SparseAutoencoder
 Scorer = Callable[[str, SAEModule], dict[str, float]]  # (cell, trained member) → extra result columns
+CLIPPING = ("gradient_clip_val", "gradient_clip_algorithm")  # trainer settings that the SweepModule applies
 SHORT_NAMES = {"sparsity_coefficient": "l", "init_seed": "s", "width": "w", "k": "k", "lr": "lr"}
 
 
@@ -107,14 +108,16 @@ def expand_members(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return members
 
 
-def build_sweep(members: dict[str, dict[str, Any]], lm_loss: dict[str, int] | None = None) -> SweepModule:
-    """The members side by side; `lm_loss` ({contexts, every}) adds the spliced LM loss to their validations."""
+def build_sweep(members: dict[str, dict[str, Any]], lm_loss: dict[str, int] | None = None,
+                **clipping: Any) -> SweepModule:
+    """The members side by side; `lm_loss` ({contexts, every}) adds the spliced LM loss to their validations;
+    `clipping` is the trainer's gradient_clip_val and gradient_clip_algorithm, which the sweep applies itself."""
     unknown = set(lm_loss or {}) - {"contexts", "every"}
     if unknown:
         raise ValueError(f"lm_loss takes contexts and every; got {sorted(unknown)}")
     return SweepModule({name: SAEModule.from_arguments(spec["sae"], **spec["init_args"]) for name, spec in members.items()},
                        lm_loss_contexts=int((lm_loss or {}).get("contexts", 0)),
-                       lm_loss_every=int((lm_loss or {}).get("every", 1)))
+                       lm_loss_every=int((lm_loss or {}).get("every", 1)), **clipping)
 
 
 def trainer_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -157,8 +160,9 @@ def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None
     data_args = {**(data_spec.get("init_args") or {}), **({"seed": config["data_seed"]} if "data_seed" in config else {})}
     datamodule = import_class(data_spec["class_path"])(**data_args)
     members = expand_members(config["members"])
-    sweep = build_sweep(members, config.get("lm_loss"))
     trainer_args = trainer_settings(config)
+    clipping = {key: trainer_args.pop(key) for key in CLIPPING if key in trainer_args}
+    sweep = build_sweep(members, config.get("lm_loss"), **clipping)
     checkpoints = folder / "checkpoints"  # last.ckpt, and interrupted.ckpt (saved in the root folder)
     trainer = L.Trainer(**trainer_args, default_root_dir=checkpoints, enable_checkpointing=False,
                         logger=TensorBoardLogger(out, name=cell, version=""),

@@ -15,7 +15,7 @@ class SAGSAECLI(LightningCLI):
     """Every run gets the metrics, the run record and the step progress bar, whatever the config says. The
     module configures its own Adam, so the CLI offers no optimizer or scheduler; `predict` is left out."""
 
-    def __init__(self, args: list[str] | None = None) -> None:
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
             SAEModule,
             LightningDataModule,
@@ -26,6 +26,7 @@ class SAGSAECLI(LightningCLI):
                                             InterruptCheckpoint()]},
             parser_kwargs={"prog": "sagsae", "description": "Train and evaluate sparse autoencoders."},
             args=args,
+            run=run,
         )
 
     @staticmethod

@@ -56,10 +56,16 @@ class BatchTopKSparseAutoencoder(TopKSparseAutoencoder):
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:
+        """Move the running threshold toward the smallest positive kept value. Under DDP that value is averaged
+        over the ranks that have one, so that every rank (and so the checkpoint) holds the same threshold."""
         positive = kept[kept > 0]
-        if len(positive) == 0:
+        smallest = positive.min() if len(positive) else kept.new_zeros(())
+        sums = torch.stack([smallest, kept.new_tensor(float(len(positive) > 0))])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        if sums[1] == 0:
             return
-        smallest = positive.min()
+        smallest = sums[0] / sums[1]
         if self.threshold < 0:
             self.threshold.copy_(smallest)
         else:

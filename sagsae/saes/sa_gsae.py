@@ -108,6 +108,11 @@ class SignAwareGatedSAE(GatedPathsSAE):
         stored_init = math.log(self.theta_init) if log_theta else self.theta_init
         for name in self._threshold_names():
             self.register_parameter(name, nn.Parameter(torch.full((width,), stored_init)))
+        if not signed_magnitude:
+            # The ablation never reads the magnitude path: r and b_mag stay frozen at their start, so that no
+            # optimizer moves them and DDP's reducer does not wait for a gradient that never comes.
+            for parameter in (*self.magnitude_rescales(), self.b_mag):
+                parameter.requires_grad_(False)
 
     def _threshold_names(self) -> tuple[str, ...]:
         stem = "log_threshold" if self.log_theta else "threshold"

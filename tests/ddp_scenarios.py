@@ -1,0 +1,116 @@
+"""DDP scenarios on 2 CPU processes (gloo), run as `python -m tests.ddp_scenarios SPEC.json` by tests/test_ddp.py.
+
+Lightning starts rank 1 by running the same command again; each rank writes what it saw to
+`<spec's out>/rank<r>.pt`, which the tests compare with one process. A scenario runs in its own processes so that
+a hang (a rank waiting for a collective the other never joins) ends in the test's timeout, not in pytest's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from callbacks import GateCollapseMonitor, SAEMetrics, SplicedLMLoss
+from lightning_modules import SAEModule, SweepModule
+from sagsae.commands.sweep import import_class
+from sagsae.saes import sae_class
+
+STEP_DATA = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))  # the tests build the same tensor
+
+
+def ddp_trainer(steps: int, callbacks: list[L.Callback] | None = None, devices: int = 2) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=steps,
+                     logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                     limit_val_batches=0 if steps else None, num_sanity_val_steps=0, callbacks=callbacks or [])
+
+
+def save(spec: dict[str, Any], trainer: L.Trainer, record: dict[str, Any]) -> None:
+    torch.save(record, Path(spec["out"]) / f"rank{trainer.global_rank}.pt")
+
+
+def sweep_members(spec: dict[str, Any]) -> dict[str, SAEModule]:
+    """Members as {name: {"sae": registry name or class path, **its flat arguments}}."""
+    members = {}
+    for name, arguments in spec["members"].items():
+        arguments = dict(arguments)
+        sae = arguments.pop("sae")
+        members[name] = SAEModule.from_arguments(import_class(sae) if "." in sae else sae_class(sae), **arguments)
+    return members
+
+
+def train_sweep(spec: dict[str, Any]) -> None:
+    """A sweep of the given members trains `steps` steps on STEP_DATA; each rank saves every member's state."""
+    from datamodules import TensorActivationDataModule
+
+    sweep = SweepModule(sweep_members(spec))
+    trainer = ddp_trainer(spec["steps"])
+    trainer.fit(sweep, TensorActivationDataModule(STEP_DATA, batch_size=spec["batch_size"]))
+    save(spec, trainer, {"global_step": trainer.global_step,
+                         "state": {k: v.clone() for k, v in sweep.state_dict().items()}})
+
+
+class CollapseOnRankOne(GateCollapseMonitor):
+    """A gate collapse that only rank 1 sees, from step `at` on."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(stop_training=True)
+        self.at = at
+
+    def _reasons(self, pl_module) -> list[str]:
+        seen = pl_module.trainer.global_rank == 1 and pl_module.global_step >= self.at
+        return ["a collapse staged on rank 1"] if seen else []
+
+
+def collapse_on_one_rank(spec: dict[str, Any]) -> None:
+    from datamodules import TensorActivationDataModule
+
+    module = SAEModule.from_arguments("sagsae", width=16, init_seed=0)
+    trainer = ddp_trainer(spec["steps"], [CollapseOnRankOne(spec["at"])])
+    trainer.fit(module, TensorActivationDataModule(STEP_DATA, batch_size=256))
+    save(spec, trainer, {"global_step": trainer.global_step})
+
+
+class HeldOutRecorder(L.Callback):
+    """Every validation batch this rank evaluated."""
+
+    def __init__(self) -> None:
+        self.batches: list[Tensor] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.batches.append(batch.detach().clone())
+
+
+def validation_module(d_in: int) -> SAEModule:
+    """A fixed SAE as a checkpoint would give it: built, seeded, its normalization set."""
+    module = SAEModule(sae=functools.partial(sae_class("sagsae"), width=16), d_in=d_in, init_seed=0)
+    module.sae.input_scale.fill_(0.5)
+    return module
+
+
+def validate(spec: dict[str, Any], devices: int = 2) -> dict[str, Any]:
+    """`validate` of a fixed SAE on the given datamodule; returns (and under DDP saves) the held-out batches this
+    rank saw and the logged metrics."""
+    datamodule = import_class(spec["datamodule"]["class_path"])(**spec["datamodule"]["init_args"])
+    recorder = HeldOutRecorder()
+    callbacks = [recorder, SAEMetrics(), *([SplicedLMLoss(contexts=spec["contexts"])] if spec.get("contexts") else [])]
+    trainer = ddp_trainer(0, callbacks, devices=devices)
+    trainer.validate(validation_module(spec["d_in"]), datamodule, verbose=False)
+    record = {"batches": recorder.batches,
+              "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}}
+    if devices > 1:
+        save(spec, trainer, record)
+    return record
+
+
+SCENARIOS = {"train_sweep": train_sweep, "collapse_on_one_rank": collapse_on_one_rank, "validate": validate}
+
+if __name__ == "__main__":
+    scenario_spec = json.loads(Path(sys.argv[1]).read_text())
+    SCENARIOS[scenario_spec["scenario"]](scenario_spec)

@@ -1,0 +1,115 @@
+"""DDP correctness on 2 gloo CPU processes: every shipped config trains, data-driven starts see every rank's
+batch, a stop seen on one rank stops all, and validation under DDP reports exactly what one process reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from datamodules import TensorActivationDataModule
+from lightning_modules import SAEModule
+from sagsae.commands.train import SAGSAECLI
+from tests.ddp_scenarios import STEP_DATA, sweep_members, validate
+from tests.test_architecture_configs import CONFIGS
+from tests.test_cli import REPO
+
+QUANTILE_STARTS = {  # every architecture whose start is data-driven; lr 0 keeps the start through the step
+    "start-sagsae": {"sae": "sagsae", "width": 16, "theta_init_quantile": 0.9, "lr": 0.0, "init_seed": 1},
+    "start-gated": {"sae": "gated", "width": 16, "gate_init_quantile": 0.9, "lr": 0.0, "init_seed": 2},
+    "start-jumprelu": {"sae": "jumprelu", "width": 16, "theta_init_quantile": 0.9, "lr": 0.0, "init_seed": 3},
+}
+
+
+def launch(spec: dict[str, Any], folder: Path, timeout: float = 240) -> list[dict[str, Any]]:
+    """Run a scenario of tests/ddp_scenarios.py on 2 processes; what each rank recorded. On a timeout the whole
+    process group (both ranks) is killed and the test fails, naming the hang."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "spec.json"
+    path.write_text(json.dumps({**spec, "out": str(folder)}))
+    process = subprocess.Popen([sys.executable, "-m", "tests.ddp_scenarios", str(path)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{spec['scenario']} did not finish within {timeout} s on 2 processes (a rank hung)")
+    assert process.returncode == 0, stderr[-3000:]
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+def config_member(config: Path) -> dict[str, Any]:
+    """The model that `fit --config default.yaml --config <config>` builds, as flat sweep-member arguments."""
+    overlay = [] if config.name == "default.yaml" else ["--config", str(REPO / "configs" / config)]
+    cli = SAGSAECLI(args=["--config", str(REPO / "configs" / "default.yaml"), *overlay, "--model.sae.width", "128"],
+                    run=False)
+    model = cli.config["model"].as_dict()
+    sae = model.pop("sae")
+    model.pop("d_in")
+    return {"sae": sae["class_path"], **sae["init_args"], **model, "init_seed": 0}
+
+
+def test_every_shipped_config_trains_under_ddp_and_starts_from_every_ranks_batch(tmp_path):
+    configs = {str(config).replace("/", "_").removesuffix(".yaml"): config_member(config) for config in CONFIGS}
+    members = {**configs, **QUANTILE_STARTS}
+    ranks = launch({"scenario": "train_sweep", "members": members, "steps": 3, "batch_size": 256}, tmp_path)
+    assert [rank["global_step"] for rank in ranks] == [3, 3]
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key  # the ranks stay in step
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+
+    # One process that sees both ranks' first batches (each rank takes every other batch of one permutation).
+    data = TensorActivationDataModule(STEP_DATA, batch_size=256)
+    stream = data.batches()
+    first_batches = torch.cat([next(stream), next(stream)])  # rank 0's first batch, then rank 1's
+    for name, reference in sweep_members({"members": QUANTILE_STARTS}).items():
+        reference._build(STEP_DATA.shape[1])
+        reference.sae.input_scale.fill_(data.estimate_input_scale())
+        reference.sae.initialize_from_batch(reference.sae.normalize(first_batches))
+        state = ranks[0]["state"]
+        assert torch.equal(state[f"members.{name}.sae.b_dec"], reference.sae.b_dec.detach()), name
+        assert torch.equal(state[f"members.{name}.initial_thresholds"], reference.sae.threshold_values()), name
+
+
+def test_a_gate_collapse_seen_on_one_rank_stops_every_rank(tmp_path):
+    ranks = launch({"scenario": "collapse_on_one_rank", "steps": 50, "at": 2}, tmp_path, timeout=120)
+    assert [rank["global_step"] for rank in ranks] == [2, 2]  # seen at the end of step 2: both stop there
+
+
+@pytest.mark.parametrize("source", ["live", "cache"])
+def test_ddp_validation_sees_every_held_out_token_once_and_reports_what_one_process_does(
+        source, tiny_llama, text_file, cache_dir, tmp_path):
+    if source == "live":
+        datamodule = {"class_path": "datamodules.LMActivationDataModule",
+                      "init_args": {"model": str(tiny_llama), "dataset": "json", "data_files": str(text_file),
+                                    "layer": 2, "context_length": 32, "lm_batch_size": 16, "batch_size": 64,
+                                    "val_fraction": 0.1, "val_tokens": 512, "normalization_tokens": 256}}
+        tokens = 512
+    else:
+        datamodule = {"class_path": "datamodules.ActivationFileDataModule",
+                      "init_args": {"path": str(cache_dir), "batch_size": 64}}
+        tokens = 400
+    spec = {"scenario": "validate", "datamodule": datamodule, "d_in": 32, "contexts": 4}
+    single = validate(spec, devices=1)
+    ranks = launch(spec, tmp_path)
+
+    def rows(batches: list[torch.Tensor]) -> Counter:
+        return Counter(row.numpy().tobytes() for batch in batches for row in batch)
+
+    assert sum(len(batch) for batch in single["batches"]) == tokens
+    assert rows(ranks[0]["batches"]) + rows(ranks[1]["batches"]) == rows(single["batches"])
+    assert {"val/r2", "val/l0", "val/ce_delta"} <= set(single["metrics"])
+    for rank in ranks:
+        assert set(rank["metrics"]) == set(single["metrics"])
+        for key, value in single["metrics"].items():
+            assert rank["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key  # fp32 sums in another order
