@@ -97,7 +97,12 @@ def take_tokens(chunks: Iterable[Tensor], count: int) -> Tensor:
 def shuffled_batches(
     chunks: Iterable[Tensor], batch_size: int, buffer_tokens: int, generator: torch.Generator
 ) -> Iterator[Tensor]:
-    """Mix tokens from many contexts: fill a buffer, shuffle it, emit batches until half of it is left."""
+    """Mix tokens from many contexts: fill a buffer, shuffle it, emit batches until half of it is left.
+
+    Each chunk is copied straight to its shuffled rows of the pool (no concatenated copy beside it), and the
+    batches and the half left over are copies, not views, so that no batch a consumer still holds keeps the old
+    pool alive through the next refill: about two buffers at the peak (pending chunks and the pool), where a
+    concatenate-then-permute of views takes three and a half (benchmarks/memory.py)."""
     if buffer_tokens < 2 * batch_size:
         raise ValueError(f"shuffle_buffer_tokens ({buffer_tokens}) must be at least 2 × batch_size ({batch_size})")
     pending: list[Tensor] = []
@@ -107,8 +112,17 @@ def shuffled_batches(
         filled += len(chunk)
         if filled < buffer_tokens:
             continue
-        pool = torch.cat(pending)
-        pool = pool[torch.randperm(len(pool), generator=generator).to(pool.device)]
-        emitted = (len(pool) - buffer_tokens // 2) // batch_size * batch_size
-        yield from pool[:emitted].split(batch_size)
-        pending, filled = [pool[emitted:]], len(pool) - emitted
+        order = torch.randperm(filled, generator=generator)
+        row_of = torch.empty_like(order)
+        row_of[order] = torch.arange(filled)  # the pool row of every pending token: pool = concatenated[order]
+        pool = chunk.new_empty((filled, chunk.shape[1]))
+        start = 0
+        for piece in pending:
+            pool.index_copy_(0, row_of[start : start + len(piece)].to(pool.device), piece)
+            start += len(piece)
+        del pending, piece, chunk
+        emitted = (filled - buffer_tokens // 2) // batch_size * batch_size
+        leftover = pool[emitted:].clone()
+        yield from (batch.clone() for batch in pool[:emitted].split(batch_size))  # no view that pins the pool
+        del pool
+        pending, filled = [leftover], len(leftover)

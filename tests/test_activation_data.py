@@ -53,6 +53,25 @@ def test_shuffle_buffer_emits_full_batches_of_mixed_tokens():
     assert len(first) > 1, "a batch should mix tokens from several contexts"
 
 
+def test_shuffle_buffer_is_concatenate_then_permute_refill_after_refill():
+    """The in-place pool equals its definition: every refill, the pending tokens concatenated and permuted by the
+    generator's next randperm, the first batches emitted and the rest kept for the next refill."""
+    chunks = [torch.randn(int(n), 3, generator=torch.Generator().manual_seed(int(n))) for n in torch.randint(5, 90, (40,))]
+    batches = list(shuffled_batches(iter(chunks), batch_size=32, buffer_tokens=256,
+                                    generator=torch.Generator().manual_seed(7)))
+    generator, expected, pending = torch.Generator().manual_seed(7), [], torch.empty(0, 3)
+    for chunk in chunks:
+        pending = torch.cat([pending, chunk])
+        if len(pending) < 256:
+            continue
+        pool = pending[torch.randperm(len(pending), generator=generator)]
+        emitted = (len(pool) - 128) // 32 * 32
+        expected += list(pool[:emitted].split(32))
+        pending = pool[emitted:]
+    assert len(batches) == len(expected) > 10
+    assert all(torch.equal(a, b) for a, b in zip(batches, expected))
+
+
 def test_embedded_datamodule_drops_bos_and_specials(tiny_llama, text_file):
     data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file), layer=1,
                                   context_length=16, lm_batch_size=4, batch_size=64, shuffle_buffer_tokens=128,
