@@ -72,6 +72,12 @@ def test_paper_configs_parse(config: Path):
     assert resolved["data"]["init_args"]["model"] == {"pythia1b": "EleutherAI/pythia-1b",
                                                       "smollm3_3b": "HuggingFaceTB/SmolLM3-3B"}[model]
     assert resolved["model"]["sae"]["init_args"]["width"] == 16384
+    # GPU-scale intervals, and default.yaml's callbacks otherwise kept
+    assert resolved["trainer"]["log_every_n_steps"] == 50
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in resolved["trainer"]["callbacks"]}
+    assert callbacks["ModelCheckpoint"]["every_n_train_steps"] == 2000
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())["trainer"]["callbacks"]
+    assert set(callbacks) == {c["class_path"].rsplit(".", 1)[1] for c in default}
 
 
 @pytest.mark.parametrize("config", SWEEP_CONFIGS, ids=[c.stem for c in SWEEP_CONFIGS])

@@ -189,3 +189,14 @@ def test_sae_d_in_that_differs_from_the_activations_fails_before_training(tiny_l
     with pytest.raises(ValueError, match=r"d_in=48 but the hookpoint's activations have size 32.*d_in to 32"):
         run(["fit", *tiny_args(tiny_llama, text_file, tmp_path), "--model.d_in", "48"])
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_cuda_matmuls_use_tensor_cores_and_cpu_arithmetic_stays_fp32():
+    import torch
+
+    from sagsae.__main__ import configure_torch
+
+    configure_torch()
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+    assert torch.get_float32_matmul_precision() == "high"  # what Lightning's GPU tip reads
