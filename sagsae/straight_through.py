@@ -75,13 +75,15 @@ class _BiJumpReLU(torch.autograd.Function):
 
 
 def two_sided_step(z: Tensor, theta_pos: Tensor, theta_neg: Tensor, bandwidth: float) -> Tensor:
-    """Two-sided gate H(z − θ⁺) + H(−z − θ⁻) (0 or 1: θ± > 0 makes the two sides disjoint)."""
-    return _TwoSidedStep.apply(z, theta_pos, theta_neg, bandwidth)
+    """Two-sided gate H(z − θ⁺) + H(−z − θ⁻) (0 or 1: θ± > 0 makes the two sides disjoint). In fp32 whatever z's
+    dtype (bf16 under mixed precision): the band of width ε and the threshold's kernel sum over the batch would
+    be coarse in bf16."""
+    return _TwoSidedStep.apply(z.float(), theta_pos.float(), theta_neg.float(), bandwidth)
 
 
 def bi_jump_relu(z: Tensor, theta_pos: Tensor, theta_neg: Tensor, bandwidth: float) -> Tensor:
-    """Bi-Jump-ReLU: keeps z where z > θ⁺ or z < −θ⁻, zero in between."""
-    return _BiJumpReLU.apply(z, theta_pos, theta_neg, bandwidth)
+    """Bi-Jump-ReLU: keeps z where z > θ⁺ or z < −θ⁻, zero in between; in fp32, as `two_sided_step`."""
+    return _BiJumpReLU.apply(z.float(), theta_pos.float(), theta_neg.float(), bandwidth)
 
 
 def two_sided_soft_threshold(z: Tensor, theta_pos: Tensor, theta_neg: Tensor) -> Tensor:

@@ -98,6 +98,24 @@ def test_two_sided_step_pseudo_derivatives():
     torch.testing.assert_close(theta_neg.grad, torch.tensor([0.0, -1 / eps, 0.0]))  # −0.35 is in the − band
 
 
+@pytest.mark.parametrize("function", [bi_jump_relu, two_sided_step])
+def test_jump_functions_work_in_fp32_under_bf16_autocast(function):
+    """Mixed precision hands them bf16 pre-activations: the output and the θ gradients are the fp32 ones of the
+    same (bf16-rounded) values, not bf16 sums over the batch."""
+    torch.manual_seed(0)
+    z = (torch.randn(512, 6) * 0.5).bfloat16().requires_grad_()
+    theta = torch.full((6,), 0.3, requires_grad=True)
+    reference_theta = theta.detach().clone().requires_grad_()
+    grad_out = torch.randn(512, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = function(z, theta, theta, 0.05)
+    out.backward(grad_out)
+    reference = function(z.detach().float(), reference_theta, reference_theta, 0.05)
+    reference.backward(grad_out)
+    assert out.dtype == torch.float32 and torch.equal(out, reference)
+    assert torch.equal(theta.grad, reference_theta.grad) and theta.grad.abs().sum() > 0
+
+
 def test_soft_threshold_gate_path_has_ordinary_gradients():
     theta = torch.tensor([0.5, 0.5, 0.5], requires_grad=True)
     z = torch.tensor([[1.0, -2.0, 0.2]])
