@@ -22,7 +22,8 @@ def process_rank_and_world() -> tuple[int, int]:
 class LMLossEvaluator:
     """Next-token CE on fixed held-out contexts: clean and with the trainable positions zeroed once, then with
     them replaced by each SAE's reconstruction. Only real next tokens are scored; contexts go through the LM
-    `chunk` at a time, so the logits' memory stays bounded by chunk × length × vocabulary.
+    `chunk` at a time (the LM's logits: chunk × length × vocabulary in its dtype), and are scored in fp32 one
+    context at a time (length × vocabulary: 0.5 GB at 1,024 × 128k, where the whole chunk's would be 8 GB).
 
     Under DDP every rank is given the same contexts, scores its stride of them and sums over ranks: every rank
     gets the CE that one process gets (all ranks must call together)."""
@@ -47,9 +48,10 @@ class LMLossEvaluator:
                 return replaced
 
             logits = self.lm.logits(input_ids) if make is None else self.lm.logits_with_replacement(input_ids, replace)
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:],
-                                                       reduction="none")[trainable[:, 1:]]
-            total, count = total + float(losses.sum()), count + len(losses)
+            for row_logits, targets, scored in zip(logits[:, :-1], input_ids[:, 1:], trainable[:, 1:]):
+                # one context's scored positions at a time in fp32: [length, vocabulary] at most, not the chunk's
+                losses = torch.nn.functional.cross_entropy(row_logits[scored].float(), targets[scored], reduction="none")
+                total, count = total + float(losses.sum()), count + len(losses)
         if world > 1:
             sums = torch.tensor([total, float(count)], dtype=torch.float64, device=self.lm.device)
             torch.distributed.all_reduce(sums)

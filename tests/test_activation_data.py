@@ -106,6 +106,15 @@ def test_spliced_lm_loss_perfect_reconstruction_recovers_everything(tiny_llama, 
     one_at_a_time = LMLossEvaluator(data.lm, contexts, chunk=1).evaluate(lambda x: 0.5 * x)
     for key in ("ce_clean", "ce_sae", "ce_zero", "ce_delta"):  # chunking changes nothing but memory (and rounding)
         assert one_at_a_time[key] == pytest.approx(halfway[key], abs=1e-5), key
+    # the clean CE is the model's own mean next-token loss over the scored positions
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    with torch.no_grad():
+        logits = model(contexts).logits
+    scored = data.lm.trainable_positions(contexts)[:, 1:]
+    direct = torch.nn.functional.cross_entropy(logits[:, :-1][scored], contexts[:, 1:][scored])
+    assert perfect["ce_clean"] == pytest.approx(float(direct), rel=1e-5)
 
 
 class FakeTrainer:
