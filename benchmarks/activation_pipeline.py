@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import DEVICE, clock, device_name
 from datamodules import LMActivationDataModule
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     data = LMActivationDataModule(model=args.model, hookpoint=args.hookpoint, layer=args.layer)
-    data.setup()
+    data.load_language_model(DEVICE)
     hp = data.hparams
     contexts = list(itertools.islice(data.lm.contexts(data.documents(validation=False)),
                                      args.lm_batches * hp.lm_batch_size))
@@ -34,9 +34,9 @@ def main() -> None:
     total = sum(b.numel() for b in batches)
 
     def timed(function) -> float:
-        start = time.perf_counter()
+        start = clock()
         function()
-        return time.perf_counter() - start
+        return clock() - start
 
     data.lm.reader(batches[0])  # warm-up
     truncated = timed(lambda: [data.lm.reader(b) for b in batches])
@@ -52,7 +52,7 @@ def main() -> None:
     rows = {"truncated_forward": total / truncated, "full_forward": total / full,
             "datamodule (trained tokens)": trained_tokens / stream}
     print(f"{args.model} {args.hookpoint} layer {args.layer}, {len(batches)} LM batches of "
-          f"{hp.lm_batch_size}×{hp.context_length} tokens, {torch.get_num_threads()} threads")
+          f"{hp.lm_batch_size}×{hp.context_length} tokens, {torch.get_num_threads()} threads, {device_name()}")
     for name, value in rows.items():
         print(f"{name:<28} {value:>10,.0f} tokens/s")
     print(f"ratios: datamodule / truncated forward {rows['datamodule (trained tokens)'] / rows['truncated_forward']:.2f}, "

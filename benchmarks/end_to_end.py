@@ -14,12 +14,12 @@ import argparse
 import itertools
 import json
 import resource
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from benchmarks import DEVICE, clock, device_name
 from datamodules import LMActivationDataModule
 from lightning_modules import SAEModule
 
@@ -31,12 +31,12 @@ class StepClock(L.Callback):
         self.times: list[float] = []
 
     def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter())
+        self.times.append(clock())
 
 
 def fit_tokens_per_second(module: L.LightningModule, data: L.LightningDataModule, steps: int) -> float:
     clock = StepClock()
-    L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    L.Trainer(accelerator=DEVICE.type, devices=1, max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0, callbacks=[clock]).fit(module, data)
     return (steps - 1) * data.hparams.batch_size / (clock.times[-1] - clock.times[0])
 
@@ -44,9 +44,9 @@ def fit_tokens_per_second(module: L.LightningModule, data: L.LightningDataModule
 def pipeline_tokens_per_second(data: LMActivationDataModule, steps: int) -> float:
     batches = data.training_batches()
     next(batches)
-    start = time.perf_counter()
+    start = clock()
     tokens = sum(len(batch) for batch in itertools.islice(batches, steps - 1))
-    return tokens / (time.perf_counter() - start)
+    return tokens / (clock() - start)
 
 
 def datamodule(args) -> LMActivationDataModule:
@@ -69,14 +69,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     data = datamodule(args)
-    data.setup()
+    data.load_language_model(DEVICE)  # where `fit` will run it
     pipeline = pipeline_tokens_per_second(data, args.steps)
     module: SAEModule = SAEModule.from_arguments("sagsae", width=args.width, sparsity_coefficient=8.0)
     trained = fit_tokens_per_second(module, datamodule(args), args.steps)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     print(f"{args.model} {args.hookpoint} layer {args.layer}, SA-GSAE width {args.width}, batch {args.batch}, "
-          f"{torch.get_num_threads()} threads, {device}")
+          f"{torch.get_num_threads()} threads, {device_name()}")
     print(f"{'activation pipeline alone':<28} {pipeline:>10,.0f} tokens/s")
     print(f"{'fit (pipeline + SAE step)':<28} {trained:>10,.0f} tokens/s")
     print(f"peak resident memory {peak_gib:.2f} GiB")

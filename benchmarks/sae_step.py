@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import DEVICE, device_name, synchronize
 from sagsae.saes import SAE_REGISTRY, build_sae, sae_class
 
 K = 64  # active latents of the TopK family, ours and the peers'
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # every step runs here
 
 
 def seconds_per_call(function, repeats: int, autocast: str | None = None) -> float:
@@ -35,11 +35,6 @@ def seconds_per_call(function, repeats: int, autocast: str | None = None) -> flo
             function()
         synchronize()
     return (time.perf_counter() - start) / repeats
-
-
-def synchronize() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def floor_step(x: torch.Tensor, width: int):
@@ -132,7 +127,7 @@ def main() -> None:
     others = {f"saelens:{name}": saelens_step(name, x, args.width) for name in SAELENS}
     others["sparsify:topk"] = sparsify_step(x, args.width)
     rows |= {name: time_step(step) for name, step in others.items() if step is not None}
-    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    device = device_name()
     print(f"d_in {args.d_in}, width {args.width}, batch {args.batch}, {torch.get_num_threads()} threads, {device}, "
           f"{'bf16 autocast' if args.autocast else 'fp32'}")
     print(f"{'step':<12} {'ms':>10} {'tokens/s':>12} {'floor/step':>11}")

@@ -120,9 +120,10 @@ def shuffled_batches(
         for piece in pending:
             pool.index_copy_(0, row_of[start : start + len(piece)].to(pool.device), piece)
             start += len(piece)
-        del pending, piece, chunk
+        pending.clear()
+        del piece, chunk  # no name may keep a pending chunk alive
         emitted = (filled - buffer_tokens // 2) // batch_size * batch_size
-        leftover = pool[emitted:].clone()
+        pending.append(pool[emitted:].clone())
+        filled = len(pending[0])
         yield from (batch.clone() for batch in pool[:emitted].split(batch_size))  # no view that pins the pool
         del pool
-        pending, filled = [leftover], len(leftover)

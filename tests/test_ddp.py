@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from datamodules import TensorActivationDataModule
-from lightning_modules import SAEModule
 from sagsae.commands.train import SAGSAECLI
 from tests.ddp_scenarios import STEP_DATA, sweep_members, validate
 from tests.test_architecture_configs import CONFIGS
