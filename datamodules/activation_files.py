@@ -16,6 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
@@ -47,7 +48,7 @@ def shard_files(path: str | Path, split: str = "train") -> list[Path]:
 def shard_shape(path: Path) -> tuple[int, int]:
     with safe_open(str(path), framework="pt") as handle:
         if KEY not in handle.keys():
-            raise KeyError(f"{path} has no {KEY!r} tensor (it has {list(handle.keys())})")
+            raise ValueError(f"{path} has no {KEY!r} tensor (it has {list(handle.keys())}): not a `sagsae cache` shard")
         shape = handle.get_slice(KEY).get_shape()
     if len(shape) != 2:
         raise ValueError(f"{path}: {KEY!r} must be [n, d], got shape {shape}")
@@ -188,7 +189,10 @@ class ActivationFileDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         if not self.val_shards:
-            return DataLoader([], batch_size=None)
+            if self.trainer is not None and self.trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING):
+                raise ValueError(f"{self.hparams.path} has no held-out split (no val/ folder) to evaluate on: give "
+                                 f"data.init_args.val_path, or cache with --val_tokens N")
+            return DataLoader([], batch_size=None)  # a fit trains without validation
         rows = torch.cat([load_file(str(s))[KEY].float() for s in self.val_shards])
         rows = held_out_part(rows, self.hparams.held_out)[: self.hparams.val_tokens]
         return held_out_loader(rows, self.hparams.batch_size, self.trainer)

@@ -18,7 +18,8 @@ class HookedLanguageModel:
 
     def __init__(self, model: str, gguf_file: str | None, hookpoint: str, layer: int | None, lm_dtype: str,
                  device: torch.device, context_length: int) -> None:
-        lm, self.tokenizer = load_language_model(model, gguf_file, resolve_dtype(lm_dtype, device), device)
+        lm, self.tokenizer = load_language_model(model, gguf_file, resolve_dtype(lm_dtype, device), device,
+                                                 context_length)
         self.reader = ActivationReader(lm, hookpoint, layer)
         self.device = device
         self.context_length = context_length

@@ -20,9 +20,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_language_model(source: str, gguf_file: str | None, dtype: torch.dtype, device: torch.device):
-    """(model in eval mode with gradients off, tokenizer). Fails with what was looked for."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_language_model(source: str, gguf_file: str | None, dtype: torch.dtype, device: torch.device,
+                        context_length: int | None = None):
+    """(model in eval mode with gradients off, tokenizer). Fails with what was looked for; a context longer than
+    the model's positions fails on its config, before the weights load."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if is_embedded(source):
         folder, gguf_file = embedded_model_files(source)
@@ -33,8 +35,13 @@ def load_language_model(source: str, gguf_file: str | None, dtype: torch.dtype, 
             raise FileNotFoundError(f"GGUF file {gguf_file!r} not found in {source}")
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
+        config = AutoConfig.from_pretrained(location, **extra)
+        positions = getattr(config, "max_position_embeddings", None)
+        if context_length is not None and positions is not None and context_length > positions:
+            raise ValueError(f"data.context_length {context_length} exceeds the {positions} positions of {source!r}: "
+                             f"set data.context_length to at most {positions}")
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
+        model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=dtype, **extra)
     except OSError as error:
         raise FileNotFoundError(
             f"Could not load the language model {source!r} (looked for a local folder or a hub model of that "

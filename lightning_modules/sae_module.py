@@ -20,6 +20,7 @@ from callbacks.interrupt import rescue_checkpoint
 from sagsae.saes import SparseAutoencoder, sae_class
 
 SAEFactory = Callable[[int], SparseAutoencoder]  # d_in → the SAE, its other arguments already bound
+PROBE_D_IN = 64  # an activation size for checking an SAE's arguments before the data gives the real one
 
 
 class SAEModule(L.LightningModule):
@@ -73,6 +74,10 @@ class SAEModule(L.LightningModule):
         self.skipped_batches = 0
         if d_in is not None:
             self._build(d_in)
+        else:  # the SAE's own checks (width, k, quantiles) now, on the meta device, not after the LM has loaded
+            with torch.device("meta"):
+                sae(PROBE_D_IN)
+
 
     @classmethod
     def from_arguments(cls, sae: str | type[SparseAutoencoder], **arguments: Any) -> SAEModule:

@@ -67,7 +67,7 @@ def test_bad_paths_and_tensors_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ActivationFileDataModule(str(tmp_path / "missing"))
     save_file({"x": torch.zeros(4, 3)}, str(tmp_path / "wrong.safetensors"))
-    with pytest.raises(KeyError, match="no 'activations' tensor"):
+    with pytest.raises(ValueError, match="no 'activations' tensor"):
         ActivationFileDataModule(str(tmp_path / "wrong.safetensors"))
 
 

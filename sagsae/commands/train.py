@@ -24,7 +24,8 @@ class SAGSAECLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": [SAEMetrics(), RunInfo(), StepProgressBar(), EvaluationReport(),
                                             InterruptCheckpoint()]},
-            parser_kwargs={"prog": "sagsae", "description": "Train and evaluate sparse autoencoders."},
+            parser_kwargs={"prog": "sagsae", "description": "Train and evaluate sparse autoencoders.",
+                           "exit_on_error": False},
             args=args,
             run=run,
         )

@@ -117,8 +117,9 @@ class SparseAutoencoder(nn.Module):
 
     def __init__(self, d_in: int, width: int, unit_norm_decoder: bool = False) -> None:
         super().__init__()
-        if d_in <= 0 or width <= 0:
-            raise ValueError(f"d_in and width must be positive, got d_in={d_in}, width={width}")
+        for name, value in (("width", width), ("d_in", d_in)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.d_in = d_in
         self.width = width
         self.unit_norm_decoder = unit_norm_decoder
