@@ -45,14 +45,41 @@ def shard_files(path: str | Path, split: str = "train") -> list[Path]:
     return shards
 
 
-def shard_shape(path: Path) -> tuple[int, int]:
-    with safe_open(str(path), framework="pt") as handle:
-        if KEY not in handle.keys():
-            raise ValueError(f"{path} has no {KEY!r} tensor (it has {list(handle.keys())}): not a `sagsae cache` shard")
-        shape = handle.get_slice(KEY).get_shape()
+def shard_shape(path: Path) -> tuple[int, int, str]:
+    """(rows, width, dtype) of a shard's activations, read from its header; a file that is not a whole
+    safetensors shard (truncated, corrupt, another tensor) fails naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if KEY not in handle.keys():
+                raise ValueError(f"{path} has no {KEY!r} tensor (it has {list(handle.keys())}): not a `sagsae cache` "
+                                 f"shard")
+            tensor = handle.get_slice(KEY)
+            shape, dtype = tensor.get_shape(), tensor.get_dtype()
+    except ValueError:
+        raise
+    except Exception as error:  # safetensors' own error type: a truncated or corrupt file
+        raise ValueError(f"{path} is not a readable safetensors shard ({error}): write the cache again with "
+                         f"`sagsae cache`") from None
     if len(shape) != 2:
         raise ValueError(f"{path}: {KEY!r} must be [n, d], got shape {shape}")
-    return int(shape[0]), int(shape[1])
+    return int(shape[0]), int(shape[1]), {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(dtype, dtype)
+
+
+def check_shards(folder: Path, metadata: dict, split: str, shapes: dict[Path, tuple[int, int, str]]) -> None:
+    """The shards of a cache split agree with what its metadata.json says was written: count, tokens, width and
+    dtype (a missing, truncated or foreign shard fails here, before training)."""
+    expected = {"shards": metadata.get(f"{split}_shards"), "tokens": metadata.get(f"{split}_tokens"),
+                "width": metadata.get("d_model"), "dtype": metadata.get("dtype")}
+    found = {"shards": len(shapes), "tokens": sum(rows for rows, _, _ in shapes.values())}
+    for name, value in found.items():
+        if expected[name] is not None and value != expected[name]:
+            raise ValueError(f"{folder / split} holds {value} {name} where {folder / METADATA} says "
+                             f"{expected[name]}: the cache is incomplete; write it again with `sagsae cache`")
+    for shard, (_, width, dtype) in shapes.items():
+        for name, value in (("width", width), ("dtype", dtype)):
+            if expected[name] is not None and value != expected[name]:
+                raise ValueError(f"{shard} has activation {name} {value} where {folder / METADATA} says "
+                                 f"{expected[name]}: it belongs to another cache")
 
 
 class ActivationFileDataModule(L.LightningDataModule):
@@ -82,19 +109,27 @@ class ActivationFileDataModule(L.LightningDataModule):
         held_out_part([], held_out)  # an unknown part fails here
         self.save_hyperparameters()
         self.shards = shard_files(path, "train")
-        sizes = [shard_shape(shard) for shard in self.shards]
-        dims = {d for _, d in sizes}
+        shapes = {shard: shard_shape(shard) for shard in self.shards}
+        dims = {d for _, d, _ in shapes.values()}
         if len(dims) != 1:
             raise ValueError(f"Shards of {path} disagree on the activation size: {sorted(dims)}")
         self._d_model = dims.pop()
-        self._shard_rows = {shard: rows for shard, (rows, _) in zip(self.shards, sizes)}
+        self._shard_rows = {shard: rows for shard, (rows, _, _) in shapes.items()}
         self._resume_batches = 0
         self.lm_data = None  # the live datamodule behind the cache, for the LM loss (language_model_data)
         folder = Path(path)
+        cache_folder = folder.is_dir() and (folder / "train").is_dir()
+        if cache_folder and not (folder / METADATA).is_file():
+            raise FileNotFoundError(f"{folder / METADATA} is missing: {folder} is not a whole `sagsae cache` folder "
+                                    f"(write it again, or give data.init_args.path the shards' folder)")
         self.metadata = json.loads((folder / METADATA).read_text()) if (folder / METADATA).is_file() else {}
-        if val_path is None and folder.is_dir() and (folder / "val").is_dir():
+        if val_path is None and cache_folder and (folder / "val").is_dir():
             val_path = str(folder / "val")
         self.val_shards = shard_files(val_path) if val_path else []
+        if cache_folder:
+            check_shards(folder, self.metadata, "train", shapes)
+            if val_path == str(folder / "val"):
+                check_shards(folder, self.metadata, "val", {shard: shard_shape(shard) for shard in self.val_shards})
 
     @property
     def d_model(self) -> int:

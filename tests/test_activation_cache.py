@@ -71,6 +71,52 @@ def test_bad_paths_and_tensors_are_named(tmp_path):
         ActivationFileDataModule(str(tmp_path / "wrong.safetensors"))
 
 
+def damaged_copy(cache_dir, folder, damage) -> str:
+    """A copy of the cache with `damage(copy)` applied."""
+    import shutil
+
+    copy = folder / "damaged"
+    shutil.copytree(cache_dir, copy)
+    damage(copy)
+    return str(copy)
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("fault, damage, message", [
+    ("truncated shard", lambda c: truncate(c / "train" / "shard-00001.safetensors"),
+     r"train/shard-00001\.safetensors is not a readable safetensors shard"),
+    ("missing shard", lambda c: (c / "train" / "shard-00002.safetensors").unlink(),
+     r"train holds 2 shards where .*metadata\.json says 3"),
+    ("shard of another width", lambda c: save_file({"activations": torch.zeros(1000, 16, dtype=torch.float16)},
+                                                  str(c / "train" / "shard-00000.safetensors")),
+     r"disagree on the activation size: \[16, 32\]"),
+    ("shard of another dtype", lambda c: save_file({"activations": torch.zeros(1000, 32, dtype=torch.bfloat16)},
+                                                  str(c / "train" / "shard-00000.safetensors")),
+     r"shard-00000\.safetensors has activation dtype bfloat16 where .*metadata\.json says float"),
+    ("corrupt held-out shard", lambda c: truncate(next((c / "val").glob("*.safetensors"))),
+     r"val/shard-00000\.safetensors is not a readable safetensors shard"),
+    ("missing metadata", lambda c: (c / "metadata.json").unlink(), r"metadata\.json is missing"),
+])
+def test_a_damaged_cache_fails_naming_the_file_before_training(fault, damage, message, cache_dir, tmp_path):
+    path = damaged_copy(cache_dir, tmp_path, damage)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        ActivationFileDataModule(path)
+
+
+def test_a_damaged_cache_ends_fit_in_one_line(cache_dir, tmp_path):
+    from sagsae.__main__ import main
+
+    path = damaged_copy(cache_dir, tmp_path, lambda c: truncate(c / "train" / "shard-00000.safetensors"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--trainer.default_root_dir",
+              str(tmp_path / "run"), "--data", "datamodules.ActivationFileDataModule", "--data.init_args.path", path])
+    assert "shard-00000.safetensors is not a readable safetensors shard" in exit_info.value.code
+    assert "\n" not in exit_info.value.code and not (tmp_path / "run").exists()
+
+
 def test_resume_from_cache_continues_the_stream_exactly(cache_dir, tmp_path):
     """6 steps, then resume to 10, gives the same weights as 10 steps straight: same batches, same order."""
     def fit(root, steps, ckpt=None):
