@@ -77,6 +77,26 @@ def collapse_on_one_rank(spec: dict[str, Any]) -> None:
     save(spec, trainer, {"global_step": trainer.global_step})
 
 
+class RaiseOnRank(L.Callback):
+    """A failure on one rank only, at one step."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            raise RuntimeError(f"staged failure on rank {self.rank} at step {self.step}")
+
+
+def one_rank_raises(spec: dict[str, Any]) -> None:
+    """A fit in which one rank raises mid-run: the scenario must end (non-zero), not hang."""
+    from datamodules import TensorActivationDataModule
+
+    module = SAEModule.from_arguments("sagsae", width=16, init_seed=0)
+    trainer = ddp_trainer(spec["steps"], [RaiseOnRank(spec["rank"], spec["at"])])
+    trainer.fit(module, TensorActivationDataModule(STEP_DATA, batch_size=256))
+
+
 class HeldOutRecorder(L.Callback):
     """Every validation batch this rank evaluated."""
 
@@ -109,7 +129,8 @@ def validate(spec: dict[str, Any], devices: int = 2) -> dict[str, Any]:
     return record
 
 
-SCENARIOS = {"train_sweep": train_sweep, "collapse_on_one_rank": collapse_on_one_rank, "validate": validate}
+SCENARIOS = {"train_sweep": train_sweep, "collapse_on_one_rank": collapse_on_one_rank, "validate": validate,
+             "one_rank_raises": one_rank_raises}
 
 if __name__ == "__main__":
     scenario_spec = json.loads(Path(sys.argv[1]).read_text())

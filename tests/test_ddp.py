@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ QUANTILE_STARTS = {  # every architecture whose start is data-driven; lr 0 keeps
 }
 
 
-def launch(spec: dict[str, Any], folder: Path, timeout: float = 240) -> list[dict[str, Any]]:
-    """Run a scenario of tests/ddp_scenarios.py on 2 processes; what each rank recorded. On a timeout the whole
+def run_scenario(spec: dict[str, Any], folder: Path, timeout: float) -> tuple[int, str]:
+    """Run a scenario of tests/ddp_scenarios.py on 2 processes: (exit status, stderr). On a timeout the whole
     process group (both ranks) is killed and the test fails, naming the hang."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "spec.json"
@@ -42,7 +43,27 @@ def launch(spec: dict[str, Any], folder: Path, timeout: float = 240) -> list[dic
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         pytest.fail(f"{spec['scenario']} did not finish within {timeout} s on 2 processes (a rank hung)")
-    assert process.returncode == 0, stderr[-3000:]
+    assert not group_alive(process.pid), f"{spec['scenario']}: a rank outlived the run"
+    return process.returncode, stderr
+
+
+def group_alive(group: int, grace: float = 10.0) -> bool:
+    """Whether any process of the scenario's process group is still running after `grace` seconds."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.2)
+    os.killpg(group, signal.SIGKILL)
+    return True
+
+
+def launch(spec: dict[str, Any], folder: Path, timeout: float = 240) -> list[dict[str, Any]]:
+    """Run a scenario that must succeed; what each rank recorded."""
+    returncode, stderr = run_scenario(spec, folder, timeout)
+    assert returncode == 0, stderr[-3000:]
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 
@@ -83,6 +104,17 @@ def test_every_shipped_config_trains_under_ddp_and_starts_from_every_ranks_batch
 def test_a_gate_collapse_seen_on_one_rank_stops_every_rank(tmp_path):
     ranks = launch({"scenario": "collapse_on_one_rank", "steps": 50, "at": 2}, tmp_path, timeout=120)
     assert [rank["global_step"] for rank in ranks] == [2, 2]  # seen at the end of step 2: both stop there
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_one_rank_raising_ends_every_rank_with_the_error_named(rank, tmp_path):
+    started = time.perf_counter()
+    returncode, stderr = run_scenario({"scenario": "one_rank_raises", "steps": 50, "rank": rank, "at": 3},
+                                      tmp_path, timeout=120)
+    assert returncode != 0
+    assert f"staged failure on rank {rank} at step 3" in stderr
+    assert not [line for line in stderr.splitlines() if "Timeout" in line or "timed out" in line], stderr[-2000:]
+    print(f"rank {rank} raised; both ranks ended after {time.perf_counter() - started:.1f} s")
 
 
 @pytest.mark.parametrize("source", ["live", "cache"])
