@@ -1,5 +1,6 @@
 """Callbacks: metrics (SPEC §6), gate-collapse warning, evaluation reports, run metadata and progress."""
 
+from callbacks.dashboard import SAETensorBoardLogger
 from callbacks.gate_collapse import GateCollapseMonitor
 from callbacks.interrupt import InterruptCheckpoint, rescue_checkpoint
 from callbacks.metrics import ReconstructionMetrics, SAEMetrics
@@ -8,4 +9,4 @@ from callbacks.run_info import RunInfo, StepProgressBar
 from callbacks.spliced_loss import SplicedLMLoss
 
 __all__ = ["EvaluationReport", "GateCollapseMonitor", "InterruptCheckpoint", "ReconstructionMetrics", "RunInfo",
-           "SAEMetrics", "SplicedLMLoss", "StepProgressBar", "rescue_checkpoint"]
+           "SAEMetrics", "SAETensorBoardLogger", "SplicedLMLoss", "StepProgressBar", "rescue_checkpoint"]

@@ -14,6 +14,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
+from callbacks.dashboard import SAETensorBoardLogger
+
 _PACKAGES = ("sagsae", "torch", "lightning", "torchmetrics", "transformers", "datasets", "gguf")
 
 
@@ -48,6 +50,8 @@ class RunInfo(L.Callback):
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
             self._write_metadata(trainer, pl_module, folder)
+            if isinstance(trainer.logger, SAETensorBoardLogger):
+                trainer.logger.write_layout()
             experiment = getattr(trainer.logger, "experiment", None)
             if (folder / "config.yaml").is_file() and hasattr(experiment, "add_text"):
                 experiment.add_text("config", "```yaml\n" + (folder / "config.yaml").read_text() + "\n```", 0)
@@ -70,10 +74,9 @@ class RunInfo(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         log_dir = trainer.log_dir
         if trainer.is_global_zero:
-            if trainer.logger is not None:  # hparams beside the final metrics (TensorBoard's HPARAMS tab)
-                final = {f"final/{k}": float(v) for k, v in trainer.callback_metrics.items()
-                         if k.startswith(("train/", "val/"))}
-                trainer.logger.log_hyperparams(dict(pl_module.hparams), metrics=final)
+            if isinstance(trainer.logger, SAETensorBoardLogger):  # hparams beside the final metrics (HPARAMS tab)
+                tags = sorted(k for k in trainer.callback_metrics if k.startswith(("train/", "val/")))
+                trainer.logger.log_final_metrics(dict(pl_module.hparams), tags)
             self._print_summary(trainer, log_dir)
 
     def _print_summary(self, trainer: L.Trainer, log_dir: str | None) -> None:

@@ -200,3 +200,24 @@ def test_cuda_matmuls_use_tensor_cores_and_cpu_arithmetic_stays_fp32():
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     assert torch.backends.mkldnn.matmul.fp32_precision == "none"
     assert torch.get_float32_matmul_precision() == "high"  # what Lightning's GPU tip reads
+
+
+def test_tensorboard_opens_on_the_curves(tiny_llama, text_file, tmp_path):
+    """No `epoch`, `hp_metric` or single-point `final/…` cards before the curves; a custom-scalars layout with
+    train and val together; the final metrics in the HPARAMS tab, named by the curves' own tags."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from callbacks.dashboard import LAYOUT
+
+    run(["fit", *tiny_args(tiny_llama, text_file, tmp_path, steps=10)])  # a validation at step 10
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/l0", "train/r2", "val/l0", "val/r2", "val/ce_recovered"} <= scalars
+    assert not [tag for tag in scalars if tag in ("epoch", "hp_metric") or tag.startswith("final/")], scalars
+    assert events.PluginTagToContent("custom_scalars")
+    charts = [tags for chart in LAYOUT["SAE"].values() for tags in chart[1]]
+    assert "val/r2" in charts and "train/r2" in charts
+    hparams = events.PluginTagToContent("hparams")
+    experiment = next(content for tag, content in hparams.items() if tag.endswith("experiment"))
+    assert b"val/r2" in experiment and b"sparsity_coefficient" in experiment

@@ -44,8 +44,8 @@ from typing import Any
 import lightning as L
 import yaml
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.loggers import TensorBoardLogger
 
+from callbacks.dashboard import SAETensorBoardLogger
 from callbacks.interrupt import InterruptCheckpoint
 from callbacks.run_info import StepProgressBar, environment
 from lightning_modules import SAEModule, SweepModule
@@ -165,7 +165,7 @@ def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None
     sweep = build_sweep(members, config.get("lm_loss"), **clipping)
     checkpoints = folder / "checkpoints"  # last.ckpt, and interrupted.ckpt (saved in the root folder)
     trainer = L.Trainer(**trainer_args, default_root_dir=checkpoints, enable_checkpointing=False,
-                        logger=TensorBoardLogger(out, name=cell, version=""),
+                        logger=SAETensorBoardLogger(out, name=cell, version=""),
                         callbacks=[CheckpointAfterValidation(checkpoints / "last.ckpt"), StepProgressBar(),
                                    InterruptCheckpoint()])
     resume = _newest_checkpoint(checkpoints)

@@ -3,10 +3,14 @@ datamodule."""
 
 from __future__ import annotations
 
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
+from typing import Any
 
-from callbacks import EvaluationReport, InterruptCheckpoint, RunInfo, SAEMetrics, StepProgressBar
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks import (EvaluationReport, InterruptCheckpoint, RunInfo, SAEMetrics, SAETensorBoardLogger,
+                       StepProgressBar)
 from lightning_modules import SAEModule
 from sagsae.commands import COMMANDS, TRAIN
 
@@ -29,6 +33,16 @@ class SAGSAECLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's default logger (a config that leaves `trainer.logger` unset) becomes the SAE dashboard's
+        TensorBoard logger, in the same folder (callbacks/dashboard.py)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        configured = self.config[self.subcommand].trainer.logger if self.subcommand else None
+        if configured in (None, True) and type(trainer.logger) is TensorBoardLogger:
+            default = trainer.logger
+            trainer.loggers = [SAETensorBoardLogger(default.save_dir, name=default.name)]
+        return trainer
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
