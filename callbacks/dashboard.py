@@ -24,9 +24,12 @@ LAYOUT = {"SAE": {
 
 
 def flat_hyperparameters(params: Mapping[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
-    """Nested hyperparameters as one level of `a/b` keys, values TensorBoard can show (others as text)."""
+    """Nested hyperparameters as one level of `a/b` keys, values TensorBoard can show (others as text); keys
+    that start with `_` (Lightning's `_instantiator`) are bookkeeping, not the researcher's settings."""
     flat: dict[str, int | float | str | bool] = {}
     for key, value in params.items():
+        if str(key).startswith("_"):
+            continue
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat |= flat_hyperparameters(value, f"{name}/")

@@ -220,4 +220,4 @@ def test_tensorboard_opens_on_the_curves(tiny_llama, text_file, tmp_path):
     assert "val/r2" in charts and "train/r2" in charts
     hparams = events.PluginTagToContent("hparams")
     experiment = next(content for tag, content in hparams.items() if tag.endswith("experiment"))
-    assert b"val/r2" in experiment and b"sparsity_coefficient" in experiment
+    assert b"val/r2" in experiment and b"sparsity_coefficient" in experiment and b"_instantiator" not in experiment
