@@ -18,7 +18,8 @@ import torch
 
 from datamodules import TensorActivationDataModule
 from sagsae.commands.train import SAGSAECLI
-from tests.ddp_scenarios import STEP_DATA, sweep_members, validate
+from lightning_modules import SAEModule
+from tests.ddp_scenarios import STEP_DATA, validate
 from tests.test_architecture_configs import CONFIGS
 from tests.test_cli import REPO
 
@@ -92,8 +93,9 @@ def test_every_shipped_config_trains_under_ddp_and_starts_from_every_ranks_batch
     data = TensorActivationDataModule(STEP_DATA, batch_size=256)
     stream = data.batches()
     first_batches = torch.cat([next(stream), next(stream)])  # rank 0's first batch, then rank 1's
-    for name, reference in sweep_members({"members": QUANTILE_STARTS}).items():
-        reference._build(STEP_DATA.shape[1])
+    for name, arguments in QUANTILE_STARTS.items():
+        arguments = dict(arguments)
+        reference = SAEModule.from_arguments(arguments.pop("sae"), d_in=STEP_DATA.shape[1], **arguments)
         reference.sae.input_scale.fill_(data.estimate_input_scale())
         reference.sae.initialize_from_batch(reference.sae.normalize(first_batches))
         state = ranks[0]["state"]
