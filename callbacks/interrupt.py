@@ -21,14 +21,15 @@ def rescue_checkpoint(trainer: L.Trainer, name: str) -> Path:
 
 
 class InterruptCheckpoint(L.Callback):
-    """On Ctrl-C (KeyboardInterrupt) or SIGTERM during `fit`, write interrupted.ckpt; resume it with
-    `fit --ckpt_path …/interrupted.ckpt`.
+    """On Ctrl-C (KeyboardInterrupt) or SIGTERM during `fit`, write interrupted.ckpt and say how to resume it
+    (`resume_hint`; by default `fit --ckpt_path …/interrupted.ckpt`).
 
     Lightning installs its own SIGTERM handler only just before the first batch; a SIGTERM that lands between
     `setup` and then (model summary, hyperparameter logging) would otherwise kill the process with nothing
     saved. This callback remembers such a signal and stops the run after its first step instead."""
 
-    def __init__(self) -> None:
+    def __init__(self, resume_hint: str = "resume with --ckpt_path {path}") -> None:
+        self.resume_hint = resume_hint  # how to continue, with {path}: a sweep resumes by itself
         self._early_sigterm = False
         self._previous_handler = None
 
@@ -54,4 +55,4 @@ class InterruptCheckpoint(L.Callback):
         if fitting and isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             path = rescue_checkpoint(trainer, "interrupted.ckpt")
             if trainer.is_global_zero:
-                print(f"\nInterrupted at step {trainer.global_step}: saved {path} (resume with --ckpt_path {path})")
+                print(f"\nInterrupted at step {trainer.global_step}: saved {path} ({self.resume_hint.format(path=path)})")

@@ -63,3 +63,23 @@ def test_sigterm_saves_a_resumable_checkpoint(delay, tiny_llama, text_file, tmp_
     assert len(saved) == 1, output[-3000:]
     step = torch.load(saved[0], weights_only=False)["global_step"]
     assert step > 0 and f"Interrupted at step {step}" in output
+
+
+
+def test_the_interrupt_message_says_how_to_resume(tmp_path, capsys):
+    """`fit` names --ckpt_path; a sweep, which resumes by itself, says that rerunning it does."""
+    from types import SimpleNamespace
+
+    from callbacks import InterruptCheckpoint
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    saved = []
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), checkpoint_callback=None,
+                              default_root_dir=str(tmp_path), global_step=7, is_global_zero=True,
+                              save_checkpoint=saved.append)
+    InterruptCheckpoint().on_exception(trainer, None, KeyboardInterrupt())
+    InterruptCheckpoint("the same sweep command resumes from it").on_exception(trainer, None, KeyboardInterrupt())
+    out = capsys.readouterr().out
+    assert saved == [tmp_path / "interrupted.ckpt"] * 2
+    assert f"Interrupted at step 7: saved {tmp_path / 'interrupted.ckpt'} (resume with --ckpt_path " in out
+    assert "(the same sweep command resumes from it)" in out

@@ -167,7 +167,7 @@ def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None
     trainer = L.Trainer(**trainer_args, default_root_dir=checkpoints, enable_checkpointing=False,
                         logger=SAETensorBoardLogger(out, name=cell, version=""),
                         callbacks=[CheckpointAfterValidation(checkpoints / "last.ckpt"), StepProgressBar(),
-                                   InterruptCheckpoint()])
+                                   InterruptCheckpoint("the same sweep command resumes from it")])
     resume = _newest_checkpoint(checkpoints)
     if resume is not None:
         print(f"[{cell}] resuming from {resume}")
