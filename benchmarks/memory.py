@@ -112,29 +112,26 @@ def predict(config_path: Path, d: int, resting_ratio: float, step_ratio: float, 
 
 def concatenate_then_permute(chunks, batch_size: int, buffer_tokens: int, generator):
     """The shuffle buffer's definition, as the datamodules computed it before: the baseline of the buffer row."""
+    import torch
+
     pending, filled = [], 0
     for chunk in chunks:
         pending.append(chunk)
         filled += len(chunk)
         if filled < buffer_tokens:
             continue
-        pool = torch_module().cat(pending)
-        pool = pool[torch_module().randperm(len(pool), generator=generator)]
+        pool = torch.cat(pending)
+        pool = pool[torch.randperm(len(pool), generator=generator)]
         emitted = (len(pool) - buffer_tokens // 2) // batch_size * batch_size
         yield from pool[:emitted].split(batch_size)
         pending, filled = [pool[emitted:]], len(pool) - emitted
 
 
-def torch_module():
-    import torch
-
-    return torch
-
-
 def measure_buffer(d: int, batch: int, buffer_tokens: int, baseline: bool) -> dict[str, float]:
     """Peak resident memory above the start while 4 buffers' worth of tokens stream through the shuffle buffer,
     in units of one buffer (buffer_tokens × d fp32)."""
-    torch = torch_module()
+    import torch
+
     from datamodules.activation_stream import shuffled_batches
 
     shuffle = concatenate_then_permute if baseline else shuffled_batches

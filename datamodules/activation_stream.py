@@ -36,6 +36,23 @@ def rank_and_world(trainer) -> tuple[int, int]:
     return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
 
+def process_rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's default group; (0, 1) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def sum_over_processes(values: list[float], device: torch.device) -> list[float]:
+    """`values` summed over the processes of torch.distributed's default group, in float64 (as they are outside
+    one): the sums and counts behind a mean that every rank must agree on."""
+    if process_rank_and_world()[1] == 1:
+        return values
+    sums = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(sums)
+    return sums.tolist()
+
+
 def held_out_loader(rows: Tensor, batch_size: int, trainer) -> DataLoader:
     """This rank's stride of the held-out `rows`, in batches. An iterable, not a list: Lightning gives a list
     loader a distributed sampler, which would split the rows across ranks a second time (and pad with repeats),

@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.activation_stream import (IterableStream, NormGuard, held_out_loader, held_out_part,
-                                           rank_and_world, shuffled_batches, stream_position, take_tokens)
+                                           rank_and_world, shuffled_batches, stream_position, sum_over_processes,
+                                           take_tokens)
 from datamodules.hooked_lm import HookedLanguageModel
 from datamodules.hookpoints import parse_hookpoint
 from datamodules.lm_evaluation import LMLossEvaluator
@@ -177,11 +178,7 @@ class LMActivationDataModule(L.LightningDataModule):
     def estimate_input_scale(self) -> float:
         """The scalar s with E‖s·x‖² = d over the first `normalization_tokens` training tokens (SPEC §5)."""
         sample = take_tokens(self.training_chunks(), self.hparams.normalization_tokens)  # its own guard
-        total, count = float(sample.double().pow(2).sum()), len(sample)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            stats = torch.tensor([total, float(count)], dtype=torch.float64, device=self.lm.device)
-            torch.distributed.all_reduce(stats)
-            total, count = stats.tolist()
+        total, count = sum_over_processes([float(sample.double().pow(2).sum()), float(len(sample))], self.lm.device)
         return normalization_scale(total, int(count), self.d_model)
 
     def spliced_cross_entropy(self, reconstruct: Callable[[Tensor], Tensor], contexts: int = 16,

@@ -7,16 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from datamodules.activation_stream import process_rank_and_world, sum_over_processes
 from datamodules.hooked_lm import HookedLanguageModel
 
 Reconstruct = Callable[[Tensor], Tensor]
-
-
-def process_rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed's default group; (0, 1) outside one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class LMLossEvaluator:
@@ -52,10 +46,7 @@ class LMLossEvaluator:
                 # one context's scored positions at a time in fp32: [length, vocabulary] at most, not the chunk's
                 losses = torch.nn.functional.cross_entropy(row_logits[scored].float(), targets[scored], reduction="none")
                 total, count = total + float(losses.sum()), count + len(losses)
-        if world > 1:
-            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=self.lm.device)
-            torch.distributed.all_reduce(sums)
-            total, count = sums.tolist()
+        total, count = sum_over_processes([total, float(count)], self.lm.device)
         return total / count
 
     def evaluate(self, reconstruct: Reconstruct) -> dict[str, float]:
