@@ -59,6 +59,10 @@ class HookedLanguageModel:
         input_ids = input_ids.to(self.device)
         return self.reader(input_ids)[self.trainable_positions(input_ids)].float()
 
+    def context_activations(self, input_ids: Tensor) -> Tensor:
+        """The hookpoint's activations at every position [contexts, length, d] (for showing whole contexts)."""
+        return self.reader(input_ids.to(self.device)).float()
+
     def logits(self, input_ids: Tensor) -> Tensor:
         with torch.inference_mode():
             return self.reader.model(input_ids=input_ids.to(self.device), use_cache=False).logits

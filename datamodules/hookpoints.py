@@ -26,6 +26,7 @@ class Family:
     attn: str  # module whose output is the attention block's write to the residual
     mlp: str  # module whose output is the MLP block's write to the residual
     mid_norm: str | None  # module whose input is resid_mid (the MLP's norm); None for a parallel residual
+    final_norm: str = "model.norm"  # dotted path to the norm between the last block and the unembedding
 
 
 _LLAMA_LIKE = Family("model.layers", "self_attn", "mlp", "post_attention_layernorm")
@@ -34,8 +35,8 @@ _GEMMA_SANDWICH = Family("model.layers", "post_attention_layernorm", "post_feedf
 FAMILIES: dict[str, Family] = {
     **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma")},
     **{name: _GEMMA_SANDWICH for name in ("gemma2", "gemma3", "gemma3_text")},
-    "gpt2": Family("transformer.h", "attn", "mlp", "ln_2"),
-    "gpt_neox": Family("gpt_neox.layers", "attention", "mlp", "post_attention_layernorm"),
+    "gpt2": Family("transformer.h", "attn", "mlp", "ln_2", "transformer.ln_f"),
+    "gpt_neox": Family("gpt_neox.layers", "attention", "mlp", "post_attention_layernorm", "gpt_neox.final_layer_norm"),
 }
 
 Term = tuple[str, Literal["input", "output"]]
@@ -128,6 +129,14 @@ class ActivationReader:
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return read_hookpoints(self.model, [self], input_ids, attention_mask)[0]
+
+    @torch.no_grad()
+    def direct_logits(self, directions: Tensor) -> Tensor:
+        """Logits of residual-stream directions [n, d] read straight out: the final norm, then the unembedding
+        (the direct path of a write to the residual, as feature dashboards show it)."""
+        final_norm = self.model.get_submodule(model_family(self.model).final_norm)
+        weight = self.model.get_output_embeddings().weight
+        return final_norm(directions.to(weight)) @ weight.T
 
     def logits_with_replacement(self, input_ids: Tensor, replace) -> Tensor:
         """The full forward with the hookpoint's tensor replaced by `replace(tensor)` (for spliced LM loss)."""
