@@ -216,7 +216,7 @@ def chromium() -> str | None:
                  if (path := shutil.which(name))), None)
 
 
-def render(url: str, tmp_path, size: str = "1400,1000") -> tuple[str, "Image.Image"]:
+def render(url: str, tmp_path, size: str = "1400,1000"):
     """The page's DOM after its scripts ran, and a screenshot, from headless Chromium."""
     from PIL import Image
 
