@@ -18,22 +18,33 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sagsae.saes import SparseAutoencoder, build_sae, sae_class_for_saelens
+from sagsae.split_signs import SPLIT_SUFFIX, SplitSigns, split_decoder
 from sagsae.staging import staged_folder
 
 WEIGHTS, CONFIG, SPARSITY, CARD = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "README.md"
 
 
 def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None,
-           firing_frequency: Tensor | None = None, card: str = "") -> Path:
-    """Write the folder atomically: everything goes to a temporary folder that is renamed at the end."""
+           firing_frequency: Tensor | None = None, card: str = "", split_signs: bool = False) -> Path:
+    """Write the folder atomically: everything goes to a temporary folder that is renamed at the end. With
+    `split_signs`, a signed SAE is written as its unsigned form of twice the width (sagsae.split_signs); its
+    firing frequencies per sign are not known from training, so no sparsity file is written for it."""
     out = Path(out)
+    if split_signs and not sae.signed_codes:
+        raise ValueError(f"--split_signs needs a signed SAE (SA-GSAE, AbsTopK); {sae.architecture}'s codes are "
+                         f"already ≥ 0")
     for name, parameter in sae.named_parameters():
         if not torch.isfinite(parameter).all():
             raise ValueError(f"Refusing to export: parameter {name!r} has non-finite values")
     if not math.isfinite(float(sae.input_scale)):
         raise ValueError("Refusing to export: the normalization scalar was never estimated (input_scale is NaN)")
     tensors, architecture_cfg = sae.to_saelens()
-    cfg = {"d_in": sae.d_in, "d_sae": sae.width, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+    width = sae.width
+    if split_signs:
+        tensors["W_dec"] = split_decoder(tensors["W_dec"], dim=0)
+        architecture_cfg["architecture"] += SPLIT_SUFFIX
+        width, firing_frequency = 2 * sae.width, None
+    cfg = {"d_in": sae.d_in, "d_sae": width, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
            "normalize_activations": "none", "reshape_activations": "none", **architecture_cfg,
            "metadata": metadata or {}}
     with staged_folder(out) as staging:
@@ -46,16 +57,25 @@ def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None
     return out
 
 
-def load(folder: str | Path) -> SparseAutoencoder:
+def load(folder: str | Path) -> SparseAutoencoder | SplitSigns:
     """A torch `nn.Module` with encode/decode/forward on raw activations, from a folder written by `export`
-    or saved by SAELens (standard, gated, jumprelu, topk)."""
+    (a split-sign export gives the SplitSigns form) or saved by SAELens (standard, gated, jumprelu, topk)."""
     folder = Path(folder)
     for required in (CONFIG, WEIGHTS):
         if not (folder / required).is_file():
             raise FileNotFoundError(f"{folder / required} is missing: is {folder} an exported SAE folder?")
     cfg = json.loads((folder / CONFIG).read_text())
-    sae_class = sae_class_for_saelens(str(cfg.get("architecture")))
-    return sae_class.from_saelens(cfg, load_file(str(folder / WEIGHTS))).eval()
+    tensors = load_file(str(folder / WEIGHTS))
+    architecture = str(cfg.get("architecture"))
+    if architecture.endswith(SPLIT_SUFFIX):
+        signed_cfg = {**cfg, "architecture": architecture.removesuffix(SPLIT_SUFFIX), "d_sae": int(cfg["d_sae"]) // 2}
+        signed_tensors = {**tensors, "W_dec": tensors["W_dec"][:signed_cfg["d_sae"]]}
+        return SplitSigns(sae_from_saelens_layout(signed_cfg, signed_tensors)).eval()
+    return sae_from_saelens_layout(cfg, tensors).eval()
+
+
+def sae_from_saelens_layout(cfg: dict[str, Any], tensors: dict[str, Tensor]) -> SparseAutoencoder:
+    return sae_class_for_saelens(str(cfg.get("architecture"))).from_saelens(cfg, tensors)
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:

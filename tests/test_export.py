@@ -123,3 +123,55 @@ def test_saelens_loads_our_exports(name, checkpoints, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), ours.encode(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours(x), rtol=1e-5, atol=1e-4)
+
+
+SIGNED = ["sagsae", "sagsae-untied", "abstopk"]  # the one-sided gate ablation codes one sign only
+
+
+@pytest.mark.parametrize("name", SIGNED)
+def test_split_sign_export_reconstructs_identically_with_codes_of_one_sign(name, checkpoints, tmp_path):
+    ckpt, module = checkpoints[name]
+    signed = sagsae.load(export_checkpoint(ckpt, tmp_path / "signed"))
+    split = sagsae.load(export_checkpoint(ckpt, tmp_path / "split", split_signs=True))
+    x = raw_activations(256, 3)
+    with torch.no_grad():
+        codes, split_codes = signed.encode(x), split.encode(x)
+        width = signed.width
+        assert split.width == 2 * width and split_codes.min() >= 0
+        assert torch.equal(split_codes[:, :width] - split_codes[:, width:], codes)
+        assert ((split_codes[:, :width] > 0) & (split_codes[:, width:] > 0)).sum() == 0
+        assert (split_codes > 0).sum() == (codes != 0).sum() > 0
+        assert (codes < 0).any(), "the check needs negative firings to mean anything"
+        torch.testing.assert_close(split(x), signed(x), rtol=1e-6, atol=1e-5)  # fp32 summation order only
+        direct = split_codes @ torch.cat([signed.W_dec, -signed.W_dec], dim=1).T + signed.b_dec
+        torch.testing.assert_close(split(x), direct, rtol=1e-6, atol=1e-5)
+    cfg = json.loads((tmp_path / "split" / "cfg.json").read_text())
+    assert cfg["d_sae"] == 2 * width and cfg["architecture"].endswith("_split")
+    assert not (tmp_path / "split" / "sparsity.safetensors").exists()
+
+
+def test_split_signs_refuses_an_unsigned_sae(checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="split_signs needs a signed SAE"):
+        export_checkpoint(checkpoints["gated"][0], tmp_path / "out", split_signs=True)
+    with pytest.raises(ValueError, match="split_signs needs a signed SAE"):
+        export_checkpoint(checkpoints["sagsae-one-sided"][0], tmp_path / "out", split_signs=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sae_lens") is None,
+                    reason="sae-lens is not installed (optional; `pip install sae-lens` to run this check)")
+@pytest.mark.parametrize("name", SIGNED)
+def test_saelens_loads_split_sign_exports_with_codes_of_one_sign(name, checkpoints, tmp_path):
+    from sae_lens import SAE
+
+    import sagsae.saelens  # noqa: F401  (registers the split forms)
+
+    ckpt, _ = checkpoints[name]
+    folder = export_checkpoint(ckpt, tmp_path / "split", split_signs=True)
+    theirs, ours = SAE.load_from_disk(str(folder)), sagsae.load(folder)
+    x = raw_activations(256, 4)
+    with torch.no_grad():
+        codes = theirs.encode(x)
+        assert codes.shape[-1] == theirs.cfg.d_sae == ours.width and codes.min() >= 0
+        torch.testing.assert_close(codes, ours.encode(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(codes), ours.sae(x), rtol=1e-5, atol=1e-4)
