@@ -1,5 +1,7 @@
-"""Callbacks: metrics (SPEC §6), gate-collapse warning, evaluation reports, run metadata and progress."""
+"""Callbacks: metrics (SPEC §6), gate-collapse warning, evaluation reports, run metadata and progress; and the
+Lightning plugin that writes checkpoints atomically."""
 
+from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.dashboard import SAETensorBoardLogger
 from callbacks.gate_collapse import GateCollapseMonitor
 from callbacks.interrupt import InterruptCheckpoint, rescue_checkpoint
@@ -8,5 +10,5 @@ from callbacks.evaluation_report import EvaluationReport
 from callbacks.run_info import RunInfo, StepProgressBar
 from callbacks.spliced_loss import SplicedLMLoss
 
-__all__ = ["EvaluationReport", "GateCollapseMonitor", "InterruptCheckpoint", "ReconstructionMetrics", "RunInfo",
+__all__ = ["AtomicCheckpointIO", "EvaluationReport", "GateCollapseMonitor", "InterruptCheckpoint", "ReconstructionMetrics", "RunInfo",
            "SAEMetrics", "SAETensorBoardLogger", "SplicedLMLoss", "StepProgressBar", "rescue_checkpoint"]

@@ -45,6 +45,7 @@ import lightning as L
 import yaml
 from lightning.pytorch.trainer.states import TrainerFn
 
+from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.dashboard import SAETensorBoardLogger
 from callbacks.interrupt import InterruptCheckpoint
 from callbacks.run_info import StepProgressBar, environment
@@ -165,7 +166,7 @@ def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None
     sweep = build_sweep(members, config.get("lm_loss"), **clipping)
     checkpoints = folder / "checkpoints"  # last.ckpt, and interrupted.ckpt (saved in the root folder)
     trainer = L.Trainer(**trainer_args, default_root_dir=checkpoints, enable_checkpointing=False,
-                        logger=SAETensorBoardLogger(out, name=cell, version=""),
+                        logger=SAETensorBoardLogger(out, name=cell, version=""), plugins=[AtomicCheckpointIO()],
                         callbacks=[CheckpointAfterValidation(checkpoints / "last.ckpt"), StepProgressBar(),
                                    InterruptCheckpoint("the same sweep command resumes from it")])
     resume = _newest_checkpoint(checkpoints)

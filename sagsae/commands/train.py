@@ -5,19 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks import (EvaluationReport, InterruptCheckpoint, RunInfo, SAEMetrics, SAETensorBoardLogger,
+from callbacks import (AtomicCheckpointIO, EvaluationReport, InterruptCheckpoint, RunInfo, SAEMetrics, SAETensorBoardLogger,
                        StepProgressBar)
 from lightning_modules import SAEModule
 from sagsae.commands import COMMANDS, TRAIN
 
 
 class SAGSAECLI(LightningCLI):
-    """Every run gets the metrics, the run record and the step progress bar, whatever the config says. The
-    module configures its own Adam, so the CLI offers no optimizer or scheduler; `predict` is left out."""
+    """Every run gets the metrics, the run record and the step progress bar, whatever the config says. The module configures its own Adam,
+    so the CLI offers no optimizer or scheduler; `predict` is left out."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -36,8 +37,11 @@ class SAGSAECLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's default logger (a config that leaves `trainer.logger` unset) becomes the SAE dashboard's
-        TensorBoard logger, in the same folder (callbacks/dashboard.py)."""
+        TensorBoard logger, in the same folder (callbacks/dashboard.py), and its default checkpoint writer one that
+        writes atomically (callbacks/checkpoint_io.py)."""
         trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         configured = self.config[self.subcommand].trainer.logger if self.subcommand else None
         if configured in (None, True) and type(trainer.logger) is TensorBoardLogger:
             default = trainer.logger
