@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,6 +55,16 @@ def sum_over_processes(values: list[float], device: torch.device) -> list[float]
     return sums.tolist()
 
 
+def gather_objects(value: Any) -> list[Any]:
+    """Every process's `value`, in rank order ([value] outside torch.distributed)."""
+    world = process_rank_and_world()[1]
+    if world == 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def held_out_loader(rows: Tensor, batch_size: int, trainer) -> DataLoader:
     """This rank's stride of the held-out `rows`, in batches. An iterable, not a list: Lightning gives a list
     loader a distributed sampler, which would split the rows across ranks a second time (and pad with repeats),
@@ -98,6 +110,16 @@ class NormGuard:
         self._norms = torch.cat([self._norms, norms[keep]])[-self.history :]
         return x[keep.to(x.device)]
 
+    def state_dict(self) -> dict[str, Any]:
+        """The running norms and the drop counts (the norms tensor is replaced, never changed, on each call, so
+        holding it costs nothing)."""
+        return {"norms": self._norms, "dropped_massive": self.dropped_massive,
+                "dropped_nonfinite": self.dropped_nonfinite}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._norms = state["norms"]
+        self.dropped_massive, self.dropped_nonfinite = state["dropped_massive"], state["dropped_nonfinite"]
+
 
 def take_tokens(chunks: Iterable[Tensor], count: int) -> Tensor:
     """The first `count` rows of a stream of [n, d] chunks (fewer if it ends first); reads no further."""
@@ -114,33 +136,80 @@ def take_tokens(chunks: Iterable[Tensor], count: int) -> Tensor:
 def shuffled_batches(
     chunks: Iterable[Tensor], batch_size: int, buffer_tokens: int, generator: torch.Generator
 ) -> Iterator[Tensor]:
+    """ShuffledStream over chunks that need no resume state."""
+    return iter(ShuffledStream(lambda _: ((chunk, None) for chunk in chunks), batch_size, buffer_tokens, generator))
+
+
+class ShuffledStream:
     """Mix tokens from many contexts: fill a buffer, shuffle it, emit batches until half of it is left.
 
     Each chunk is copied straight to its shuffled rows of the pool (no concatenated copy beside it), and the
     batches and the half left over are copies, not views, so that no batch a consumer still holds keeps the old
     pool alive through the next refill: about two buffers at the peak (pending chunks and the pool), where a
-    concatenate-then-permute of views takes three and a half (benchmarks/memory.py)."""
-    if buffer_tokens < 2 * batch_size:
-        raise ValueError(f"shuffle_buffer_tokens ({buffer_tokens}) must be at least 2 × batch_size ({batch_size})")
-    pending: list[Tensor] = []
-    filled = 0
-    for chunk in chunks:
-        pending.append(chunk)
-        filled += len(chunk)
-        if filled < buffer_tokens:
-            continue
-        order = torch.randperm(filled, generator=generator)
-        row_of = torch.empty_like(order)
-        row_of[order] = torch.arange(filled)  # the pool row of every pending token: pool = concatenated[order]
-        pool = chunk.new_empty((filled, chunk.shape[1]))
-        start = 0
-        for piece in pending:
-            pool.index_copy_(0, row_of[start : start + len(piece)].to(pool.device), piece)
-            start += len(piece)
-        pending.clear()
-        del piece, chunk  # no name may keep a pending chunk alive
-        emitted = (filled - buffer_tokens // 2) // batch_size * batch_size
-        pending.append(pool[emitted:].clone())
-        filled = len(pending[0])
-        yield from (batch.clone() for batch in pool[:emitted].split(batch_size))  # no view that pins the pool
-        del pool
+    concatenate-then-permute of views takes three and a half (benchmarks/memory.py).
+
+    Resumable in O(buffer): `open_source(position)` yields (chunk, the position right after it), starting at
+    `position` (None: the beginning). Where each fill began (the half buffer carried into it, the generator's
+    state and the source's position) is remembered for the last two fills; `state(consumed)` gives the one that
+    holds the batch after the `consumed`-th, and a stream built with `resume=` that state redoes that one fill and
+    skips the batches already consumed: the same batches, bit for bit, as a stream that never stopped, without
+    replaying what came before. (Two fills: the consumer may have fetched one batch ahead, into the next fill.)
+    """
+
+    def __init__(self, open_source: Callable[[Any], Iterator[tuple[Tensor, Any]]], batch_size: int,
+                 buffer_tokens: int, generator: torch.Generator, resume: dict[str, Any] | None = None) -> None:
+        if buffer_tokens < 2 * batch_size:
+            raise ValueError(f"shuffle_buffer_tokens ({buffer_tokens}) must be at least 2 × batch_size ({batch_size})")
+        self.open_source, self.batch_size, self.buffer_tokens = open_source, batch_size, buffer_tokens
+        self.generator, self.resume = generator, resume
+        self.fills: deque[dict[str, Any]] = deque(maxlen=2)
+
+    def state(self, consumed: int) -> dict[str, Any]:
+        """What resumes the stream after its first `consumed` batches (tensors on the CPU)."""
+        fill = next((f for f in reversed(self.fills) if f["batches_before"] <= consumed), None)
+        if fill is None:
+            raise RuntimeError(f"The stream cannot resume after batch {consumed}: it no longer holds that fill")
+        leftover = fill["leftover"]
+        return {**fill, "leftover": None if leftover is None else leftover.cpu(), "skip": consumed - fill["batches_before"]}
+
+    def __iter__(self) -> Iterator[Tensor]:
+        start = self.resume or {"batches_before": 0, "leftover": None, "generator": self.generator.get_state(),
+                                "position": None, "skip": 0}
+        self.generator.set_state(start["generator"])
+        skip = start["skip"]
+        pending = [] if start["leftover"] is None else [start["leftover"]]
+        filled = sum(len(piece) for piece in pending)
+        self.fills.clear()
+        self.fills.append({key: start[key] for key in ("batches_before", "leftover", "generator", "position")})
+        batches = start["batches_before"]
+        for chunk, position in self.open_source(start["position"]):
+            if pending and pending[0].device != chunk.device:
+                pending[0] = pending[0].to(chunk.device)  # a leftover restored from a checkpoint
+            pending.append(chunk)
+            filled += len(chunk)
+            if filled < self.buffer_tokens:
+                continue
+            order = torch.randperm(filled, generator=self.generator)
+            row_of = torch.empty_like(order)
+            row_of[order] = torch.arange(filled)  # the pool row of every pending token: pool = concatenated[order]
+            pool = chunk.new_empty((filled, chunk.shape[1]))
+            offset = 0
+            for piece in pending:
+                pool.index_copy_(0, row_of[offset : offset + len(piece)].to(pool.device), piece)
+                offset += len(piece)
+            pending.clear()
+            del piece, chunk  # no name may keep a pending chunk alive
+            emitted = (filled - self.buffer_tokens // 2) // self.batch_size * self.batch_size
+            leftover = pool[emitted:].clone()
+            pending.append(leftover)
+            filled = len(leftover)
+            next_fill = {"batches_before": batches + emitted // self.batch_size, "leftover": leftover,
+                         "generator": self.generator.get_state(), "position": position}
+            for batch in pool[:emitted].split(self.batch_size):
+                batches += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield batch.clone()  # a copy: no view that pins the pool
+            del pool
+            self.fills.append(next_fill)  # the consumer asked for more: the next fill begins

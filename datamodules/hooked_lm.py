@@ -9,7 +9,7 @@ from torch import Tensor
 
 from datamodules.hookpoints import ActivationReader
 from datamodules.language_model import load_language_model, resolve_dtype
-from datamodules.text import Document, pack_contexts, tokenize_documents
+from datamodules.text import Document, pack_contexts, packed_contexts, tokenize_documents
 
 
 class HookedLanguageModel:
@@ -47,6 +47,13 @@ class HookedLanguageModel:
         """Token contexts of `context_length`, BOS first, documents packed end to end."""
         return pack_contexts(tokenize_documents(documents, self.tokenizer), self.context_length, self.bos_id,
                              self.separator_id)
+
+    def positioned_contexts(self, documents: Iterable[Document],
+                            carry: list[int] | None = None) -> Iterator[tuple[list[int], int, list[int]]]:
+        """`contexts`, each with (documents taken so far, tokens carried into the next context), starting from
+        `carry` (text.packed_contexts): what a stream that resumes without replay records."""
+        return packed_contexts(tokenize_documents(documents, self.tokenizer), self.context_length, self.bos_id,
+                               self.separator_id, carry)
 
     def trainable_positions(self, input_ids: Tensor) -> Tensor:
         """Positions the SAE sees: not BOS (position 0), not special tokens."""

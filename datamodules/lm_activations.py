@@ -11,9 +11,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.activation_stream import (IterableStream, NormGuard, held_out_loader, held_out_part,
-                                           rank_and_world, shuffled_batches, stream_position, sum_over_processes,
-                                           take_tokens)
+from datamodules.activation_stream import (IterableStream, NormGuard, ShuffledStream, gather_objects,
+                                           held_out_loader, held_out_part, rank_and_world, stream_position,
+                                           sum_over_processes, take_tokens)
 from datamodules.hooked_lm import HookedLanguageModel
 from datamodules.hookpoints import parse_hookpoint
 from datamodules.lm_evaluation import LMLossEvaluator
@@ -80,7 +80,9 @@ class LMActivationDataModule(L.LightningDataModule):
         self.source = TextSource(dataset, dataset_config, data_files, split, text_column, streaming)
         self.guard = NormGuard(norm_guard_multiple)
         self.lm: HookedLanguageModel | None = None
-        self.resume_batches = 0  # batches a resumed run has already consumed (from the checkpoint)
+        self.stream: ShuffledStream | None = None
+        self.resume_state: dict | None = None  # where this rank's stream resumes (ShuffledStream.state)
+        self.resume_batches = 0  # batches to replay instead, for a checkpoint without that state
         self.validation_rows: Tensor | None = None
         self.evaluators: dict[tuple[int, str], LMLossEvaluator] = {}  # by held-out contexts and part
 
@@ -110,44 +112,68 @@ class LMActivationDataModule(L.LightningDataModule):
                 "dropped_nonfinite": self.guard.dropped_nonfinite}
 
     # ----- documents → contexts → activations ------------------------------------------------------
-    def documents(self, validation: bool, pass_index: int = 0, every_rank: bool = False) -> Iterator[Document]:
-        """This rank's training or validation documents (all ranks' with `every_rank`); indexable sources are
-        reshuffled every pass."""
+    def documents(self, validation: bool, pass_index: int = 0, every_rank: bool = False,
+                  start: int = 0) -> Iterator[Document]:
+        """This rank's training or validation documents (all ranks' with `every_rank`), from the `start`-th on;
+        indexable sources are reshuffled every pass."""
         rank, world = (0, 1) if every_rank else rank_and_world(self.trainer)
         return rank_documents(self.source, validation=validation, val_fraction=self.hparams.val_fraction,
-                              seed=self.hparams.seed, pass_index=pass_index, rank=rank, world_size=world)
+                              seed=self.hparams.seed, pass_index=pass_index, rank=rank, world_size=world, start=start)
 
-    def activation_chunks(self, validation: bool, passes: Iterable[int], guard: NormGuard,
-                          every_rank: bool = False) -> Iterator[Tensor]:
+    def positioned_chunks(self, validation: bool, passes: Iterable[int], guard: NormGuard, every_rank: bool = False,
+                          position: dict | None = None) -> Iterator[tuple[Tensor, dict]]:
         """Guarded activations of the trainable positions, one chunk per LM forward, over the given passes (of
-        this rank's documents, or all ranks' with `every_rank`).
+        this rank's documents, or all ranks' with `every_rank`), each with the position right after it: the pass,
+        the documents of that pass taken, the tokens carried into the next context and the guard's state.
+        Started from such a `position` (in the first of `passes`), the stream continues exactly as it would have.
 
         Each stream has its own guard, so the training stream's drops do not depend on when the normalization
-        estimate or the validation set were computed (exact resume replays it from the start)."""
+        estimate or the validation set were computed."""
         hp = self.hparams
+        if position is not None:
+            guard.load_state_dict(position["guard"])
         for pass_index in passes:
-            contexts = self.lm.contexts(self.documents(validation, pass_index, every_rank))
+            start = position["documents"] if position is not None else 0
+            carry = position["carry"] if position is not None else None
+            resumed, position = start > 0 or bool(carry), None
+            contexts = self.lm.positioned_contexts(self.documents(validation, pass_index, every_rank, start), carry)
             produced = False
             while batch := list(itertools.islice(contexts, hp.lm_batch_size)):
                 produced = True
-                yield guard(self.lm.activations(torch.tensor(batch)))
-            if not produced:
+                chunk = guard(self.lm.activations(torch.tensor([context for context, _, _ in batch])))
+                _, taken, carried = batch[-1]
+                yield chunk, {"pass": pass_index, "documents": start + taken, "carry": carried,
+                              "guard": guard.state_dict()}
+            if not produced and not resumed:
                 raise ValueError(f"Dataset {hp.dataset!r} yields fewer than {hp.context_length} tokens "
                                  f"for {'validation' if validation else 'training'}; add text or shorten contexts")
+
+    def activation_chunks(self, validation: bool, passes: Iterable[int], guard: NormGuard,
+                          every_rank: bool = False) -> Iterator[Tensor]:
+        """positioned_chunks without the positions."""
+        return (chunk for chunk, _ in self.positioned_chunks(validation, passes, guard, every_rank))
 
     def training_chunks(self, guard: NormGuard | None = None) -> Iterator[Tensor]:
         """The training activations pass after pass, in LM-forward chunks (a fresh guard unless one is given)."""
         guard = NormGuard(self.hparams.norm_guard_multiple) if guard is None else guard
         return self.activation_chunks(validation=False, passes=itertools.count(), guard=guard)
 
+    def training_source(self, position: dict | None) -> Iterator[tuple[Tensor, dict]]:
+        """The training stream's chunks from `position` (None: the start), with the stream's own guard."""
+        first_pass = 0 if position is None else position["pass"]
+        return self.positioned_chunks(validation=False, passes=itertools.count(first_pass), guard=self.guard,
+                                      position=position)
+
     def training_batches(self) -> Iterator[Tensor]:
-        """The training stream from its start; after a resume, the batches already consumed are replayed
-        (LM forwards without training) so that the run continues exactly where the checkpoint left it."""
+        """The training stream from its start or, after a resume, from the checkpoint's shuffle-buffer fill
+        (ShuffledStream): O(buffer) LM forwards, the same batches as a run that never stopped. A checkpoint
+        without that state (or from another number of ranks) replays the batches consumed instead."""
         self.guard = NormGuard(self.hparams.norm_guard_multiple)
         generator = torch.Generator().manual_seed(self.hparams.seed)
-        batches = shuffled_batches(self.training_chunks(self.guard), self.hparams.batch_size,
-                                   self.hparams.shuffle_buffer_tokens, generator)
-        skip, self.resume_batches = self.resume_batches, 0
+        self.stream = ShuffledStream(self.training_source, self.hparams.batch_size,
+                                     self.hparams.shuffle_buffer_tokens, generator, resume=self.resume_state)
+        batches = iter(self.stream)
+        skip, self.resume_batches, self.resume_state = self.resume_batches, 0, None
         if skip:
             rank_zero_info(f"Resuming the activation stream: replaying {skip} batches of LM forwards "
                            f"({skip * self.hparams.batch_size:,} tokens) to reach the checkpoint's position")
@@ -169,10 +195,20 @@ class LMActivationDataModule(L.LightningDataModule):
         return self.validation_rows
 
     def state_dict(self) -> dict:
-        return stream_position(self.trainer)
+        """The batches consumed and every rank's stream state at that point (gathered: Lightning saves rank 0's
+        checkpoint only), so that each rank resumes where it stood."""
+        state = stream_position(self.trainer)
+        if self.stream is not None:
+            state["ranks"] = gather_objects(self.stream.state(state["batches_consumed"]))
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.resume_batches = int(state_dict.get("batches_consumed", 0))
+        consumed, ranks = int(state_dict.get("batches_consumed", 0)), state_dict.get("ranks")
+        rank, world = rank_and_world(self.trainer)
+        if ranks is not None and len(ranks) == world:
+            self.resume_state, self.resume_batches = ranks[rank], 0
+        else:
+            self.resume_state, self.resume_batches = None, consumed
 
     @torch.no_grad()
     def estimate_input_scale(self) -> float:

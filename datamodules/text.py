@@ -7,6 +7,7 @@ The validation split holds out whole documents, chosen by a hash of their index,
 
 from __future__ import annotations
 
+import itertools
 import json
 import zlib
 from collections.abc import Iterable, Iterator
@@ -108,14 +109,30 @@ def pack_contexts(
 ) -> Iterator[list[int]]:
     """Concatenate documents (separated by `separator_id`) and cut contexts of `context_length` that each
     start with BOS: the first position carries the LM's attention-sink activation and is never trained on."""
+    return (context for context, _, _ in packed_contexts(token_documents, context_length, bos_id, separator_id))
+
+
+def packed_contexts(token_documents: Iterable[list[int]], context_length: int, bos_id: int, separator_id: int,
+                    carry: list[int] | None = None) -> Iterator[tuple[list[int], int, list[int]]]:
+    """pack_contexts, each context with where the packing stands after it: (context, documents taken so far,
+    the tokens carried into the next context). Packing the documents after those taken, starting from that
+    carry, gives the contexts that follow (resume without re-reading what came before)."""
     body = context_length - 1
-    buffer: list[int] = []
+    buffer: list[int] = list(carry or [])
+    taken = 0
+
+    def cut() -> Iterator[tuple[list[int], int, list[int]]]:
+        while len(buffer) >= body:
+            context = [bos_id, *buffer[:body]]
+            del buffer[:body]
+            yield context, taken, list(buffer)
+
+    yield from cut()  # a carry may hold whole contexts of a long document
     for tokens in token_documents:
         buffer.extend(tokens)
         buffer.append(separator_id)
-        while len(buffer) >= body:
-            yield [bos_id, *buffer[:body]]
-            del buffer[:body]
+        taken += 1
+        yield from cut()
 
 
 def tokenize_documents(documents: Iterable[Document], tokenizer, chunk: int = 64) -> Iterator[list[int]]:
@@ -139,12 +156,12 @@ def tokenize_documents(documents: Iterable[Document], tokenizer, chunk: int = 64
 
 
 def rank_documents(source: TextSource, *, validation: bool, val_fraction: float, seed: int, pass_index: int,
-                   rank: int = 0, world_size: int = 1) -> Iterator[Document]:
-    """This rank's training or validation documents for one pass; indexable sources reshuffle the training
-    documents every pass (seeded by seed + pass), streamed ones keep their order."""
+                   rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[Document]:
+    """This rank's training or validation documents for one pass, from its `start`-th on; indexable sources
+    reshuffle the training documents every pass (seeded by seed + pass), streamed ones keep their order."""
     select = dict(validation=validation, val_fraction=val_fraction, rank=rank, world_size=world_size)
     if not source.indexable:
-        yield from select_documents(source.documents(), **select)
+        yield from itertools.islice(select_documents(source.documents(), **select), start, None)
         return
     indices = list(select_documents(range(len(source)), **select))
     if not indices:
@@ -153,5 +170,5 @@ def rank_documents(source: TextSource, *, validation: bool, val_fraction: float,
     if not validation:
         order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed + pass_index))
         indices = [indices[i] for i in order.tolist()]
-    for index in indices:
+    for index in indices[start:]:
         yield source.document(index)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import itertools
+
 import pytest
 import torch
 
 from datamodules import LMActivationDataModule
 from datamodules.activation_stream import NormGuard, shuffled_batches
-from datamodules.text import is_validation_document, pack_contexts, select_documents
+from datamodules.text import is_validation_document, pack_contexts, packed_contexts, select_documents
 
 
 def test_contexts_start_with_bos_and_keep_every_token_in_order():
@@ -222,3 +225,59 @@ def test_take_tokens_stops_at_the_count_and_reads_no_further():
     taken = take_tokens(chunks(), 10)
     assert taken.shape == (10, 2) and taken[-1, 0] == 2 and read == [0, 1, 2]
     assert len(take_tokens(iter([torch.zeros(3, 2)]), 10)) == 3
+
+
+def test_packed_contexts_resume_from_any_position_without_the_documents_before():
+    documents = [list(range(start, start + length)) for start, length in ((0, 5), (100, 23), (200, 2), (300, 40))]
+    full = list(packed_contexts(documents, 8, bos_id=-1, separator_id=-2))
+    assert [c for c, _, _ in full] == list(pack_contexts(documents, 8, bos_id=-1, separator_id=-2))
+    for index, (_, taken, carry) in enumerate(full):
+        rest = list(packed_contexts(documents[taken:], 8, bos_id=-1, separator_id=-2, carry=carry))
+        assert [c for c, _, _ in rest] == [c for c, _, _ in full[index + 1:]]
+
+
+def stream_datamodule(tiny_llama, text_file) -> LMActivationDataModule:
+    data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file), layer=1,
+                                  context_length=16, lm_batch_size=4, batch_size=32, shuffle_buffer_tokens=160,
+                                  val_tokens=100, normalization_tokens=200)
+    data.setup()
+    return data
+
+
+def test_the_live_stream_resumes_bit_for_bit_after_a_buffer_fill_not_a_replay(tiny_llama, text_file):
+    """After any number of consumed batches (fills of the buffer emit 2–3 batches, and the reader is one batch
+    ahead), a new stream built from `state(consumed)` gives exactly the batches that follow, with LM forwards
+    for at most one buffer fill before its first batch, however far the first stream had gone."""
+    data = stream_datamodule(tiny_llama, text_file)
+    straight = list(itertools.islice(data.training_batches(), 60))  # passes over the 360 training documents
+    for consumed in (0, 1, 2, 3, 7, 25, 50):
+        first = stream_datamodule(tiny_llama, text_file)
+        batches = first.training_batches()
+        for _ in range(consumed + 1):  # one ahead, as Lightning's fetcher is
+            next(batches)
+        state = first.stream.state(consumed)
+        saved = io.BytesIO()
+        torch.save(state, saved)
+        resumed = stream_datamodule(tiny_llama, text_file)
+        resumed.resume_state = torch.load(io.BytesIO(saved.getvalue()), weights_only=False)
+        forwards = count_calls(resumed.lm, "activations")
+        continued = resumed.training_batches()
+        following = next(continued)
+        assert forwards.count <= 160 // (4 * 15) + 2, f"{forwards.count} LM forwards before the first batch"
+        rest = [following, *itertools.islice(continued, 60 - consumed - 1)]
+        assert len(rest) == 60 - consumed
+        assert all(torch.equal(a, b) for a, b in zip(rest, straight[consumed:])), f"resumed after {consumed}"
+        assert resumed.guard.dropped_massive >= 0 and len(saved.getvalue()) < 80 * 32 * 4 + 400_000
+
+
+class count_calls:
+    """Counts the calls of `owner.name` from now on."""
+
+    def __init__(self, owner, name: str) -> None:
+        self.count, method = 0, getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return method(*args, **kwargs)
+
+        setattr(owner, name, counted)

@@ -140,7 +140,7 @@ def _newest_checkpoint(folder: Path) -> Path | None:
 
 class CheckpointAfterValidation(L.Callback):
     """last.ckpt after every validation of a fit, so that it holds that validation's row of the budget history
-    (the stream is one endless epoch); written beside and renamed, so a kill mid-write leaves the previous one."""
+    (the stream is one endless epoch); the trainer's AtomicCheckpointIO writes it whole or not at all."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -148,10 +148,7 @@ class CheckpointAfterValidation(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
-        partial = self.path.with_name(f".{self.path.name}.partial")
-        trainer.save_checkpoint(partial)
-        if trainer.is_global_zero:
-            partial.replace(self.path)
+        trainer.save_checkpoint(self.path)
 
 
 def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None = None) -> dict[str, Any]:
