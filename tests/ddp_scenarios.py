@@ -129,7 +129,20 @@ def validate(spec: dict[str, Any], devices: int = 2) -> dict[str, Any]:
     return record
 
 
-SCENARIOS = {"train_sweep": train_sweep, "collapse_on_one_rank": collapse_on_one_rank, "validate": validate,
+def live_fit(spec: dict[str, Any]) -> None:
+    """A fit of `steps` steps on the tiny LM's live stream (from `ckpt` if given), ending in checkpoint `save`,
+    which every rank joins: it gathers every rank's stream state."""
+    from datamodules import LMActivationDataModule
+
+    module = SAEModule.from_arguments("sagsae", d_in=32, width=16, lr=0.01, init_seed=0, sparsity_warmup_steps=2)
+    trainer = ddp_trainer(spec["steps"])
+    trainer.fit(module, LMActivationDataModule(**spec["datamodule"]), ckpt_path=spec.get("ckpt"), weights_only=False)
+    trainer.save_checkpoint(spec["save"])
+    save(spec, trainer, {"global_step": trainer.global_step,
+                         "state": {k: v.clone() for k, v in module.state_dict().items()}})
+
+
+SCENARIOS = {"train_sweep": train_sweep, "live_fit": live_fit, "collapse_on_one_rank": collapse_on_one_rank, "validate": validate,
              "one_rank_raises": one_rank_raises}
 
 if __name__ == "__main__":

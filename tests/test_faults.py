@@ -6,7 +6,6 @@ The 20-trial SIGKILL run is opt-in (`pytest -m faults`, about 10 minutes on 2 co
 
 from __future__ import annotations
 
-import os
 import random
 import resource
 import signal
