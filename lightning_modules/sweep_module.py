@@ -87,6 +87,7 @@ class SweepModule(L.LightningModule):
         across ranks once per backward and expects every parameter in it (same gradients, more memory)."""
         first = next(iter(self.members.values()))
         if first.skip_nonfinite(batch):  # the same decision for every member
+            self.log("train/skipped_nonfinite_batches", float(first.skipped_batches), on_step=True)
             return
         optimizer = self.optimizers()
         one_backward = self.trainer.world_size > 1

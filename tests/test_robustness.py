@@ -83,3 +83,23 @@ def test_the_interrupt_message_says_how_to_resume(tmp_path, capsys):
     assert saved == [tmp_path / "interrupted.ckpt"] * 2
     assert f"Interrupted at step 7: saved {tmp_path / 'interrupted.ckpt'} (resume with --ckpt_path " in out
     assert "(the same sweep command resumes from it)" in out
+
+
+def test_a_sweep_skips_nonfinite_batches_for_every_member_and_counts_them(tmp_path):
+    from lightning_modules import SweepModule
+
+    data = torch.randn(4096, 8)
+    data[300] = float("nan")
+    data[2000] = float("inf")
+    members = {name: SAEModule.from_arguments(name, d_in=8, width=16, init_seed=0, **extra)
+               for name, extra in (("sagsae", {}), ("gated", {}), ("topk", {"k": 4}))}
+    sweep = SweepModule(members)
+    with pytest.warns(UserWarning, match="Skipped a batch with non-finite activations"):
+        L.Trainer(max_steps=40, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False).fit(
+            sweep, TensorActivationDataModule(data, batch_size=256))
+    skipped = next(iter(members.values())).skipped_batches
+    assert skipped >= 2  # both poisoned batches of the first pass, in every pass
+    for name, member in members.items():
+        assert all(torch.isfinite(p).all() for p in member.parameters()), name
+        assert int(member.steps_trained) == 40, name  # a skipped batch is not a step: 40 steps trained
