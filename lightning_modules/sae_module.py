@@ -72,6 +72,7 @@ class SAEModule(L.LightningModule):
         self.make_sae = sae
         self.sae: SparseAutoencoder | None = None
         self.skipped_batches = 0
+        self._known_initialized = False  # a Python copy of the `initialized` buffer once it is True
         if d_in is not None:
             self._build(d_in)
         else:  # the SAE's own checks (width, k, quantiles) now, on the meta device, not after the LM has loaded
@@ -217,11 +218,12 @@ class SAEModule(L.LightningModule):
     def train_batch(self, batch: Tensor) -> dict[str, Tensor]:
         """Everything of a training step before backward: data-driven initialization on the first batch, the
         loss (a non-finite one saves a checkpoint and stops the run), firing statistics and the step count."""
-        if not self.initialized:
+        if not self.data_initialized():
             self.sae.initialize_from_batch(self.sae.normalize(self.every_rank_batch(batch)))
             if self.initial_thresholds is not None:
                 self.initial_thresholds.copy_(self.sae.threshold_values())
             self.initialized.fill_(True)
+            self._known_initialized = True
         result = self.evaluate_batch(batch, train=True)
         if self._any_rank(not bool(torch.isfinite(result["loss"]))):
             path = rescue_checkpoint(self.trainer, f"nonfinite-step{self.trainer.global_step}.ckpt")
@@ -276,7 +278,7 @@ class SAEModule(L.LightningModule):
     def threshold_changes(self) -> tuple[Tensor, Tensor] | None:
         """(|θ − θ₀| of every threshold, |θ − θ₀| / |θ₀| of those with θ₀ ≠ 0) since the first batch; None for
         SAEs without thresholds or before training."""
-        if self.initial_thresholds is None or not self.initialized:
+        if self.initial_thresholds is None or not self.data_initialized():
             return None
         start = self.initial_thresholds
         change = (self.sae.threshold_values() - start).abs()
@@ -290,6 +292,16 @@ class SAEModule(L.LightningModule):
         absolute, relative = changes
         return {"threshold_abs_change": absolute.median(),
                 "threshold_rel_change": relative.median() if len(relative) else torch.tensor(math.nan)}
+
+    def data_initialized(self) -> bool:
+        """Whether the first batch has set the data-driven starts. The buffer (restored from checkpoints) is read
+        until it says True, then a Python copy answers: a GPU step need not wait on the device to know it."""
+        if not self._known_initialized:
+            self._known_initialized = bool(self.initialized)
+        return self._known_initialized
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._known_initialized = False  # read the restored buffer again
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """What `sagsae export` needs to rebuild the SAE with torch alone, and the run's latest metrics."""
