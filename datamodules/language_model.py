@@ -20,6 +20,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def prefetch_model(source: str, gguf_file: str | None) -> None:
+    """Download a hub model's files into the local cache (a local folder or an embedded model needs nothing)."""
+    if is_embedded(source) or Path(source).exists():
+        return
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(source, allow_patterns=[gguf_file, "*.json", "*.model", "*.txt"] if gguf_file else None)
+
+
 def load_language_model(source: str, gguf_file: str | None, dtype: torch.dtype, device: torch.device,
                         context_length: int | None = None):
     """(model in eval mode with gradients off, tokenizer). Fails with what was looked for; a context longer than

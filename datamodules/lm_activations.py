@@ -15,6 +15,7 @@ from datamodules.activation_stream import (IterableStream, NormGuard, ShuffledSt
                                            held_out_loader, held_out_part, rank_and_world, stream_position,
                                            sum_over_processes, take_tokens)
 from datamodules.hooked_lm import HookedLanguageModel
+from datamodules.language_model import prefetch_model
 from datamodules.hookpoints import parse_hookpoint
 from datamodules.lm_evaluation import LMLossEvaluator
 from datamodules.text import Document, TextSource, rank_documents
@@ -87,6 +88,12 @@ class LMActivationDataModule(L.LightningDataModule):
         self.evaluators: dict[tuple[int, str], LMLossEvaluator] = {}  # by held-out contexts and part
 
     # ----- set-up ---------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Downloads, once per machine before any rank's `setup`: the dataset (TextSource.prepare) and a hub
+        model's files, so that ranks do not fetch them side by side."""
+        self.source.prepare()
+        prefetch_model(self.hparams.model, self.hparams.gguf_file)
+
     def setup(self, stage: str | None = None) -> None:
         if self.lm is None:
             self.load_language_model(self.trainer.strategy.root_device if self.trainer is not None

@@ -2,11 +2,13 @@
 
 Sources: the embedded Wikipedia summaries, or any `datasets` dataset (hub name, local folder, builder such as
 "json"/"text"/"parquet" with data_files), streamed or not, with a text column or pre-tokenized `input_ids`.
-The validation split holds out whole documents, chosen by a hash of their index, so no article is split.
+The validation split holds out whole documents, chosen by a hash of their index (of their content for streamed
+sources, which each rank reads from its own shards), so no article is split.
 """
 
 from __future__ import annotations
 
+import array
 import itertools
 import json
 import zlib
@@ -81,14 +83,38 @@ class TextSource:
     def document(self, index: int) -> Document:
         return self._document(self._load()[index])
 
-    def documents(self) -> Iterator[Document]:
-        for row in self._load():
+    def documents(self, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        """Every document in order or, for a streamed dataset read by several ranks, this rank's share split at
+        the source (`datasets.distributed.split_dataset_by_node`: whole shards per rank where their number
+        divides evenly, so no rank downloads another's; otherwise every world_size-th document)."""
+        rows = self._load()
+        if world_size > 1:
+            if self.indexable:
+                raise ValueError("An indexable source is dealt to ranks by index (rank_documents), not split")
+            from datasets.distributed import split_dataset_by_node
+
+            rows = split_dataset_by_node(rows, rank=rank, world_size=world_size)
+        for row in rows:
             yield self._document(row)
+
+    def prepare(self) -> None:
+        """Download and prepare a hub or builder dataset once (a DataModule's prepare_data: one process per
+        machine), so that every rank's `setup` reads it from the cache; embedded and streamed sources need
+        nothing."""
+        if not is_embedded(self.dataset) and not self.streaming:
+            self._load()
 
 
 def is_validation_document(index: int, val_fraction: float) -> bool:
     """Stable, seed-independent choice of held-out documents."""
     return zlib.crc32(index.to_bytes(8, "little")) % 1_000_000 < val_fraction * 1_000_000
+
+
+def is_validation_content(document: Document, val_fraction: float) -> bool:
+    """The held-out choice for streamed sources, whose ranks read their own shards and so know no global index:
+    a hash of the document's text or tokens (stable and seed-independent; a repeated document stays on one side)."""
+    data = document.encode("utf-8") if isinstance(document, str) else array.array("q", document).tobytes()
+    return zlib.crc32(data) % 1_000_000 < val_fraction * 1_000_000
 
 
 def select_documents(
@@ -159,10 +185,12 @@ def rank_documents(source: TextSource, *, validation: bool, val_fraction: float,
                    rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[Document]:
     """This rank's training or validation documents for one pass, from its `start`-th on; indexable sources
     reshuffle the training documents every pass (seeded by seed + pass), streamed ones keep their order."""
-    select = dict(validation=validation, val_fraction=val_fraction, rank=rank, world_size=world_size)
-    if not source.indexable:
-        yield from itertools.islice(select_documents(source.documents(), **select), start, None)
+    if not source.indexable:  # streamed: this rank's share is split at the source, held out by content
+        mine = (document for document in source.documents(rank, world_size)
+                if is_validation_content(document, val_fraction) == validation)
+        yield from itertools.islice(mine, start, None)
         return
+    select = dict(validation=validation, val_fraction=val_fraction, rank=rank, world_size=world_size)
     indices = list(select_documents(range(len(source)), **select))
     if not indices:
         raise ValueError(f"Dataset {source.dataset!r} has no {'validation' if validation else 'training'} "

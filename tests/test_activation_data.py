@@ -281,3 +281,39 @@ class count_calls:
             return method(*args, **kwargs)
 
         setattr(owner, name, counted)
+
+
+def test_a_streamed_dataset_is_split_at_the_source_so_each_rank_reads_only_its_shards(tiny_llama, tmp_path):
+    """Two files, two ranks: each rank's training documents all come from its own file (split_dataset_by_node
+    gives whole shards), the held-out documents are the same whatever the rank count, and together the ranks
+    train on exactly what one process trains on."""
+    import json
+
+    from tests.conftest import sample_texts
+
+    files = []
+    for shard in (0, 1):
+        path = tmp_path / f"shard{shard}.jsonl"
+        path.write_text("\n".join(json.dumps({"text": f"shard{shard} {text}"}) for text in sample_texts(60, seed=shard)))
+        files.append(str(path))
+    data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=files, streaming=True,
+                                  val_fraction=0.2)
+    single = list(data.documents(validation=False, pass_index=0))
+    held_out = list(data.documents(validation=True, pass_index=0))
+    per_rank = []
+    for rank in (0, 1):
+        data.trainer = FakeTrainer(rank)
+        per_rank.append(list(data.documents(validation=False, pass_index=0)))
+        assert per_rank[-1] and all(document.startswith(f"shard{rank} ") for document in per_rank[-1])
+        assert list(data.documents(validation=True, pass_index=0, every_rank=True)) == held_out
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(single)
+    assert held_out and not set(held_out) & set(single)
+
+
+def test_prepare_data_prepares_a_builder_dataset_and_skips_a_local_model(tiny_llama, text_file, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("a local model downloads"))
+    data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file))
+    data.prepare_data()  # the json builder prepares its Arrow cache; the local folder needs no download
+    assert len(data.source) == 400
