@@ -255,3 +255,21 @@ def test_browser_shows_the_index_and_both_sides_of_a_bipolar_latent_in_chromium(
     pixels = screenshot.resize((140, 140)).getdata()
     assert any(r > 200 and b < 120 for r, g, b in pixels), "no orange (positive) shading visible"
     assert any(b > 200 and r < 120 for r, g, b in pixels), "no blue (negative) shading visible"
+
+
+def test_inspect_names_what_is_missing_or_mismatched(tiny_llama, exported_sae, tmp_path):
+    from sagsae.saes import build_sae
+    from sagsae.serialization import export
+
+    root, texts = exported_sae
+    bare = export(build_sae("sagsae", d_in=32, width=8), tmp_path / "bare")  # no model recorded
+    narrow = export(build_sae("sagsae", d_in=16, width=8), tmp_path / "narrow", {"model_name": str(tiny_llama),
+                                                                                  "hook_name": "blocks.2.hook_mlp_out"})
+    data = ["--dataset", "json", "--data_files", str(texts), "--tokens", "100"]
+    for sae, expected in ((bare, "does not record its model and hookpoint: give --model and --hookpoint"),
+                          (narrow, "reads 16-wide activations but")):
+        result = subprocess.run([sys.executable, "-m", "sagsae", "inspect", "--sae", str(sae), "--out",
+                                 str(tmp_path / "out"), *data], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert expected in result.stderr.strip().splitlines()[-1], result.stderr[-1000:]
+    assert not (tmp_path / "out").exists()

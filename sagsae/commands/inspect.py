@@ -100,19 +100,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for name in ("tokens", "top_k", "random_k", "lm_batch_size", "logit_k"):
         if getattr(args, name) <= 0:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("before", "after"):
         if getattr(args, name) < 0:
-            parser.error(f"--{name} must be at least 0, got {getattr(args, name)}")
+            raise ValueError(f"--{name} must be at least 0, got {getattr(args, name)}")
     if Path(args.out).exists():
-        parser.error(f"--out {args.out} already exists: choose a new folder or remove it first")
+        raise FileExistsError(f"--out {args.out} already exists: choose a new folder or remove it first")
 
     sae, trained_on = trained_sae(args.ckpt_path, args.sae)
     settings = {key: getattr(args, key) if getattr(args, key) is not None else trained_on.get(key)
                 for key in ("model", "hookpoint", "layer", "dataset", "context_length")}
     missing = [key for key in ("model", "hookpoint") if settings[key] is None]
     if missing:
-        parser.error(f"the SAE does not record its {' and '.join(missing)}: give --{' and --'.join(missing)}")
+        raise ValueError(f"the SAE does not record its {' and '.join(missing)}: give --{' and --'.join(missing)}")
     settings["dataset"] = settings["dataset"] or "embedded:wiki-summaries"
     settings["context_length"] = settings["context_length"] or 128
 
