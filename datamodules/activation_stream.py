@@ -140,6 +140,16 @@ def shuffled_batches(
     return iter(ShuffledStream(lambda _: ((chunk, None) for chunk in chunks), batch_size, buffer_tokens, generator))
 
 
+def narrowest_exact(values: Tensor) -> Tensor:
+    """`values` in bf16 or fp16 where that holds them exactly (activations of an LM run in bf16, cast to fp32),
+    else as they are: a checkpoint's half buffer at half the size, with nothing rounded."""
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = values.to(dtype)
+        if torch.equal(narrow.to(values.dtype), values):
+            return narrow
+    return values
+
+
 class ShuffledStream:
     """Mix tokens from many contexts: fill a buffer, shuffle it, emit batches until half of it is left.
 
@@ -170,7 +180,8 @@ class ShuffledStream:
         if fill is None:
             raise RuntimeError(f"The stream cannot resume after batch {consumed}: it no longer holds that fill")
         leftover = fill["leftover"]
-        return {**fill, "leftover": None if leftover is None else leftover.cpu(), "skip": consumed - fill["batches_before"]}
+        return {**fill, "leftover": None if leftover is None else narrowest_exact(leftover.cpu()),
+                "skip": consumed - fill["batches_before"]}
 
     def __iter__(self) -> Iterator[Tensor]:
         start = self.resume or {"batches_before": 0, "leftover": None, "generator": self.generator.get_state(),
@@ -183,8 +194,8 @@ class ShuffledStream:
         self.fills.append({key: start[key] for key in ("batches_before", "leftover", "generator", "position")})
         batches = start["batches_before"]
         for chunk, position in self.open_source(start["position"]):
-            if pending and pending[0].device != chunk.device:
-                pending[0] = pending[0].to(chunk.device)  # a leftover restored from a checkpoint
+            if pending and (pending[0].device, pending[0].dtype) != (chunk.device, chunk.dtype):
+                pending[0] = pending[0].to(chunk.device, chunk.dtype)  # a leftover restored from a checkpoint
             pending.append(chunk)
             filled += len(chunk)
             if filled < self.buffer_tokens:

@@ -317,3 +317,13 @@ def test_prepare_data_prepares_a_builder_dataset_and_skips_a_local_model(tiny_ll
     data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file))
     data.prepare_data()  # the json builder prepares its Arrow cache; the local folder needs no download
     assert len(data.source) == 400
+
+
+def test_a_checkpointed_half_buffer_is_stored_narrow_only_where_that_is_exact():
+    from datamodules.activation_stream import narrowest_exact
+
+    from_bf16 = torch.randn(64, 8).bfloat16().float()  # what a bf16 LM's activations are after .float()
+    assert narrowest_exact(from_bf16).dtype == torch.bfloat16
+    assert torch.equal(narrowest_exact(from_bf16).float(), from_bf16)
+    full = torch.randn(64, 8)
+    assert narrowest_exact(full).dtype == torch.float32 and torch.equal(narrowest_exact(full), full)
