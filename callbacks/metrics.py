@@ -48,9 +48,18 @@ class ReconstructionMetrics(Metric):
                               self.positive, self.negative)
 
 
+def is_logging_step(trainer: L.Trainer) -> bool:
+    """Whether Lightning writes this training batch's step metrics (every `log_every_n_steps` batches, counted as
+    its logger connector counts them, and at the stop): training metrics computed on the other batches are never
+    written, and each computation costs a device read, and under DDP a synchronisation."""
+    every = trainer.log_every_n_steps
+    batches = trainer.fit_loop.epoch_loop.batch_progress.total.processed  # this batch included
+    return every > 0 and (batches % every == 0 or trainer.should_stop)
+
+
 class SAEMetrics(L.Callback):
     """Logs train/{mse,l0,r2,dead_fraction,reset_latents,aux_r2,tokens_per_s} and, for SAEs with thresholds,
-    train/threshold_{abs,rel}_change every step, and val/… over the held-out set.
+    train/threshold_{abs,rel}_change at every logging step (is_logging_step), and val/… over the held-out set.
 
     train/dead_fraction uses the module's window of `dead_window_tokens` training tokens; val/dead_fraction
     is the share of latents that never fired on the held-out tokens (the window is the validation set).
@@ -70,6 +79,10 @@ class SAEMetrics(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs: dict[str, Any], batch, batch_idx) -> None:
         if not outputs or "x" not in outputs:  # a skipped (non-finite) batch
             return
+        # Averaged over the last steps: the shuffle buffer refills in bursts, so single steps mislead.
+        self._step_times.append((time.perf_counter(), len(outputs["x"]) * trainer.world_size))
+        if not is_logging_step(trainer):
+            return
         self._train = self._metric(self._train, pl_module)
         self._train.update(outputs["x"], outputs["x_hat"], outputs["codes"])
         values = self._train.compute()
@@ -84,8 +97,6 @@ class SAEMetrics(L.Callback):
             pl_module.log(f"train/{name}", value.float(), **log)
         if "gate_x_hat" in outputs:
             pl_module.log("train/aux_r2", explained_variance(outputs["x"], outputs["gate_x_hat"]).float(), **log)
-        # Averaged over the last steps: the shuffle buffer refills in bursts, so single steps mislead.
-        self._step_times.append((time.perf_counter(), len(outputs["x"]) * trainer.world_size))
         if len(self._step_times) > 1:
             elapsed = self._step_times[-1][0] - self._step_times[0][0]
             tokens = sum(n for _, n in list(self._step_times)[1:])

@@ -19,7 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from callbacks.metrics import ReconstructionMetrics
+from callbacks.metrics import ReconstructionMetrics, is_logging_step
 from lightning_modules.sae_module import SAEModule
 from sagsae.measures import explained_variance
 
@@ -92,9 +92,11 @@ class SweepModule(L.LightningModule):
         optimizer = self.optimizers()
         one_backward = self.trainer.world_size > 1
         total = 0.0
+        logging = is_logging_step(self.trainer)
         for name, member in self.members.items():
             result = member.train_batch(batch)
-            self._log_training(name, member, result)
+            if logging:
+                self._log_training(name, member, result)
             if one_backward:
                 total = total + result["loss"]
             else:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.pytorch.loggers import Logger
 
 from callbacks.metrics import ReconstructionMetrics
 
@@ -83,3 +84,49 @@ def test_ddp_synchronized_metrics_equal_one_process():
     expected = numpy_metrics(*sample())
     for rank in (0, 1):
         assert_matches(results[rank], expected)
+
+
+class RecordingLogger(Logger):
+    """What Lightning writes at each step."""
+
+    name, version = "recorder", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list = []
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step) -> None:
+        self.rows.append((step, dict(metrics)))
+
+
+class ComputeCounter(ReconstructionMetrics):
+    computed = 0
+
+    def compute(self):
+        ComputeCounter.computed += 1
+        return super().compute()
+
+
+def test_training_metrics_are_computed_only_on_the_steps_lightning_writes(monkeypatch):
+    """With log_every_n_steps 4 over 12 steps the metrics are computed 3 times, and every step Lightning writes
+    carries L0 and R² (none is missing or stale)."""
+    import lightning as L
+
+    import callbacks.metrics as metrics_module
+    from callbacks import SAEMetrics
+    from datamodules import TensorActivationDataModule
+    from lightning_modules import SAEModule
+
+    monkeypatch.setattr(metrics_module, "ReconstructionMetrics", ComputeCounter)
+    logger = RecordingLogger()
+    module = SAEModule.from_arguments("sagsae", d_in=8, width=16, init_seed=0)
+    L.Trainer(max_steps=12, logger=logger, log_every_n_steps=4, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, limit_val_batches=0, callbacks=[SAEMetrics()]).fit(
+        module, TensorActivationDataModule(torch.randn(4096, 8), batch_size=256))
+    written = [(step, row) for step, row in logger.rows if "train/loss" in row]
+    assert [step for step, _ in written] == [3, 7, 11]  # Lightning's 0-based steps 4, 8 and 12
+    assert all({"train/l0", "train/r2", "train/dead_fraction"} <= set(row) for _, row in written)
+    assert ComputeCounter.computed == 3
