@@ -74,6 +74,7 @@ def test_paper_configs_parse(config: Path):
     assert resolved["model"]["sae"]["init_args"]["width"] == 16384
     # GPU-scale intervals, and default.yaml's callbacks otherwise kept
     assert resolved["trainer"]["log_every_n_steps"] == 50
+    assert resolved["trainer"]["precision"] == "bf16-mixed"
     callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in resolved["trainer"]["callbacks"]}
     assert callbacks["ModelCheckpoint"]["every_n_train_steps"] == 2000
     default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())["trainer"]["callbacks"]
@@ -100,3 +101,22 @@ def test_sweep_configs_expand(config: Path):
         widths = {m["series"]: m["init_args"]["width"] for m in members.values()}
         assert widths == {"SA-GSAE(H)": 16384, "Gated(2H)": 32768}
         assert len(members) == 24 and set(spec["cells"]) == {"resid_mid", "mlp_out", "attn_out"}
+
+
+def test_the_paper_configs_precision_trains_a_sweep_of_their_architectures_on_cpu():
+    """bf16-mixed (the paper configs' precision) through the sweep path on CPU autocast: SA-GSAE and Gated train
+    3 steps each, with finite weights that stay fp32."""
+    import lightning as L
+    import torch
+
+    from datamodules import TensorActivationDataModule
+    from lightning_modules import SAEModule, SweepModule
+
+    members = {name: SAEModule.from_arguments(name, d_in=16, width=32, init_seed=0) for name in ("sagsae", "gated")}
+    data = torch.randn(2048, 16, generator=torch.Generator().manual_seed(0))
+    L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=3, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0).fit(
+        SweepModule(members), TensorActivationDataModule(data, batch_size=256))
+    for name, member in members.items():
+        assert int(member.steps_trained) == 3, name
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in member.parameters()), name
