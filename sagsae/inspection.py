@@ -118,7 +118,8 @@ class LatentStatistics:
         counted_N = counted_CT.reshape(-1)
         windows_TW = window_positions(length, self.before, self.after)
         offsets_C = torch.arange(contexts)[:, None, None] * length
-        flat_NW = (windows_TW[None] + offsets_C).where(windows_TW[None] >= 0, torch.tensor(-1)).reshape(-1, windows_TW.shape[1])
+        flat_CTW = (windows_TW[None] + offsets_C).where(windows_TW[None] >= 0, torch.tensor(-1))
+        flat_NW = flat_CTW.reshape(-1, windows_TW.shape[1])  # each position's window, as flat positions
         tokens_N = tokens_CT.reshape(-1)
         tokens_NW = tokens_N[flat_NW.clamp(min=0)].where(flat_NW >= 0, torch.tensor(-1))
         latent_H11 = torch.arange(width)[:, None, None]

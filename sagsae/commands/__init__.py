@@ -14,6 +14,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("sagsae.commands.synthetic_benchmark", "the synthetic signed-axis benchmark, scored against the truth"),
     "report": ("sagsae.commands.report", "tables, plots and Pareto verdicts from sweep folders"),
     "export": ("sagsae.commands.export", "write a checkpoint's SAE as a SAELens folder with a model card"),
-    "inspect": ("sagsae.commands.inspect", "a feature browser of a trained SAE: each latent's contexts, both signs apart"),
+    "inspect": ("sagsae.commands.inspect", "a feature browser of a trained SAE: contexts of each latent, by sign"),
     "params": ("sagsae.commands.params", "parameter counts per architecture and the widths that match"),
 }
