@@ -120,6 +120,21 @@ def test_batchtopk_training_and_inference_threshold():
     close(sae.encode(X), torch.where(values > kept.min(), values, 0))
 
 
+def test_batchtopk_running_threshold_follows_its_rule_over_several_batches():
+    """Start at the first batch's smallest positive kept value, then an EMA toward each batch's; a batch with no
+    positive kept value leaves it as it is (the rule, computed directly, against the module's sync-free one)."""
+    sae = make("batchtopk", k=2, threshold_momentum=0.9)
+    expected = None
+    for kept in (torch.tensor([0.5, 2.0, -1.0]), torch.tensor([1.5, 3.0]), torch.tensor([-2.0, 0.0]),
+                 torch.tensor([0.25, 4.0]), torch.tensor([1.0, 1.0]).bfloat16()):
+        sae.update_threshold(kept)
+        positive = [float(v) for v in kept.float() if v > 0]
+        if positive:
+            expected = min(positive) if expected is None else 0.9 * expected + 0.1 * min(positive)
+        assert sae.threshold.dtype == torch.float32
+        assert float(sae.threshold) == pytest.approx(expected, rel=1e-6)
+
+
 def test_unit_norm_decoder_projects_gradients_and_renormalizes():
     for name in ("jumprelu", "topk", "batchtopk", "abstopk"):
         sae = make(name, **({"k": 3} if "topk" in name else {}))

@@ -64,7 +64,7 @@ def test_trains_200_steps_without_nan_and_r2_rises(case, smollm2_activations):
     recorder = RecordR2()
     trainer = L.Trainer(max_steps=200, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
-                        callbacks=[SAEMetrics(), recorder])
+                        log_every_n_steps=1, callbacks=[SAEMetrics(), recorder])  # train/r2 at every step
     trainer.fit(module, TensorActivationDataModule(smollm2_activations, batch_size=512, normalization_tokens=4096))
     assert all(math.isfinite(v) for v in recorder.losses + recorder.r2), case
     early, late = sum(recorder.r2[:10]) / 10, sum(recorder.r2[-10:]) / 10

@@ -51,22 +51,21 @@ class BatchTopKSparseAutoencoder(TopKSparseAutoencoder):
         indices = flat_scores.topk(self.k * values.shape[0]).indices
         flat_values = values.reshape(-1)
         codes = torch.zeros_like(flat_values).scatter(0, indices, flat_values[indices])
-        self._update_threshold(flat_values[indices])
+        self.update_threshold(flat_values[indices])
         return codes.reshape(values.shape)
 
     @torch.no_grad()
-    def _update_threshold(self, kept: Tensor) -> None:
+    def update_threshold(self, kept: Tensor) -> None:
         """Move the running threshold toward the smallest positive kept value. Under DDP that value is averaged
-        over the ranks that have one, so that every rank (and so the checkpoint) holds the same threshold."""
-        positive = kept[kept > 0]
-        smallest = positive.min() if len(positive) else kept.new_zeros(())
-        sums = torch.stack([smallest, kept.new_tensor(float(len(positive) > 0))])
+        over the ranks that have one, so that every rank (and so the checkpoint) holds the same threshold. Written
+        without a host read (no boolean indexing, no `if` on a tensor), so a GPU step never waits on it."""
+        kept = kept.float()  # the buffer's dtype, also under bf16 autocast
+        positive = kept > 0
+        has_positive = positive.any().to(kept.dtype)
+        smallest = torch.where(positive, kept, torch.inf).min().nan_to_num(posinf=0.0) * has_positive
+        sums = torch.stack([smallest, has_positive])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
-        if sums[1] == 0:
-            return
-        smallest = sums[0] / sums[1]
-        if self.threshold < 0:
-            self.threshold.copy_(smallest)
-        else:
-            self.threshold.lerp_(smallest, 1 - self.threshold_momentum)
+        smallest = sums[0] / sums[1].clamp(min=1)
+        moved = torch.where(self.threshold < 0, smallest, self.threshold.lerp(smallest, 1 - self.threshold_momentum))
+        self.threshold.copy_(torch.where(sums[1] > 0, moved, self.threshold))
