@@ -7,7 +7,7 @@ firing density, its share of negative firings, a histogram of its codes, and its
 apart, with a few random firings beside them; its decoder direction read through the LM's unembedding gives the
 tokens it promotes and suppresses. Memory grows with latents × examples kept, not with the tokens scanned.
 
-    python -m sagsae inspect --ckpt_path runs/default/version_0/checkpoints/last.ckpt --out runs/browser
+    python -m sagsae inspect --ckpt_path runs/default/lightning_logs/version_0/checkpoints/last.ckpt --out runs/browser
 """
 
 from __future__ import annotations
