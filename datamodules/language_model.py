@@ -26,7 +26,10 @@ def prefetch_model(source: str, gguf_file: str | None) -> None:
         return
     from huggingface_hub import snapshot_download
 
-    snapshot_download(source, allow_patterns=[gguf_file, "*.json", "*.model", "*.txt"] if gguf_file else None)
+    try:
+        snapshot_download(source, allow_patterns=[gguf_file, "*.json", "*.model", "*.txt"] if gguf_file else None)
+    except (OSError, ValueError):  # not a hub name, offline, missing: setup's load says what was looked for
+        return
 
 
 def load_language_model(source: str, gguf_file: str | None, dtype: torch.dtype, device: torch.device,
