@@ -24,7 +24,7 @@ import torch
 from sagsae.browser import latent_records, write_browser
 from sagsae.inspection import LatentStatistics, logit_effects
 from sagsae.saes import SparseAutoencoder
-from sagsae.serialization import load, read_checkpoint, sae_from_checkpoint
+from sagsae.serialization import CONFIG, load, read_checkpoint, sae_from_checkpoint
 
 
 def trained_sae(ckpt_path: str | None, sae_folder: str | None) -> tuple[SparseAutoencoder, dict[str, Any]]:
@@ -34,7 +34,7 @@ def trained_sae(ckpt_path: str | None, sae_folder: str | None) -> tuple[SparseAu
         state = read_checkpoint(ckpt_path)
         return sae_from_checkpoint(state), dict(state.get("activations") or {})
     sae = load(sae_folder)
-    metadata = json.loads((Path(sae_folder) / "cfg.json").read_text()).get("metadata") or {}
+    metadata = json.loads((Path(sae_folder) / CONFIG).read_text()).get("metadata") or {}
     return sae, {"model": metadata.get("model_name"), "hookpoint": metadata.get("hook_name"),
                  "layer": metadata.get("hook_layer"), "dataset": metadata.get("dataset_path"),
                  "context_length": metadata.get("context_size")}
