@@ -14,7 +14,9 @@ import warnings
 from collections import deque
 
 import lightning as L
+import torch
 
+from callbacks.metrics import is_logging_step
 from sagsae.measures import explained_variance
 
 ADVICE = ("keep the auxiliary loss on (aux_weight > 0), lower the sparsity coefficient, lengthen "
@@ -27,38 +29,46 @@ class GateCollapseMonitor(L.Callback):
         if window_steps <= 0 or smoothing <= 0:
             raise ValueError("GateCollapseMonitor: window_steps and smoothing must be positive")
         self.window_steps, self.smoothing, self.stop_training = window_steps, smoothing, stop_training
-        self._aux_r2: deque[float] = deque(maxlen=smoothing)
-        self._r2: deque[float] = deque(maxlen=smoothing)
-        self._alive: deque[float] = deque(maxlen=window_steps + 1)
+        self._aux_r2: deque[torch.Tensor] = deque(maxlen=smoothing)
+        self._r2: deque[torch.Tensor] = deque(maxlen=smoothing)
+        self._alive: deque[torch.Tensor] = deque(maxlen=window_steps + 1)
         self.best_r2 = float("-inf")
         self.collapsed_at: int | None = None
 
-    def _reasons(self, pl_module) -> list[str]:
+    def _reasons(self, pl_module, alive: list[float], r2: list[float], aux_r2: list[float]) -> list[str]:
         reasons = []
-        if len(self._alive) > self.window_steps and self._alive[-1] < 0.5 * self._alive[0]:
-            reasons.append(f"alive latents fell from {self._alive[0]:.1%} to {self._alive[-1]:.1%} "
-                           f"within {self.window_steps} steps")
+        if len(alive) > self.window_steps and alive[-1] < 0.5 * alive[0]:
+            reasons.append(f"alive latents fell from {alive[0]:.1%} to {alive[-1]:.1%} within {self.window_steps} steps")
         warmed_up = pl_module.global_step >= pl_module.hparams.sparsity_warmup_steps
-        if warmed_up and len(self._aux_r2) == self.smoothing and max(self._aux_r2) < 0:
+        if warmed_up and len(aux_r2) == self.smoothing and max(aux_r2) < 0:
             reasons.append(f"the gate path's auxiliary R² stayed below 0 for {self.smoothing} steps "
-                           f"(latest {self._aux_r2[-1]:.3f})")
-        if len(self._r2) == self.smoothing:
-            r2 = sum(self._r2) / self.smoothing
-            self.best_r2 = max(self.best_r2, r2)
-            if self.best_r2 > 0.2 and r2 < 0.5 * self.best_r2:
-                reasons.append(f"R² fell to {r2:.3f} from a best of {self.best_r2:.3f}")
+                           f"(latest {aux_r2[-1]:.3f})")
+        if len(r2) == self.smoothing:
+            mean_r2 = sum(r2) / self.smoothing
+            self.best_r2 = max(self.best_r2, mean_r2)
+            if self.best_r2 > 0.2 and mean_r2 < 0.5 * self.best_r2:
+                reasons.append(f"R² fell to {mean_r2:.3f} from a best of {self.best_r2:.3f}")
         return reasons
 
+    def _read(self) -> tuple[list[float], list[float], list[float]]:
+        """The three histories as numbers, in one host read."""
+        histories = (self._alive, self._r2, self._aux_r2)
+        values = torch.stack([value for history in histories for value in history]).tolist()
+        sizes = [len(history) for history in histories]
+        return values[:sizes[0]], values[sizes[0]:sizes[0] + sizes[1]], values[sizes[0] + sizes[1]:]
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Every step adds to the histories on the device; they are read and judged at logging steps only
+        (is_logging_step), so a GPU step does not wait on them, and a collapse is seen within one log interval."""
         if not outputs or "x" not in outputs:  # a skipped (non-finite) batch
             return
-        self._alive.append(1.0 - float(pl_module.dead_mask().float().mean()))
-        self._r2.append(float(explained_variance(outputs["x"], outputs["x_hat"])))
+        self._alive.append(1.0 - pl_module.dead_mask().float().mean())
+        self._r2.append(explained_variance(outputs["x"], outputs["x_hat"]).float())
         if "gate_x_hat" in outputs:
-            self._aux_r2.append(float(explained_variance(outputs["x"], outputs["gate_x_hat"])))
-        if self.collapsed_at is not None:
+            self._aux_r2.append(explained_variance(outputs["x"], outputs["gate_x_hat"]).float())
+        if self.collapsed_at is not None or not is_logging_step(trainer):
             return
-        reasons = self._reasons(pl_module)
+        reasons = self._reasons(pl_module, *self._read())
         if reasons:
             where = f" (seen on rank {trainer.global_rank})" if trainer.world_size > 1 else ""
             warnings.warn(f"SA-GSAE gate collapse at step {pl_module.global_step}{where}: {'; '.join(reasons)}. "

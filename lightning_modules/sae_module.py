@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -22,6 +22,11 @@ from sagsae.saes import SparseAutoencoder, sae_class
 SAEFactory = Callable[[int], SparseAutoencoder]  # d_in → the SAE, its other arguments already bound
 PROBE_D_IN = 64  # an activation size for checking an SAE's arguments before the data gives the real one
 
+
+
+def firing_counts(codes: Tensor) -> Tensor:
+    """How many tokens of a batch each latent fired on ([B, H] → [H])."""
+    return (codes != 0).sum(0)
 
 class SAEModule(L.LightningModule):
     """Trains one SAE on normalized activations.
@@ -73,6 +78,7 @@ class SAEModule(L.LightningModule):
         self.sae: SparseAutoencoder | None = None
         self.skipped_batches = 0
         self._known_initialized = False  # a Python copy of the `initialized` buffer once it is True
+        self._known_steps_trained = -1  # a Python copy of the `steps_trained` buffer once read (-1: not yet)
         if d_in is not None:
             self._build(d_in)
         else:  # the SAE's own checks (width, k, quantiles) now, on the meta device, not after the LM has loaded
@@ -146,7 +152,7 @@ class SAEModule(L.LightningModule):
     def sparsity_coefficient(self) -> float:
         """λ on its linear warmup, by training steps taken (so a stand-alone validate uses the trained λ)."""
         warmup = self.hparams.sparsity_warmup_steps
-        ramp = min(1.0, (int(self.steps_trained) + 1) / warmup) if warmup > 0 else 1.0
+        ramp = min(1.0, (self.known_steps_trained() + 1) / warmup) if warmup > 0 else 1.0
         return self.hparams.sparsity_coefficient * ramp
 
     def lr_factor(self, step: int) -> float:
@@ -193,11 +199,6 @@ class SAEModule(L.LightningModule):
             if name.startswith("loss"):
                 self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
 
-    def _any_rank(self, condition: bool) -> bool:
-        """The same decision on every rank (a rank that skips alone would hang DDP)."""
-        flag = torch.tensor(float(condition), device=self.device)
-        return bool(self.trainer.strategy.reduce(flag, reduce_op="sum") > 0)
-
     def every_rank_batch(self, batch: Tensor) -> Tensor:
         """Every rank's `batch`, concatenated in rank order: the data-driven starts (b_dec, quantile thresholds)
         then see the tokens that one process given all ranks' batches would see, and every rank starts alike.
@@ -206,43 +207,60 @@ class SAEModule(L.LightningModule):
             return batch
         return self.trainer.strategy.all_gather(batch).flatten(0, 1)
 
-    def skip_nonfinite(self, batch: Tensor) -> bool:
-        """True (with a warning and a count) when any rank's batch holds NaN/inf: every rank then skips it."""
-        if not self._any_rank(not bool(torch.isfinite(batch).all())):
-            return False
-        self.skipped_batches += 1
-        rank_zero_warn(f"Skipped a batch with non-finite activations at step {self.trainer.global_step} "
-                       f"({self.skipped_batches} so far)")
-        return True
+    def check_step(self, batch: Tensor, losses: Sequence[Tensor] = ()) -> bool:
+        """Both finiteness checks of a training step in one reduction and one host read. True (with a warning and a
+        count) when any rank's batch holds NaN/inf: every rank then skips it (a rank that skipped alone would hang
+        DDP). A non-finite loss on finite data saves the weights before the step and stops the run."""
+        flags = torch.stack([torch.isfinite(batch).all().logical_not(),
+                             *(torch.isfinite(loss.detach()).logical_not() for loss in losses)]).float()
+        bad_batch, *bad_losses = (self.trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()
+        if bad_batch:
+            self.skipped_batches += 1
+            rank_zero_warn(f"Skipped a batch with non-finite activations at step {self.trainer.global_step} "
+                           f"({self.skipped_batches} so far)")
+            return True
+        if any(bad_losses):
+            path = rescue_checkpoint(self.trainer, f"nonfinite-step{self.trainer.global_step}.ckpt")
+            raise FloatingPointError(
+                f"Non-finite loss at step {self.trainer.global_step}: the weights before this step are saved in "
+                f"{path}. Lower model.lr or model.sparsity_coefficient, or check the activations."
+            )
+        return False
 
-    def train_batch(self, batch: Tensor) -> dict[str, Tensor]:
-        """Everything of a training step before backward: data-driven initialization on the first batch, the
-        loss (a non-finite one saves a checkpoint and stops the run), firing statistics and the step count."""
+    def first_batch_unusable(self, batch: Tensor) -> bool:
+        """The first batch sets the data-driven starts, so it is checked before them (later batches are checked
+        once, with their loss, by `check_step`)."""
+        return not self.data_initialized() and self.check_step(batch)
+
+    def train_forward(self, batch: Tensor) -> dict[str, Tensor]:
+        """A training batch's loss and outputs (as `evaluate_batch`), after the data-driven starts on the first."""
         if not self.data_initialized():
             self.sae.initialize_from_batch(self.sae.normalize(self.every_rank_batch(batch)))
             if self.initial_thresholds is not None:
                 self.initial_thresholds.copy_(self.sae.threshold_values())
             self.initialized.fill_(True)
             self._known_initialized = True
-        result = self.evaluate_batch(batch, train=True)
-        if self._any_rank(not bool(torch.isfinite(result["loss"]))):
-            path = rescue_checkpoint(self.trainer, f"nonfinite-step{self.trainer.global_step}.ckpt")
-            raise FloatingPointError(
-                f"Non-finite loss at step {self.trainer.global_step}: the weights before this step are saved in "
-                f"{path}. Lower model.lr or model.sparsity_coefficient, or check the activations."
-            )
-        self._track_firing(result["codes"])
+        return self.evaluate_batch(batch, train=True)
+
+    def record_step(self, firing: Tensor, tokens: int) -> None:
+        """A kept step's bookkeeping: this rank's per-latent firing counts (`firing_counts`) and the step count."""
+        self._track_firing(firing, tokens)
         self.steps_trained += 1
-        return result
+        self._known_steps_trained += 1
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor] | None:
-        if self.skip_nonfinite(batch):
-            self.log("train/skipped_nonfinite_batches", float(self.skipped_batches), on_step=True)
-            return None
-        result = self.train_batch(batch)
+        if self.first_batch_unusable(batch):
+            return self.log_skipped()
+        result = self.train_forward(batch)
+        if self.check_step(batch, [result["loss"]]):
+            return self.log_skipped()
+        self.record_step(firing_counts(result["codes"]), len(batch))
         self._log_losses(result, "train")
         self.log("train/sparsity_coefficient", self.sparsity_coefficient(), on_step=True)
         return result
+
+    def log_skipped(self) -> None:
+        self.log("train/skipped_nonfinite_batches", float(self.skipped_batches), on_step=True)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
         result = self.evaluate_batch(batch)
@@ -255,10 +273,10 @@ class SAEModule(L.LightningModule):
         return result
 
     # ----- dead latents -----------------------------------------------------------------------------------
-    def _track_firing(self, codes: Tensor) -> None:
+    def _track_firing(self, firing: Tensor, tokens: int) -> None:
         """Per-latent firing across all ranks (sums, so every rank holds the same state)."""
-        counts = self.trainer.strategy.reduce((codes != 0).sum(0).double(), reduce_op="sum")
-        tokens = len(codes) * self.trainer.world_size
+        counts = self.trainer.strategy.reduce(firing.double(), reduce_op="sum")
+        tokens = tokens * self.trainer.world_size
         self.tokens_since_fired.add_(tokens).masked_fill_(counts > 0, 0)
         self.tokens_since_reset.add_(tokens)
         self.tokens_seen.add_(tokens)
@@ -300,8 +318,20 @@ class SAEModule(L.LightningModule):
             self._known_initialized = bool(self.initialized)
         return self._known_initialized
 
+    def known_steps_trained(self) -> int:
+        """`steps_trained` as a Python int, read from the buffer once after construction or a restore: λ's warmup
+        asks for it every step, and a GPU step need not wait on the device to know it."""
+        if self._known_steps_trained < 0:
+            self._known_steps_trained = int(self.steps_trained)
+        return self._known_steps_trained
+
+    def forget_known_buffers(self) -> None:
+        """After a restore: read `initialized` and `steps_trained` from the restored buffers again."""
+        self._known_initialized = False
+        self._known_steps_trained = -1
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._known_initialized = False  # read the restored buffer again
+        self.forget_known_buffers()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """What `sagsae export` needs to rebuild the SAE with torch alone, and the run's latest metrics."""
@@ -324,9 +354,8 @@ class SAEModule(L.LightningModule):
         every N steps) then see, and save, the parameters the next step starts from."""
         self.sae.after_optimizer_step()
         self.reset_latents.zero_()
-        if self.hparams.reset_dead_latents:
+        if self.hparams.reset_dead_latents:  # without an `if dead.any()`: no host read in a GPU step
             dead = self.dead_mask()
-            if dead.any():
-                self.sae.reset_dead(dead)
-                self.reset_latents.fill_(int(dead.sum()))
-                self.tokens_since_reset.masked_fill_(dead, 0)
+            self.sae.reset_dead(dead)
+            self.reset_latents.copy_(dead.sum())
+            self.tokens_since_reset.masked_fill_(dead, 0)

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from callbacks.metrics import ReconstructionMetrics, is_logging_step
-from lightning_modules.sae_module import SAEModule
+from lightning_modules.sae_module import SAEModule, firing_counts
 from sagsae.measures import explained_variance
 
 
@@ -86,17 +86,20 @@ class SweepModule(L.LightningModule):
         Under DDP the members' losses are summed into one backward instead: DDP's reducer averages gradients
         across ranks once per backward and expects every parameter in it (same gradients, more memory)."""
         first = next(iter(self.members.values()))
-        if first.skip_nonfinite(batch):  # the same decision for every member
-            self.log("train/skipped_nonfinite_batches", float(first.skipped_batches), on_step=True)
+        if first.first_batch_unusable(batch):  # the same decision for every member
+            self._log_skipped(first)
             return
         optimizer = self.optimizers()
         one_backward = self.trainer.world_size > 1
         total = 0.0
         logging = is_logging_step(self.trainer)
+        losses, firing, rows = [], {}, {}
         for name, member in self.members.items():
-            result = member.train_batch(batch)
+            result = member.train_forward(batch)
+            firing[name] = firing_counts(result["codes"])
             if logging:
-                self._log_training(name, member, result)
+                rows[name] = self._batch_row(result)
+            losses.append(result["loss"].detach())
             if one_backward:
                 total = total + result["loss"]
             else:
@@ -104,6 +107,14 @@ class SweepModule(L.LightningModule):
             del result
         if one_backward:
             self.manual_backward(total)
+        if first.check_step(batch, losses):  # one host read for the batch and every member's loss
+            optimizer.zero_grad()
+            self._log_skipped(first)
+            return
+        for name, member in self.members.items():
+            member.record_step(firing[name], len(batch))
+            if logging:
+                self._log_training(name, member, rows[name])
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16: clip the true gradients
         if scaler is not None and self.gradient_clip_val:
             scaler.unscale_(optimizer.optimizer)
@@ -116,6 +127,9 @@ class SweepModule(L.LightningModule):
         for member in self.members.values():
             member.after_optimizer_step()
 
+    def _log_skipped(self, first: SAEModule) -> None:
+        self.log("train/skipped_nonfinite_batches", float(first.skipped_batches), on_step=True)
+
     def _clip(self, member: SAEModule) -> None:
         """One member's gradients clipped on their own: one norm over every member would let one member's spike
         shrink the others' steps."""
@@ -127,11 +141,14 @@ class SweepModule(L.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(parameters, self.gradient_clip_val)
 
-    def _log_training(self, name: str, member: SAEModule, result: dict[str, Tensor]) -> None:
-        values = {"loss": result["loss"].detach(),
-                  "l0": (result["codes"] != 0).sum(-1).float().mean(),
-                  "r2": explained_variance(result["x"], result["x_hat"]).float(),
-                  "dead_fraction": member.dead_fraction(), "reset_latents": member.reset_latents.float(),
+    @staticmethod
+    def _batch_row(result: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A member's batch metrics, taken before its outputs are freed (logged once the step is kept)."""
+        return {"loss": result["loss"].detach(), "l0": (result["codes"] != 0).sum(-1).float().mean(),
+                "r2": explained_variance(result["x"], result["x_hat"]).float()}
+
+    def _log_training(self, name: str, member: SAEModule, row: dict[str, Tensor]) -> None:
+        values = {**row, "dead_fraction": member.dead_fraction(), "reset_latents": member.reset_latents.float(),
                   **member.threshold_movement()}
         for key, value in values.items():
             self.log(f"train/{name}/{key}", value, on_step=True, on_epoch=False)
@@ -215,3 +232,5 @@ class SweepModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.latest_validation = checkpoint.get("latest_validation", {})
         self.validation_history = checkpoint.get("validation_history", {})
+        for member in self.members.values():
+            member.forget_known_buffers()

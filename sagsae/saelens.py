@@ -19,7 +19,7 @@ from sae_lens.saes.sae import SAE, SAEConfig
 from torch import Tensor, nn
 
 from sagsae.saes.sa_gsae import signed_magnitude_path
-from sagsae.saes.topk import keep_top
+from sagsae.sparse_codes import dense_codes, row_top_pairs
 from sagsae.straight_through import open_gate
 
 
@@ -84,7 +84,8 @@ class AbsTopKSaeLens(_SaeLensDecoder, SAE[AbsTopKConfig]):
 
     def pre_and_codes(self, x: Tensor, hook_pre: Callable[[Tensor], Tensor] = lambda pre: pre) -> tuple[Tensor, Tensor]:
         pre = hook_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
-        return pre, keep_top(pre, pre.abs(), self.cfg.k)
+        rows, cols = row_top_pairs(pre.abs(), self.cfg.k)
+        return pre, dense_codes(pre[rows, cols], rows, cols, pre)
 
     def encode(self, x: Tensor) -> Tensor:
         return self.hook_sae_acts_post(self.pre_and_codes(x, self.hook_sae_acts_pre)[1])

@@ -25,10 +25,11 @@ from sagsae.saes import sae_class
 STEP_DATA = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))  # the tests build the same tensor
 
 
-def ddp_trainer(steps: int, callbacks: list[L.Callback] | None = None, devices: int = 2) -> L.Trainer:
+def ddp_trainer(steps: int, callbacks: list[L.Callback] | None = None, devices: int = 2, **settings: Any) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=steps,
                      logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                     limit_val_batches=0 if steps else None, num_sanity_val_steps=0, callbacks=callbacks or [])
+                     limit_val_batches=0 if steps else None, num_sanity_val_steps=0, callbacks=callbacks or [],
+                     **settings)
 
 
 def save(spec: dict[str, Any], trainer: L.Trainer, record: dict[str, Any]) -> None:
@@ -63,7 +64,7 @@ class CollapseOnRankOne(GateCollapseMonitor):
         super().__init__(stop_training=True)
         self.at = at
 
-    def _reasons(self, pl_module) -> list[str]:
+    def _reasons(self, pl_module, *histories: list[float]) -> list[str]:
         seen = pl_module.trainer.global_rank == 1 and pl_module.global_step >= self.at
         return ["a collapse staged on rank 1"] if seen else []
 
@@ -72,7 +73,7 @@ def collapse_on_one_rank(spec: dict[str, Any]) -> None:
     from datamodules import TensorActivationDataModule
 
     module = SAEModule.from_arguments("sagsae", width=16, init_seed=0)
-    trainer = ddp_trainer(spec["steps"], [CollapseOnRankOne(spec["at"])])
+    trainer = ddp_trainer(spec["steps"], [CollapseOnRankOne(spec["at"])], log_every_n_steps=spec["log_every"])
     trainer.fit(module, TensorActivationDataModule(STEP_DATA, batch_size=256))
     save(spec, trainer, {"global_step": trainer.global_step})
 

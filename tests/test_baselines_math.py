@@ -204,11 +204,18 @@ def test_quantile_start_opens_each_latent_on_one_minus_q_of_the_first_batch(name
             build_sae(name, d_in=8, width=6, **{option: bad})
 
 
-@pytest.mark.parametrize("name", ["topk", "abstopk"])
+def batch_top_direct(values, k):
+    """BatchTopK's training rule, directly: the k·B largest values of the whole batch."""
+    keep = torch.zeros(values.numel(), dtype=torch.bool)
+    keep[values.flatten().argsort(descending=True)[:k * len(values)]] = True
+    return torch.where(keep.reshape(values.shape), values, 0)
+
+
+@pytest.mark.parametrize("name", ["topk", "abstopk", "batchtopk"])
 @pytest.mark.parametrize("dead_latents", [[], [0, 3, 7]])
-def test_topk_gradients_match_the_dense_computation(name, dead_latents):
-    """With no dead latent only the k active ones are differentiated (sparse encoder and decoder backward);
-    with dead ones AuxK needs the dense pre-activations. Either way every gradient equals the direct one."""
+def test_topk_family_gradients_match_the_dense_computation(name, dead_latents):
+    """The sparse backward (sagsae/sparse_codes.py: encoder and decoder differentiated through the selected pairs
+    only, AuxK's dead pairs included) gives every parameter the gradient of the dense computation."""
     sae = make(name, k=3, aux_k=2)
     dead = torch.zeros(H, dtype=torch.bool)
     dead[dead_latents] = True
@@ -218,7 +225,8 @@ def test_topk_gradients_match_the_dense_computation(name, dead_latents):
     sae.zero_grad()
     pre = (X - sae.b_dec) @ sae.W_enc.T + sae.b_enc
     values = pre if name == "abstopk" else torch.relu(pre)
-    x_hat = topk_direct(values, values.abs(), 3) @ sae.W_dec.T + sae.b_dec
+    codes = batch_top_direct(values, 3) if name == "batchtopk" else topk_direct(values, values.abs(), 3)
+    x_hat = codes @ sae.W_dec.T + sae.b_dec
     loss = sq(X, x_hat)
     if dead_latents:
         aux = topk_direct(torch.where(dead, values, 0), torch.where(dead, values.abs(), -torch.inf), 2)

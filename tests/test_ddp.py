@@ -103,9 +103,13 @@ def test_every_shipped_config_trains_under_ddp_and_starts_from_every_ranks_batch
         assert torch.equal(state[f"members.{name}.initial_thresholds"], reference.sae.threshold_values()), name
 
 
-def test_a_gate_collapse_seen_on_one_rank_stops_every_rank(tmp_path):
-    ranks = launch({"scenario": "collapse_on_one_rank", "steps": 50, "at": 2}, tmp_path, timeout=120)
-    assert [rank["global_step"] for rank in ranks] == [2, 2]  # seen at the end of step 2: both stop there
+@pytest.mark.parametrize("log_every, stop", [(1, 2), (4, 4)])
+def test_a_gate_collapse_seen_on_one_rank_stops_every_rank(log_every, stop, tmp_path):
+    """Seen from the end of step 2 on; the monitor judges at logging steps, so both ranks stop at the first
+    logging step from there."""
+    ranks = launch({"scenario": "collapse_on_one_rank", "steps": 50, "at": 2, "log_every": log_every}, tmp_path,
+                   timeout=120)
+    assert [rank["global_step"] for rank in ranks] == [stop, stop]
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -15,5 +15,8 @@ class AbsTopKSparseAutoencoder(TopKSparseAutoencoder):
 
     signed_codes = True
 
-    def values_and_scores(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        return pre, pre.abs()
+    def code_values(self, pre: Tensor) -> Tensor:
+        return pre
+
+    def rank_scores(self, values: Tensor) -> Tensor:
+        return values.abs()

@@ -39,20 +39,15 @@ class BatchTopKSparseAutoencoder(TopKSparseAutoencoder):
         tensors["threshold"] = torch.full((self.width,), float(self.threshold.clamp(min=0)))
         return tensors, {"architecture": self.saelens_architecture}
 
-    def codes_and_reconstruction(self, values: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-        """Dense decode: the batch rule keeps a different number of latents in each row."""
-        codes = self.select(values, scores)
-        return codes, self.decode(codes)
-
-    def select(self, values: Tensor, scores: Tensor) -> Tensor:
+    def selected_pairs(self, values: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """Training: the k·B best-scored (token, latent) pairs of the batch, which also move the running
+        threshold; inference: every value above that threshold."""
         if not self.training:
-            return torch.where(values > self.threshold.clamp(min=0), values, 0)
-        flat_scores = scores.reshape(-1)
-        indices = flat_scores.topk(self.k * values.shape[0]).indices
-        flat_values = values.reshape(-1)
-        codes = torch.zeros_like(flat_values).scatter(0, indices, flat_values[indices])
-        self.update_threshold(flat_values[indices])
-        return codes.reshape(values.shape)
+            return (values > self.threshold.clamp(min=0)).nonzero(as_tuple=True)
+        flat = scores.reshape(-1).topk(self.k * len(values)).indices.sort().values
+        rows, cols = flat // values.shape[-1], flat % values.shape[-1]
+        self.update_threshold(values[rows, cols])
+        return rows, cols
 
     @torch.no_grad()
     def update_threshold(self, kept: Tensor) -> None:
@@ -60,7 +55,7 @@ class BatchTopKSparseAutoencoder(TopKSparseAutoencoder):
         over the ranks that have one, so that every rank (and so the checkpoint) holds the same threshold. Written
         without a host read (no boolean indexing, no `if` on a tensor), so a GPU step never waits on it."""
         kept = kept.float()  # the buffer's dtype, also under bf16 autocast
-        positive = kept > 0
+        positive = (kept > 0) & kept.isfinite()  # NaN/inf (rows of a batch the step skips) never enter it
         has_positive = positive.any().to(kept.dtype)
         smallest = torch.where(positive, kept, torch.inf).min().nan_to_num(posinf=0.0) * has_positive
         sums = torch.stack([smallest, has_positive])

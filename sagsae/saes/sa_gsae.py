@@ -214,7 +214,8 @@ class SignAwareGatedSAE(GatedPathsSAE):
     @torch.no_grad()
     def reset_dead(self, dead: Tensor) -> None:
         """Dead-latent threshold reset (SPEC §3): a latent silent for a whole window gets θ_init back (the small
-        fixed value, also after a quantile initialization: the point is to let it fire again)."""
+        fixed value, also after a quantile initialization: the point is to let it fire again). A masked fill, so
+        that an all-False mask costs no host read."""
         stored_init = math.log(self.theta_init) if self.log_theta else self.theta_init
         for name in self._threshold_names():
-            getattr(self, name)[dead] = stored_init
+            getattr(self, name).masked_fill_(dead, stored_init)

@@ -4,16 +4,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sagsae.saes.base import LinearEncoderSAE, SAELoss, register, squared_error
-
-
-def keep_top(values: Tensor, scores: Tensor, k: int) -> Tensor:
-    """values where scores are among the k largest of their row, zero elsewhere."""
-    indices = scores.topk(k, dim=-1).indices
-    return torch.zeros_like(values).scatter(-1, indices, values.gather(-1, indices))
+from sagsae.sparse_codes import dense_codes, pair_sums, row_top_pairs, selected_pre_activations
 
 
 @register("topk")
@@ -53,40 +47,54 @@ class TopKSparseAutoencoder(LinearEncoderSAE):
     def saelens_switches(cls, cfg: dict) -> dict:
         return {"k": int(cfg["k"])}
 
+    def code_values(self, pre: Tensor) -> Tensor:
+        """The code a latent takes where it is selected (TopK: ReLU(π))."""
+        return torch.relu(pre)
+
+    def rank_scores(self, values: Tensor) -> Tensor:
+        """What ranks latents for selection (TopK: the values themselves)."""
+        return values
+
     def values_and_scores(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """The code values a latent would take, and the scores that rank latents (TopK: ReLU(π) both)."""
-        values = torch.relu(pre)
-        return values, values
+        values = self.code_values(pre)
+        return values, self.rank_scores(values)
+
+    def selected_pairs(self, values: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, cols) of the active codes, rows ascending: the k best-scored latents of each token."""
+        return row_top_pairs(scores, self.k)
 
     def select(self, values: Tensor, scores: Tensor) -> Tensor:
-        return keep_top(values, scores, self.k)
+        rows, cols = self.selected_pairs(values, scores)
+        return dense_codes(values[rows, cols], rows, cols, values)
 
     def activation(self, pre: Tensor) -> Tensor:
         return self.select(*self.values_and_scores(pre))
 
-    def codes_and_reconstruction(self, values: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-        """Training's codes (detached, dense, for the metrics) and x̂, decoded from the k active latents only:
-        k·d multiply-adds per token instead of H·d, and a decoder gradient on those k columns."""
-        indices = scores.topk(self.k, dim=-1).indices
-        active = values.gather(-1, indices)
-        x_hat = F.embedding_bag(indices, self.W_dec.T, per_sample_weights=active, mode="sum") + self.b_dec
-        codes = torch.zeros_like(values).scatter_(-1, indices, active.detach())
-        return codes, x_hat
-
     def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
-        """recon + aux_coefficient · AuxK; `sparsity_coefficient` is unused (k sets the sparsity)."""
-        values, scores = self.values_and_scores(self.pre_activation(x))
-        codes, x_hat = self.codes_and_reconstruction(values, scores)
+        """recon + aux_coefficient · AuxK; `sparsity_coefficient` is unused (k sets the sparsity).
+
+        π is computed once without a graph; the selected pairs' codes are read from it with a sparse backward
+        (sagsae/sparse_codes.py), and x̂ is decoded from those pairs only. `codes` (for the metrics) is detached."""
+        self.check_input(x)
+        centered = x - self.b_dec
+        with torch.no_grad():
+            pre = centered @ self.W_enc.T + self.b_enc
+            values, scores = self.values_and_scores(pre)
+        rows, cols = self.selected_pairs(values, scores)
+        active = self.code_values(selected_pre_activations(centered, self.W_enc, self.b_enc, pre, rows, cols))
+        x_hat = pair_sums(self.W_dec.T, rows, cols, active, len(x)) + self.b_dec
+        codes = dense_codes(active.detach(), rows, cols, values)
         terms = {"recon": squared_error(x, x_hat)}
         if dead is not None and self.aux_coefficient > 0:
-            terms["auxk"] = self.aux_coefficient * self.auxk(x - x_hat.detach(), values, scores, dead)
+            terms["auxk"] = self.aux_coefficient * self.auxk(x - x_hat.detach(), centered, pre, scores, dead)
         return SAELoss(sum(terms.values()), terms, codes, x_hat)
 
-    def auxk(self, residual: Tensor, values: Tensor, scores: Tensor, dead: Tensor) -> Tensor:
-        """‖e − W_dec z_aux‖², z_aux = the top-k_aux dead latents' values (0 when no latent is dead)."""
+    def auxk(self, residual: Tensor, centered: Tensor, pre: Tensor, scores: Tensor, dead: Tensor) -> Tensor:
+        """‖e − W_dec z_aux‖², z_aux = the top-k_aux dead latents' codes of each token (0 when no latent is dead),
+        differentiated through those pairs only."""
         k_aux = min(self.aux_k, int(dead.sum()))
         if k_aux == 0:
             return residual.new_zeros(())
-        dead_scores = scores.masked_fill(~dead, -torch.inf)
-        aux_codes = keep_top(values.masked_fill(~dead, 0), dead_scores, k_aux)
-        return squared_error(residual, aux_codes @ self.W_dec.T)
+        rows, cols = row_top_pairs(scores.masked_fill(~dead, -torch.inf), k_aux)
+        aux = self.code_values(selected_pre_activations(centered, self.W_enc, self.b_enc, pre, rows, cols))
+        return squared_error(residual, pair_sums(self.W_dec.T, rows, cols, aux, len(residual)))
