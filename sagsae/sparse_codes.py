@@ -15,15 +15,18 @@ from torch import Tensor
 
 def pair_sums(table: Tensor, bags: Tensor, members: Tensor, weights: Tensor, bag_count: int) -> Tensor:
     """out[i] = Σ_{p: bags[p] = i} weights[p] · table[members[p]], shape [bag_count, table.shape[1]], in the
-    table's dtype; `bags` must be ascending (an empty bag sums to zero)."""
+    table's dtype; `bags` must be ascending (an empty bag sums to zero). The table is made contiguous first:
+    on CPU, embedding_bag over a transposed view (W_dec.T, or W_enc, cloned from one) is 40–80× slower
+    (0.60–0.74 s against 9–16 ms at B 4096, k 64, H 4608, d 576; a copy costs 8 ms)."""
     counts = torch.bincount(bags, minlength=bag_count)
     offsets = counts.cumsum(0) - counts
-    return F.embedding_bag(members, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
+    return F.embedding_bag(members, table.contiguous(), offsets, mode="sum",
+                           per_sample_weights=weights.to(table.dtype))
 
 
 def row_top_pairs(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(rows, cols) of the k largest scores of every row, rows ascending."""
-    cols = scores.topk(k, dim=-1).indices.reshape(-1)
+    cols = scores.topk(k, dim=-1, sorted=False).indices.reshape(-1)
     rows = torch.arange(len(scores), device=scores.device).repeat_interleave(k)
     return rows, cols
 
