@@ -7,6 +7,7 @@ import torch
 
 from sagsae.commands.params import matching_width
 from sagsae.saes import SAE_REGISTRY, build_sae, sae_class
+from sagsae.saes.base import centered_projection
 from tests.conftest import perturbed_sae
 
 D, H, B, LAM = 6, 10, 32, 0.7
@@ -234,3 +235,20 @@ def test_topk_family_gradients_match_the_dense_computation(name, dead_latents):
     loss.backward()
     for got, param in zip(fast, params):
         close(got, param.grad)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_centered_projection_equals_the_direct_product_in_value_and_gradients(with_bias):
+    """(x − b_dec)·Wᵀ + bias, with b_dec's gradient through an [H] vector (sagsae/saes/base.py): the same value
+    bit for bit, and every gradient (b_dec, W, bias) of the direct computation."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(B, D, generator=generator)
+    b_dec, W, bias = (torch.randn(*shape, generator=generator, requires_grad=True) for shape in ((D,), (H, D), (H,)))
+    upstream = torch.randn(B, H, generator=generator)
+    got = centered_projection(x, b_dec, W, bias if with_bias else None)
+    direct = (x - b_dec) @ W.T + (bias if with_bias else 0)
+    assert torch.equal(got.detach(), ((x - b_dec) @ W.T + (bias if with_bias else 0)).detach())
+    inputs = (b_dec, W, bias) if with_bias else (b_dec, W)
+    for a, b in zip(torch.autograd.grad((got * upstream).sum(), inputs),
+                    torch.autograd.grad((direct * upstream).sum(), inputs)):
+        close(a, b)

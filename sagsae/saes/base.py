@@ -74,6 +74,15 @@ def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x - x_hat).pow(2).sum(-1).mean()
 
 
+def centered_projection(x: Tensor, b_dec: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """(x − b_dec) · weightᵀ (+ bias), with b_dec's gradient carried by an [H] vector instead of the [B, d] one that
+    autograd would build with a whole extra B·H·d matmul: (b_dec − b̄) · weightᵀ, b̄ = b_dec detached, is zero in
+    value (the result is exactly (x − b̄) · weightᵀ) and gives ∂/∂b_dec = −Σ_batch grad · weight."""
+    fixed = b_dec.detach()
+    shift = (b_dec - fixed) @ weight.T
+    return (x - fixed) @ weight.T + (-shift if bias is None else bias - shift)
+
+
 def check_init_quantile(name: str, value: float | None) -> None:
     """A first-batch initialization quantile (None = off) must lie strictly between 0 and 1."""
     if value is not None and not 0 < value < 1:
@@ -261,7 +270,7 @@ class LinearEncoderSAE(SparseAutoencoder):
 
     def pre_activation(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        return (x - self.b_dec) @ self.W_enc.T + self.b_enc
+        return centered_projection(x, self.b_dec, self.W_enc, self.b_enc)
 
     def encode(self, x: Tensor) -> Tensor:
         return self.activation(self.pre_activation(x))
@@ -288,7 +297,7 @@ class GatedPathsSAE(SparseAutoencoder):
     def paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """u = W_gate (x − b_dec) and π = u + b_gate."""
         self.check_input(x)
-        u = (x - self.b_dec) @ self.W_gate.T
+        u = centered_projection(x, self.b_dec, self.W_gate)
         return u, u + self.b_gate
 
     def gated_loss(self, x: Tensor, codes: Tensor, gate_codes: Tensor, sparsity_coefficient: float) -> SAELoss:
