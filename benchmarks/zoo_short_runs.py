@@ -35,6 +35,17 @@ def model_config(name: str) -> tuple[type, dict]:
     return import_class(sae["class_path"]), {**(sae.get("init_args") or {}), **config}
 
 
+def short_run_config(name: str, steps: int, width: int | None = None) -> tuple[type, dict]:
+    """`model_config`, with the warmups shortened to fit `steps` (half for λ, a tenth for the LR) and the width
+    overridden where given."""
+    sae_class, init_args = model_config(name)
+    init_args.update(sparsity_warmup_steps=min(init_args.get("sparsity_warmup_steps", 200), steps // 2),
+                     lr_warmup_steps=min(init_args.get("lr_warmup_steps", 50), steps // 10))
+    if width:
+        init_args["width"] = width
+    return sae_class, init_args
+
+
 def live_activations(tokens: int, val_tokens: int, hookpoint: str) -> dict[str, torch.Tensor]:
     data = LMActivationDataModule(hookpoint=hookpoint, layer=15, val_tokens=val_tokens)
     data.setup()
@@ -71,11 +82,7 @@ def main() -> None:
         torch.save(activations, args.save)
     results = {}
     for name in args.architectures:
-        sae_class, init_args = model_config(name)
-        init_args.update(sparsity_warmup_steps=min(init_args.get("sparsity_warmup_steps", 200), args.steps // 2),
-                         lr_warmup_steps=min(init_args.get("lr_warmup_steps", 50), args.steps // 10))
-        if args.width:
-            init_args["width"] = args.width
+        sae_class, init_args = short_run_config(name, args.steps, args.width)
         L.seed_everything(0)
         module = SAEModule.from_arguments(sae_class, **init_args)
         trainer = L.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -1,0 +1,77 @@
+"""Is bf16-mixed harmless? Every architecture trained twice through `fit` on the same cached activations and
+from the same seed, once in fp32 and once in bf16-mixed; the held-out R² and L0 of `validate` side by side.
+
+    python -m benchmarks.precision --cache cache/smollm2_l15_attn_out_v10 [--steps 500 --width 1152 --batch 2048]
+
+The goal (issue "Speed"): |ΔR²| ≤ 0.003 and |ΔL0| ≤ 3% for every architecture. Each architecture trains with its
+own config (configs/<name>.yaml, warmups shortened to the budget). Runs on the GPU where there is one; on CPU,
+bf16-mixed is what `--trainer.precision bf16-mixed` gives (autocast to bf16 where the CPU supports it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+
+from benchmarks import DEVICE, device_name
+from benchmarks.zoo_short_runs import ARCHITECTURES, short_run_config
+from callbacks import SAEMetrics
+from datamodules import ActivationFileDataModule
+from lightning_modules import SAEModule
+
+PRECISIONS = ("32-true", "bf16-mixed")
+R2_TOLERANCE, L0_TOLERANCE = 0.003, 0.03
+
+
+def train_and_validate(name: str, precision: str, args: argparse.Namespace) -> dict[str, float]:
+    sae_class, init_args = short_run_config(name, args.steps, args.width)
+    L.seed_everything(0)
+    module = SAEModule.from_arguments(sae_class, **init_args)
+    data = ActivationFileDataModule(args.cache, batch_size=args.batch, val_tokens=args.val_tokens)
+    trainer = L.Trainer(max_steps=args.steps, precision=precision, accelerator=DEVICE.type, devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[SAEMetrics()])
+    start = time.perf_counter()
+    trainer.fit(module, data)
+    seconds = time.perf_counter() - start
+    validator = L.Trainer(precision=precision, accelerator=DEVICE.type, devices=1, logger=False,
+                          enable_progress_bar=False, enable_model_summary=False, callbacks=[SAEMetrics()])
+    metrics = validator.validate(module, data, verbose=False)[0]
+    return {"r2": metrics["val/r2"], "l0": metrics["val/l0"], "fit_seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", required=True, help="a `sagsae cache` folder")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--width", type=int, default=1152)
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--val_tokens", type=int, default=32_768)
+    parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    print(f"{device_name()}: {args.steps} steps of {args.batch} tokens, width {args.width}, {args.cache}", flush=True)
+    results, passed = {}, True
+    for name in args.architectures:
+        runs = {precision: train_and_validate(name, precision, args) for precision in PRECISIONS}
+        full, mixed = runs["32-true"], runs["bf16-mixed"]
+        r2_gap = mixed["r2"] - full["r2"]
+        l0_gap = (mixed["l0"] - full["l0"]) / max(full["l0"], 1e-9)
+        ok = abs(r2_gap) <= R2_TOLERANCE and abs(l0_gap) <= L0_TOLERANCE
+        passed &= ok
+        results[name] = {**runs, "r2_gap": r2_gap, "l0_relative_gap": l0_gap, "within_goal": ok}
+        print(f"{name:<10} R² {full['r2']:.4f} → {mixed['r2']:.4f} ({r2_gap:+.4f})  L0 {full['l0']:.2f} → "
+              f"{mixed['l0']:.2f} ({l0_gap:+.1%})  fit {full['fit_seconds']:.0f} s → {mixed['fit_seconds']:.0f} s  "
+              f"{'within' if ok else 'OUTSIDE'} the goal", flush=True)
+    print(f"goal |ΔR²| ≤ {R2_TOLERANCE}, |ΔL0| ≤ {L0_TOLERANCE:.0%}: {'met' if passed else 'missed'} for every "
+          f"architecture" if passed else f"goal missed for {[n for n, r in results.items() if not r['within_goal']]}")
+    if args.json:
+        args.json.write_text(json.dumps({"config": vars(args) | {"json": None}, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
