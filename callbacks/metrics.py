@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from sagsae.measures import explained_variance, window_summary
+from sagsae.measures import batch_summary, explained_variance, window_summary
 
 
 class ReconstructionMetrics(Metric):
@@ -67,7 +67,6 @@ class SAEMetrics(L.Callback):
 
     def __init__(self, throughput_window: int = 20) -> None:
         super().__init__()
-        self._train: ReconstructionMetrics | None = None
         self._eval: ReconstructionMetrics | None = None
         self._step_times: deque[tuple[float, int]] = deque(maxlen=throughput_window + 1)
 
@@ -83,10 +82,7 @@ class SAEMetrics(L.Callback):
         self._step_times.append((time.perf_counter(), len(outputs["x"]) * trainer.world_size))
         if not is_logging_step(trainer):
             return
-        self._train = self._metric(self._train, pl_module)
-        self._train.update(outputs["x"], outputs["x_hat"], outputs["codes"])
-        values = self._train.compute()
-        self._train.reset()
+        values = batch_summary(outputs["x"], outputs["x_hat"], outputs["codes"])
         log = dict(sync_dist=False, on_step=True, on_epoch=False)
         pl_module.log("train/mse", values["mse"].float(), **log)
         pl_module.log("train/l0", values["l0"].float(), prog_bar=True, **log)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from callbacks.metrics import ReconstructionMetrics, is_logging_step
 from lightning_modules.sae_module import SAEModule, firing_counts
-from sagsae.measures import explained_variance
+from sagsae.measures import batch_summary
 
 
 class SweepModule(L.LightningModule):
@@ -144,8 +144,8 @@ class SweepModule(L.LightningModule):
     @staticmethod
     def _batch_row(result: dict[str, Tensor]) -> dict[str, Tensor]:
         """A member's batch metrics, taken before its outputs are freed (logged once the step is kept)."""
-        return {"loss": result["loss"].detach(), "l0": (result["codes"] != 0).sum(-1).float().mean(),
-                "r2": explained_variance(result["x"], result["x_hat"]).float()}
+        summary = batch_summary(result["x"], result["x_hat"], result["codes"])
+        return {"loss": result["loss"].detach(), "l0": summary["l0"], "r2": summary["r2"].float()}
 
     def _log_training(self, name: str, member: SAEModule, row: dict[str, Tensor]) -> None:
         values = {**row, "dead_fraction": member.dead_fraction(), "reset_latents": member.reset_latents.float(),

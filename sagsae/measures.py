@@ -24,6 +24,14 @@ def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
     return 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
+def batch_summary(x: Tensor, x_hat: Tensor, codes: Tensor) -> dict[str, Tensor]:
+    """R², MSE and L0 of one batch: what a training step logs, without the per-latent counts of a window (two
+    more passes over the [B, H] codes that only validation needs)."""
+    squared_error = (x.double() - x_hat.double()).pow(2).sum()
+    return {"r2": explained_variance(x, x_hat), "mse": squared_error / x.numel(),
+            "l0": torch.count_nonzero(codes) / len(codes)}
+
+
 def window_summary(squared_error: Tensor, sum_x: Tensor, sum_squares: Tensor, active: Tensor, tokens: Tensor,
                    positive: Tensor, negative: Tensor) -> dict[str, Tensor]:
     """R², MSE, L0, silent and bipolar fractions and per-latent firing density from a window's sums: R² divides
