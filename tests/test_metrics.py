@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.loggers import Logger
 
 from callbacks.metrics import ReconstructionMetrics
+from sagsae.measures import batch_summary
 
 
 def sample(seed: int = 0, n: int = 300, d: int = 6, h: int = 10):
@@ -102,13 +103,6 @@ class RecordingLogger(Logger):
         self.rows.append((step, dict(metrics)))
 
 
-class ComputeCounter(ReconstructionMetrics):
-    computed = 0
-
-    def compute(self):
-        ComputeCounter.computed += 1
-        return super().compute()
-
 
 def test_training_metrics_are_computed_only_on_the_steps_lightning_writes(monkeypatch):
     """With log_every_n_steps 4 over 12 steps the metrics are computed 3 times, and every step Lightning writes
@@ -120,7 +114,8 @@ def test_training_metrics_are_computed_only_on_the_steps_lightning_writes(monkey
     from datamodules import TensorActivationDataModule
     from lightning_modules import SAEModule
 
-    monkeypatch.setattr(metrics_module, "ReconstructionMetrics", ComputeCounter)
+    computed = []
+    monkeypatch.setattr(metrics_module, "batch_summary", lambda *args: computed.append(1) or batch_summary(*args))
     logger = RecordingLogger()
     module = SAEModule.from_arguments("sagsae", d_in=8, width=16, init_seed=0)
     L.Trainer(max_steps=12, logger=logger, log_every_n_steps=4, enable_progress_bar=False, enable_model_summary=False,
@@ -129,4 +124,23 @@ def test_training_metrics_are_computed_only_on_the_steps_lightning_writes(monkey
     written = [(step, row) for step, row in logger.rows if "train/loss" in row]
     assert [step for step, _ in written] == [3, 7, 11]  # Lightning's 0-based steps 4, 8 and 12
     assert all({"train/l0", "train/r2", "train/dead_fraction"} <= set(row) for _, row in written)
-    assert ComputeCounter.computed == 3
+    assert len(computed) == 3
+
+
+def test_batch_summary_against_direct_computations():
+    """A training step's R², MSE and L0 (sagsae.measures.batch_summary), and the window metric over the same
+    single batch gives the same three numbers."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 6, generator=generator)
+    x_hat = x + 0.3 * torch.randn(40, 6, generator=generator)
+    codes = torch.relu(torch.randn(40, 10, generator=generator) - 0.5)
+    got = batch_summary(x, x_hat, codes)
+    r2 = 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    torch.testing.assert_close(got["r2"].float(), r2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got["mse"].float(), ((x - x_hat) ** 2).mean(), rtol=1e-6, atol=1e-6)
+    assert float(got["l0"]) == pytest.approx(sum(int((row != 0).sum()) for row in codes) / 40)
+    window = ReconstructionMetrics(6, 10)
+    window.update(x, x_hat, codes)
+    summary = window.compute()
+    for key in ("r2", "mse", "l0"):
+        assert float(got[key]) == pytest.approx(float(summary[key]), rel=1e-6)
