@@ -22,7 +22,7 @@ import torch
 
 from benchmarks import DEVICE, device_name
 from benchmarks.end_to_end import StepClock
-from benchmarks.sae_step import seconds_per_call
+from benchmarks.sae_step import seconds_per_call, training_step
 from benchmarks.zoo_short_runs import ARCHITECTURES, CONFIGS
 from sagsae.commands.train import SAGSAECLI
 from sagsae.saes import SparseAutoencoder
@@ -47,22 +47,6 @@ def fit_step(name: str, cache: str, steps: int, precision: str, root: str) -> tu
     return statistics.median(intervals), cli.model.sae, cli.model.sae.normalize(batch)
 
 
-def bare_step(sae: SparseAutoencoder, x: torch.Tensor, sparsity_coefficient: float):
-    """The SAE's own step, as benchmarks/sae_step.py times it: loss, backward, projections, Adam."""
-    sae = copy.deepcopy(sae).train()
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    dead = torch.zeros(sae.width, dtype=torch.bool, device=x.device)
-
-    def step():
-        out = sae.loss(x, sparsity_coefficient, dead=dead)
-        optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
-        sae.before_optimizer_step()
-        optimizer.step()
-        sae.after_optimizer_step()
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", required=True, help="a `sagsae cache` folder")
@@ -76,7 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for name in args.architectures:
             fit_seconds, sae, x = fit_step(name, args.cache, args.steps, args.precision, root)
-            bare = seconds_per_call(bare_step(sae, x, 8.0), args.repeats,
+            bare = seconds_per_call(training_step(copy.deepcopy(sae).train(), x, 8.0), args.repeats,
                                     "bf16" if args.precision == "bf16-mixed" else None)
             rows[name] = {"fit": fit_seconds, "bare": bare, "ratio": fit_seconds / bare}
     print(f"{device_name()}, {torch.get_num_threads()} threads, {args.precision}, {args.cache}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import DEVICE, device_name, synchronize
-from sagsae.saes import SAE_REGISTRY, build_sae, sae_class
+from sagsae.saes import SAE_REGISTRY, SparseAutoencoder, build_sae, sae_class
 
 K = 64  # active latents of the TopK family, ours and the peers'
 
@@ -51,11 +51,17 @@ def floor_step(x: torch.Tensor, width: int):
 def sae_step(name: str, x: torch.Tensor, width: int):
     sae = build_sae(name, d_in=x.shape[1], width=width, **({"k": K} if sae_class(name).k_sparse else {})).to(x.device)
     sae.initialize_from_batch(x)
+    return training_step(sae, x)
+
+
+def training_step(sae: SparseAutoencoder, x: torch.Tensor, sparsity_coefficient: float = 1.0):
+    """One bare step of `sae` on `x`: loss, backward, the SAE's gradient projections, Adam, its after-step
+    projections (no dead latents)."""
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    dead = torch.zeros(width, dtype=torch.bool, device=x.device)
+    dead = torch.zeros(sae.width, dtype=torch.bool, device=x.device)
 
     def step():
-        out = sae.loss(x, 1.0, dead=dead)
+        out = sae.loss(x, sparsity_coefficient, dead=dead)
         optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         sae.before_optimizer_step()
