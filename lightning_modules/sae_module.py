@@ -23,10 +23,10 @@ SAEFactory = Callable[[int], SparseAutoencoder]  # d_in → the SAE, its other a
 PROBE_D_IN = 64  # an activation size for checking an SAE's arguments before the data gives the real one
 
 
-
 def firing_counts(codes: Tensor) -> Tensor:
     """How many tokens of a batch each latent fired on ([B, H] → [H])."""
     return (codes != 0).sum(0)
+
 
 class SAEModule(L.LightningModule):
     """Trains one SAE on normalized activations.
@@ -245,8 +245,8 @@ class SAEModule(L.LightningModule):
     def record_step(self, firing: Tensor, tokens: int) -> None:
         """A kept step's bookkeeping: this rank's per-latent firing counts (`firing_counts`) and the step count."""
         self._track_firing(firing, tokens)
+        self._known_steps_trained = self.known_steps_trained() + 1
         self.steps_trained += 1
-        self._known_steps_trained += 1
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor] | None:
         if self.first_batch_unusable(batch):
@@ -260,6 +260,7 @@ class SAEModule(L.LightningModule):
         return result
 
     def log_skipped(self) -> None:
+        """Count a skipped batch in the logs (training_step then returns None: no backward, no step)."""
         self.log("train/skipped_nonfinite_batches", float(self.skipped_batches), on_step=True)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
