@@ -29,9 +29,9 @@ R2_TOLERANCE, L0_TOLERANCE = 0.003, 0.03
 
 def train_and_validate(name: str, precision: str, args: argparse.Namespace) -> dict[str, float]:
     sae_class, init_args = short_run_config(name, args.steps, args.width)
-    L.seed_everything(0)
+    L.seed_everything(args.seed)
     module = SAEModule.from_arguments(sae_class, **init_args)
-    data = ActivationFileDataModule(args.cache, batch_size=args.batch, val_tokens=args.val_tokens)
+    data = ActivationFileDataModule(args.cache, batch_size=args.batch, val_tokens=args.val_tokens, seed=args.seed)
     trainer = L.Trainer(max_steps=args.steps, precision=precision, accelerator=DEVICE.type, devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[SAEMetrics()])
@@ -52,9 +52,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--val_tokens", type=int, default=32_768)
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES))
+    parser.add_argument("--seed", type=int, default=0, help="initialization and data order (another seed gives the "
+                                                            "fp32 runs' own spread, against which to read a gap)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    print(f"{device_name()}: {args.steps} steps of {args.batch} tokens, width {args.width}, {args.cache}", flush=True)
+    print(f"{device_name()}: seed {args.seed}, {args.steps} steps of {args.batch} tokens, width {args.width}, "
+          f"{args.cache}", flush=True)
     results, passed = {}, True
     for name in args.architectures:
         runs = {precision: train_and_validate(name, precision, args) for precision in PRECISIONS}
