@@ -75,11 +75,10 @@ class TopKSparseAutoencoder(LinearEncoderSAE):
 
         π is computed once without a graph; the selected pairs' codes are read from it with a sparse backward
         (sagsae/sparse_codes.py), and x̂ is decoded from those pairs only. `codes` (for the metrics) is detached."""
-        self.check_input(x)
-        centered = x - self.b_dec
         with torch.no_grad():
-            pre = centered @ self.W_enc.T + self.b_enc
+            pre = self.pre_activation(x)
             values, scores = self.values_and_scores(pre)
+        centered = x - self.b_dec
         rows, cols = self.selected_pairs(values, scores)
         active = self.code_values(selected_pre_activations(centered, self.W_enc, self.b_enc, pre, rows, cols))
         x_hat = pair_sums(self.W_dec.T, rows, cols, active, len(x)) + self.b_dec
