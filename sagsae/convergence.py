@@ -1,11 +1,25 @@
-"""When did a training run stop moving? The rule of docs/method.md ("Convergence"): the first budget from which
-held-out R² stays within `r2_tolerance` of its final value and L0 within `l0_tolerance` (relative) of its
-final value, at every later budget checkpoint too."""
+"""When did a training run stop moving? Two rules of docs/method.md ("Convergence").
+
+`converged_at` is the issue's fixed rule: the first budget from which held-out R² stays within `r2_tolerance`
+of its final value and L0 within `l0_tolerance` (relative), at every later budget checkpoint too.
+
+`plateau` sets the band from the member's own checkpoint-to-checkpoint jitter instead, like a control chart:
+at λ ≥ 6 on attn_out, L0 jitters by ±10% between 0.5M-token checkpoints, so the fixed 5% band reads "not
+converged" on runs that sit on a plateau. A wider band could hide a slow drift, so a plateau also has to show no
+fitted trend larger than its band, and a band more than ten times the fixed tolerances (R² ±0.05, L0 ±50%) is
+too noisy to call: unclipped runs that broke reach those while clipped ones stay below."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 R2_TOLERANCE = 0.005
 L0_TOLERANCE = 0.05
+NOISE_MULTIPLE = 3.0
+MAX_BAND_MULTIPLE = 10.0
+REFERENCE_POINTS = 3
+MIN_PLATEAU_POINTS = 3
 
 
 def converged_at(history: list[dict[str, float]], r2_tolerance: float = R2_TOLERANCE,
@@ -13,13 +27,88 @@ def converged_at(history: list[dict[str, float]], r2_tolerance: float = R2_TOLER
     """`tokens_seen` of the first checkpoint of `history` (budget order) from which every later one stays within
     the tolerances of the last; None ("not converged") when only the last does, since one point shows no
     plateau."""
-    final = history[-1] if history else None
-
-    def settled(row: dict[str, float]) -> bool:
-        return (abs(row["r2"] - final["r2"]) <= r2_tolerance
-                and abs(row["l0"] - final["l0"]) <= l0_tolerance * abs(final["l0"]))
-
-    first = len(history)
-    while first > 0 and settled(history[first - 1]):
-        first -= 1
+    if not history:
+        return None
+    first = _first_settled(history, history[-1]["r2"], history[-1]["l0"], r2_tolerance, l0_tolerance)
     return history[first]["tokens_seen"] if first < len(history) - 1 else None
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """The noise-aware rule's reading of one member. `start` is the first checkpoint (tokens) from which every
+    later one stays within the bands of the mean of the last few, None when fewer than three do. The drifts are
+    the least-squares trend across the second half of the budget (R² in absolute terms, L0 relative to its mean
+    there): measured across the plateau alone, a steady drift would always look small, since the plateau of a
+    drifting run is just its last band's worth of points."""
+    start: float | None
+    r2_band: float
+    l0_band: float
+    r2_drift: float
+    l0_drift: float
+
+    @property
+    def too_noisy(self) -> bool:
+        return self.r2_band > MAX_BAND_MULTIPLE * R2_TOLERANCE or self.l0_band > MAX_BAND_MULTIPLE * L0_TOLERANCE
+
+    @property
+    def drifting(self) -> bool:
+        return abs(self.r2_drift) > self.r2_band or abs(self.l0_drift) > self.l0_band
+
+    @property
+    def converged_at(self) -> float | None:
+        return None if self.too_noisy or self.drifting else self.start
+
+
+def plateau(history: list[dict[str, float]], r2_tolerance: float = R2_TOLERANCE,
+            l0_tolerance: float = L0_TOLERANCE, noise_multiple: float = NOISE_MULTIPLE) -> Plateau | None:
+    """The bands are `noise_multiple` times the jitter of the history's second half (the spread of successive
+    differences over √2, which a slow trend hardly inflates), never narrower than the fixed tolerances. None
+    when the history is too short to estimate a jitter."""
+    if len(history) < 2 * REFERENCE_POINTS:
+        return None
+    tail = history[len(history) // 2:]
+    tail_l0 = max(_mean([row["l0"] for row in tail]), 1e-9)
+    r2_band = max(r2_tolerance, noise_multiple * _jitter([row["r2"] for row in tail]))
+    l0_band = max(l0_tolerance, noise_multiple * _jitter([row["l0"] for row in tail]) / tail_l0)
+    last = history[-REFERENCE_POINTS:]
+    first = _first_settled(history, _mean([row["r2"] for row in last]), _mean([row["l0"] for row in last]),
+                           r2_band, l0_band)
+    start = history[first]["tokens_seen"] if len(history) - first >= MIN_PLATEAU_POINTS else None
+    return Plateau(start=start, r2_band=r2_band, l0_band=l0_band, r2_drift=_fitted_change(tail, "r2"),
+                   l0_drift=_fitted_change(tail, "l0") / tail_l0)
+
+
+def _first_settled(history: list[dict[str, float]], r2: float, l0: float, r2_band: float, l0_band: float) -> int:
+    """Index of the first checkpoint from which every later one is within the bands of (r2, l0)."""
+    first = len(history)
+    while first > 0 and (abs(history[first - 1]["r2"] - r2) <= r2_band
+                         and abs(history[first - 1]["l0"] - l0) <= l0_band * abs(l0)):
+        first -= 1
+    return first
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _jitter(values: list[float]) -> float:
+    """A series' noise from its successive differences, which cancel a slow trend to first order: their median
+    size over √2, scaled to a Gaussian's standard deviation, so that one spike does not widen the band."""
+    differences = sorted(abs(b - a) for a, b in zip(values, values[1:]))
+    if not differences:
+        return 0.0
+    middle = len(differences) // 2
+    median = differences[middle] if len(differences) % 2 else (differences[middle - 1] + differences[middle]) / 2
+    return median / (0.6745 * math.sqrt(2))
+
+
+def _fitted_change(rows: list[dict[str, float]], key: str) -> float:
+    """The least-squares line's change from the first checkpoint of `rows` to the last."""
+    tokens = [row["tokens_seen"] for row in rows]
+    values = [row[key] for row in rows]
+    mean_t, mean_v = _mean(tokens), _mean(values)
+    spread = sum((t - mean_t) ** 2 for t in tokens)
+    if spread == 0:
+        return 0.0
+    slope = sum((t - mean_t) * (v - mean_v) for t, v in zip(tokens, values)) / spread
+    return slope * (tokens[-1] - tokens[0])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sagsae.convergence import converged_at
+import random
+
+from sagsae.convergence import L0_TOLERANCE, R2_TOLERANCE, converged_at, plateau
 
 
 def history(*points: tuple[float, float]) -> list[dict[str, float]]:
@@ -22,3 +24,54 @@ def test_still_moving_or_too_short_is_not_converged():
     assert converged_at(history((0.70, 40), (0.70, 40), (0.69, 40), (0.70, 40))) is None  # a dip just before the end
     assert converged_at(history((0.7, 40))) is None
     assert converged_at([]) is None
+
+
+def rising_then(tail: list[tuple[float, float]]) -> list[dict[str, float]]:
+    """Four checkpoints of a run still learning, then `tail`."""
+    return history((0.40, 120), (0.55, 90), (0.65, 70), (0.72, 62), *tail)
+
+
+def jittery_plateau(points: int, r2_noise: float, l0_noise: float, seed: int = 0,
+                    r2_per_point: float = 0.0, l0_per_point: float = 0.0) -> list[tuple[float, float]]:
+    noise = random.Random(seed)
+    return [(0.80 + r2_per_point * i + noise.gauss(0, r2_noise), 55 * (1 + l0_per_point * i + noise.gauss(0, l0_noise)))
+            for i in range(points)]
+
+
+def test_a_plateau_noisier_than_the_fixed_band_converges_where_it_begins():
+    runs = rising_then(jittery_plateau(12, r2_noise=0.004, l0_noise=0.07))
+    reading = plateau(runs)
+    assert converged_at(runs) is None  # the fixed 5% band is narrower than this member's own jitter
+    assert reading.l0_band > 0.1 and reading.r2_band > R2_TOLERANCE
+    assert reading.converged_at == runs[4]["tokens_seen"]
+
+
+def test_a_trend_wider_than_the_band_is_drifting_not_converged():
+    runs = rising_then(jittery_plateau(12, r2_noise=0.002, l0_noise=0.02, l0_per_point=-0.03))
+    reading = plateau(runs)
+    assert reading.drifting and reading.l0_drift < -reading.l0_band
+    assert reading.converged_at is None
+
+
+def test_a_broken_run_is_too_noisy_to_call():
+    runs = rising_then([(0.8 if i % 2 else 0.2, 55 if i % 3 else 300) for i in range(12)])
+    reading = plateau(runs)
+    assert reading.too_noisy and reading.converged_at is None
+
+
+def test_without_noise_the_bands_are_the_fixed_tolerances_and_the_rules_agree():
+    runs = history((0.5, 80), (0.70, 41), (0.703, 40), (0.704, 40.5), (0.704, 40.5), (0.704, 40.5), (0.704, 40.5))
+    reading = plateau(runs)
+    assert (reading.r2_band, reading.l0_band) == (R2_TOLERANCE, L0_TOLERANCE)
+    assert reading.converged_at == converged_at(runs) == 2000
+
+
+def test_one_spike_does_not_widen_the_band():
+    calm = jittery_plateau(12, r2_noise=0.003, l0_noise=0.03)
+    spiked = list(calm)
+    spiked[9] = (0.5, 200)
+    assert plateau(rising_then(spiked)).r2_band < 1.5 * plateau(rising_then(calm)).r2_band
+
+
+def test_too_short_to_estimate_a_jitter():
+    assert plateau(history((0.7, 40), (0.7, 40), (0.7, 40), (0.7, 40), (0.7, 40))) is None

@@ -19,7 +19,8 @@ from statistics import mean
 
 import yaml
 
-from sagsae.convergence import L0_TOLERANCE, R2_TOLERANCE, converged_at
+from sagsae.convergence import (L0_TOLERANCE, NOISE_MULTIPLE, R2_TOLERANCE, REFERENCE_POINTS, Plateau, converged_at,
+                                plateau)
 from sagsae.pareto import Curve, compare
 
 RESULTS = "results.json"
@@ -230,15 +231,22 @@ def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Pat
 
 
 def convergence_lines(cell: dict, pairs: list[tuple[str, str]]) -> list[str]:
-    """Per member: the final budget's R² and L0, where it converged (or the last step's trend), and how far its
-    thresholds moved; the compared series first."""
+    """Per member: the final budget's R² and L0, where it converged by the fixed rule and by the band of its
+    own jitter (with the trend across the second half of the budget), and how far its thresholds moved; the
+    compared series first."""
     focus = compared_series(pairs)
     rank = {name: i for i, name in enumerate(focus)}
     members = sorted(cell["members"].items(), key=lambda item: (rank.get(item[1]["series"], len(rank)), item[0]))
-    lines = [f"Converged at = the first budget from which held-out R² stays within {R2_TOLERANCE} and L0 within "
-             f"{L0_TOLERANCE:.0%} of their final values; otherwise the change over the last budget step.", "",
-             "| member | final tokens | R² | L0 | converged at (tokens) | last step: ΔR², ΔL0 | θ moved (median, relative) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"Converged at (fixed) = the first budget from which held-out R² stays within {R2_TOLERANCE} and L0 "
+             f"within {L0_TOLERANCE:.0%} of their final values; otherwise the change over the last budget step. "
+             f"Converged at (own band) = the same with bands of {NOISE_MULTIPLE:g}× the member's own "
+             "checkpoint-to-checkpoint jitter (never narrower than the fixed ones) around the mean of its last "
+             f"{REFERENCE_POINTS} checkpoints, provided the fitted trend across the second half of the budget stays "
+             "inside the band (else *drifting*) and the band is at most ten times the fixed one (else *too noisy*); "
+             "docs/method.md, \"Convergence\".", "",
+             "| member | final tokens | R² | L0 | converged at (fixed) | last step: ΔR², ΔL0 | own band: R², L0 "
+             "| second-half trend: R², L0 | converged at (own band) | θ moved (median, relative) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, member in members:
         history = member.get("history") or []
         if len(history) < 2:
@@ -248,8 +256,23 @@ def convergence_lines(cell: dict, pairs: list[tuple[str, str]]) -> list[str]:
         trend = f"{final['r2'] - before['r2']:+.4f}, {(final['l0'] - before['l0']) / max(before['l0'], 1e-9):+.1%}"
         lines.append(f"| {name} | {final['tokens_seen']:,} | {_number(final['r2'])} | {_number(final['l0'], 2)} | "
                      f"{f'{at:,}' if at is not None else '**not converged**'} | {trend} | "
+                     f"{_plateau_cells(plateau(history))} | "
                      f"{_number(final.get('threshold_rel_change', math.nan))} |")
     return lines + [""]
+
+
+def _plateau_cells(reading: Plateau | None) -> str:
+    """The own-band columns of `convergence_lines`: band, second-half trend, verdict."""
+    if reading is None:
+        return "– | – | too short"
+    if reading.too_noisy:
+        verdict = "**too noisy**"
+    elif reading.drifting:
+        verdict = "**drifting**"
+    else:
+        verdict = f"{reading.converged_at:,}" if reading.converged_at is not None else "**not converged**"
+    return (f"±{reading.r2_band:.3f}, ±{reading.l0_band:.0%} | {reading.r2_drift:+.3f}, {reading.l0_drift:+.0%} | "
+            f"{verdict}")
 
 
 def _percent(value: float | None) -> str:
