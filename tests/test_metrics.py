@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.loggers import Logger
 
 from callbacks.metrics import ReconstructionMetrics
+from lightning_modules.sae_module import FIRING_ROWS, firing_counts
 from sagsae.measures import batch_summary
 
 
@@ -144,3 +145,10 @@ def test_batch_summary_against_direct_computations():
     summary = window.compute()
     for key in ("r2", "mse", "l0"):
         assert float(got[key]) == pytest.approx(float(summary[key]), rel=1e-6)
+
+
+def test_firing_counts_in_row_blocks_match_a_direct_count():
+    """Per-latent firing counts over a batch that is not a whole number of blocks, with signed codes."""
+    _, _, codes = sample(n=2 * FIRING_ROWS + 37)
+    direct = [sum(1 for row in codes if row[j] != 0) for j in range(codes.shape[1])]
+    assert firing_counts(codes).tolist() == direct
