@@ -247,6 +247,7 @@ def convergence_lines(cell: dict, pairs: list[tuple[str, str]]) -> list[str]:
              "| member | final tokens | R² | L0 | converged at (fixed) | last step: ΔR², ΔL0 | own band: R², L0 "
              "| second-half trend: R², L0 | converged at (own band) | θ moved (median, relative) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines[2:2] = [*series_convergence_lines(members), ""]
     for name, member in members:
         history = member.get("history") or []
         if len(history) < 2:
@@ -259,6 +260,32 @@ def convergence_lines(cell: dict, pairs: list[tuple[str, str]]) -> list[str]:
                      f"{_plateau_cells(plateau(history))} | "
                      f"{_number(final.get('threshold_rel_change', math.nan))} |")
     return lines + [""]
+
+
+def series_convergence_lines(members: list[tuple[str, dict]]) -> list[str]:
+    """Per series: how many members converged by each rule, over which budgets, and how many drift or are too
+    noisy to call by the own-band rule."""
+    by_series: dict[str, list[list[dict]]] = {}
+    for _, member in members:
+        if len(member.get("history") or []) >= 2:
+            by_series.setdefault(member["series"], []).append(member["history"])
+    lines = ["| series | members | converged (fixed) | at | converged (own band) | at | drifting | too noisy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for series, histories in by_series.items():
+        fixed = [at for at in map(converged_at, histories) if at is not None]
+        readings = [reading for reading in map(plateau, histories) if reading is not None]
+        own = [reading.converged_at for reading in readings if reading.converged_at is not None]
+        lines.append(f"| {series} | {len(histories)} | {len(fixed)} | {_budget_range(fixed)} | {len(own)} | "
+                     f"{_budget_range(own)} | {sum(r.drifting and not r.too_noisy for r in readings)} | "
+                     f"{sum(r.too_noisy for r in readings)} |")
+    return lines
+
+
+def _budget_range(tokens: list[float]) -> str:
+    if not tokens:
+        return "–"
+    low, high = (f"{t / 1e6:.1f}M" if t >= 1e5 else f"{t:,}" for t in (min(tokens), max(tokens)))
+    return low if low == high else f"{low}–{high}"
 
 
 def _plateau_cells(reading: Plateau | None) -> str:
