@@ -192,13 +192,16 @@ class SAEModule(L.LightningModule):
 
     # ----- steps ----------------------------------------------------------------------------------------
     def evaluate_batch(self, batch: Tensor, train: bool = False) -> dict[str, Tensor]:
-        """Loss terms, normalized input, reconstruction and codes of one batch (no logging, no bookkeeping)."""
+        """Loss terms, normalized input, reconstruction and codes of one batch (no logging, no bookkeeping); in
+        training also each latent's firing count, which the dead-latent window needs."""
         x = self.sae.normalize(batch)
         out = self.sae.loss(x, self.sparsity_coefficient(), dead=self.dead_mask() if train else None)
         result = {"loss": out.total, "x": x, "x_hat": out.reconstruction.detach(), "codes": out.codes.detach(),
                   **{f"loss_{name}": value for name, value in out.terms.items()}}
         if out.gate_reconstruction is not None:
             result["gate_x_hat"] = out.gate_reconstruction.detach()
+        if train:
+            result["firing"] = out.firing if out.firing is not None else firing_counts(result["codes"])
         return result
 
     def _log_losses(self, result: dict[str, Tensor], stage: str) -> None:
@@ -262,7 +265,7 @@ class SAEModule(L.LightningModule):
         result = self.train_forward(batch)
         if self.check_step(batch, [result["loss"]]):
             return self.log_skipped()
-        self.record_step(firing_counts(result["codes"]), len(batch))
+        self.record_step(result["firing"], len(batch))
         self._log_losses(result, "train")
         self.log("train/sparsity_coefficient", self.sparsity_coefficient(), on_step=True)
         return result

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from callbacks.metrics import ReconstructionMetrics, is_logging_step
-from lightning_modules.sae_module import SAEModule, firing_counts
+from lightning_modules.sae_module import SAEModule
 from sagsae.measures import batch_summary
 
 
@@ -96,7 +96,7 @@ class SweepModule(L.LightningModule):
         losses, firing, rows = [], {}, {}
         for name, member in self.members.items():
             result = member.train_forward(batch)
-            firing[name] = firing_counts(result["codes"])
+            firing[name] = result["firing"]
             if logging:
                 rows[name] = self._batch_row(result)
             losses.append(result["loss"].detach())

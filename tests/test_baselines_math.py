@@ -237,6 +237,19 @@ def test_topk_family_gradients_match_the_dense_computation(name, dead_latents):
         close(got, param.grad)
 
 
+@pytest.mark.parametrize("name", ["topk", "abstopk", "batchtopk"])
+def test_topk_family_firing_counts_from_the_pairs_equal_a_count_of_the_codes(name):
+    """The loss's per-latent firing counts (read from the selected pairs) count non-zero codes only: a selected
+    pair whose ReLU code is 0 does not fire. A negative b_enc makes some of the k best codes exactly 0."""
+    sae = make(name, k=5)
+    with torch.no_grad():
+        sae.b_enc.fill_(-2.0)
+    out = sae.loss(X, LAM)
+    direct = [sum(1 for row in out.codes if row[j] != 0) for j in range(H)]
+    assert out.firing.tolist() == direct
+    assert name == "abstopk" or (out.codes != 0).sum() < 5 * len(X)  # the zero-code case is exercised
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_centered_projection_equals_the_direct_product_in_value_and_gradients(with_bias):
     """(x − b_dec)·Wᵀ + bias, with b_dec's gradient through an [H] vector (sagsae/saes/base.py): the same value

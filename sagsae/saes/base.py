@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,7 +66,7 @@ class SAELoss:
     codes: Tensor
     reconstruction: Tensor
     gate_reconstruction: Tensor | None = None  # the auxiliary (gate-path) reconstruction, where there is one
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    firing: Tensor | None = None  # per-latent firing counts [H], where the SAE has them without a pass over `codes`
 
 
 def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
