@@ -12,6 +12,7 @@ too noisy to call: 20 of the 21 unclipped runs that broke down reach it, and one
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 R2_TOLERANCE = 0.005
@@ -64,11 +65,11 @@ def plateau(history: list[dict[str, float]], r2_tolerance: float = R2_TOLERANCE,
     if len(history) < 2 * REFERENCE_POINTS:
         return None
     tail = history[len(history) // 2:]
-    tail_l0 = max(_mean([row["l0"] for row in tail]), 1e-9)
+    tail_l0 = max(statistics.fmean([row["l0"] for row in tail]), 1e-9)
     r2_band = max(r2_tolerance, noise_multiple * _jitter([row["r2"] for row in tail]))
     l0_band = max(l0_tolerance, noise_multiple * _jitter([row["l0"] for row in tail]) / tail_l0)
     last = history[-REFERENCE_POINTS:]
-    first = _first_settled(history, _mean([row["r2"] for row in last]), _mean([row["l0"] for row in last]),
+    first = _first_settled(history, statistics.fmean([row["r2"] for row in last]), statistics.fmean([row["l0"] for row in last]),
                            r2_band, l0_band)
     start = history[first]["tokens_seen"] if len(history) - first >= MIN_PLATEAU_POINTS else None
     too_noisy = r2_band > MAX_BAND_MULTIPLE * r2_tolerance or l0_band > MAX_BAND_MULTIPLE * l0_tolerance
@@ -85,26 +86,18 @@ def _first_settled(history: list[dict[str, float]], r2: float, l0: float, r2_ban
     return first
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _jitter(values: list[float]) -> float:
     """A series' noise from its successive differences, which cancel a slow trend to first order: their median
     size over √2, scaled to a Gaussian's standard deviation, so that one spike does not widen the band."""
-    differences = sorted(abs(b - a) for a, b in zip(values, values[1:]))
-    if not differences:
-        return 0.0
-    middle = len(differences) // 2
-    median = differences[middle] if len(differences) % 2 else (differences[middle - 1] + differences[middle]) / 2
-    return median / (0.6745 * math.sqrt(2))
+    differences = [abs(b - a) for a, b in zip(values, values[1:])]
+    return statistics.median(differences) / (0.6745 * math.sqrt(2)) if differences else 0.0
 
 
 def _fitted_change(rows: list[dict[str, float]], key: str) -> float:
     """The least-squares line's change from the first checkpoint of `rows` to the last."""
     tokens = [row["tokens_seen"] for row in rows]
     values = [row[key] for row in rows]
-    mean_t, mean_v = _mean(tokens), _mean(values)
+    mean_t, mean_v = statistics.fmean(tokens), statistics.fmean(values)
     spread = sum((t - mean_t) ** 2 for t in tokens)
     if spread == 0:
         return 0.0
