@@ -17,7 +17,6 @@ import lightning as L
 import torch
 
 from callbacks.metrics import is_logging_step
-from sagsae.measures import explained_variance
 
 ADVICE = ("keep the auxiliary loss on (aux_weight > 0), lower the sparsity coefficient, lengthen "
           "sparsity_warmup_steps, or lower the learning rate")
@@ -63,9 +62,10 @@ class GateCollapseMonitor(L.Callback):
         if not outputs or "x" not in outputs:  # a skipped (non-finite) batch
             return
         self._alive.append(1.0 - pl_module.dead_mask().float().mean())
-        self._r2.append(explained_variance(outputs["x"], outputs["x_hat"]).float())
-        if "gate_x_hat" in outputs:
-            self._aux_r2.append(explained_variance(outputs["x"], outputs["gate_x_hat"]).float())
+        summary = outputs["summary"]
+        self._r2.append(summary["r2"].float())
+        if "aux_r2" in summary:
+            self._aux_r2.append(summary["aux_r2"].float())
         if self.collapsed_at is not None or not is_logging_step(trainer):
             return
         reasons = self._reasons(pl_module, *self._read())

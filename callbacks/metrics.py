@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from sagsae.measures import batch_summary, explained_variance, window_summary
+from sagsae.measures import window_summary
 
 
 class ReconstructionMetrics(Metric):
@@ -82,7 +82,7 @@ class SAEMetrics(L.Callback):
         self._step_times.append((time.perf_counter(), len(outputs["x"]) * trainer.world_size))
         if not is_logging_step(trainer):
             return
-        values = batch_summary(outputs["x"], outputs["x_hat"], outputs["codes"])
+        values = outputs["summary"]
         log = dict(sync_dist=False, on_step=True, on_epoch=False)
         pl_module.log("train/mse", values["mse"].float(), **log)
         pl_module.log("train/l0", values["l0"].float(), prog_bar=True, **log)
@@ -91,8 +91,8 @@ class SAEMetrics(L.Callback):
         pl_module.log("train/reset_latents", pl_module.reset_latents.float(), **log)
         for name, value in pl_module.threshold_movement().items():
             pl_module.log(f"train/{name}", value.float(), **log)
-        if "gate_x_hat" in outputs:
-            pl_module.log("train/aux_r2", explained_variance(outputs["x"], outputs["gate_x_hat"]).float(), **log)
+        if "aux_r2" in values:
+            pl_module.log("train/aux_r2", values["aux_r2"].float(), **log)
         if len(self._step_times) > 1:
             elapsed = self._step_times[-1][0] - self._step_times[0][0]
             tokens = sum(n for _, n in list(self._step_times)[1:])

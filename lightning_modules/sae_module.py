@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks.interrupt import rescue_checkpoint
+from sagsae.measures import step_summary
 from sagsae.saes import SparseAutoencoder, sae_class
 
 SAEFactory = Callable[[int], SparseAutoencoder]  # d_in → the SAE, its other arguments already bound
@@ -198,10 +199,9 @@ class SAEModule(L.LightningModule):
         out = self.sae.loss(x, self.sparsity_coefficient(), dead=self.dead_mask() if train else None)
         result = {"loss": out.total, "x": x, "x_hat": out.reconstruction.detach(), "codes": out.codes.detach(),
                   **{f"loss_{name}": value for name, value in out.terms.items()}}
-        if out.gate_reconstruction is not None:
-            result["gate_x_hat"] = out.gate_reconstruction.detach()
         if train:
             result["firing"] = out.firing if out.firing is not None else firing_counts(result["codes"])
+            result["summary"] = step_summary(x, out.squared_error.detach(), result["firing"], out.gate_squared_error)
         return result
 
     def _log_losses(self, result: dict[str, Tensor], stage: str) -> None:

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from callbacks.metrics import ReconstructionMetrics, is_logging_step
 from lightning_modules.sae_module import SAEModule
-from sagsae.measures import batch_summary
 
 
 class SweepModule(L.LightningModule):
@@ -144,7 +143,7 @@ class SweepModule(L.LightningModule):
     @staticmethod
     def _batch_row(result: dict[str, Tensor]) -> dict[str, Tensor]:
         """A member's batch metrics, taken before its outputs are freed (logged once the step is kept)."""
-        summary = batch_summary(result["x"], result["x_hat"], result["codes"])
+        summary = result["summary"]
         return {"loss": result["loss"].detach(), "l0": summary["l0"], "r2": summary["r2"].float()}
 
     def _log_training(self, name: str, member: SAEModule, row: dict[str, Tensor]) -> None:

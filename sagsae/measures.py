@@ -20,21 +20,21 @@ def normalization_scale(sum_of_squares: float, tokens: int, d_in: int) -> float:
 
 def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
     """R² of one batch (window = the batch): 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², in float64."""
-    return _error_and_r2(x, x_hat)[1]
-
-
-def batch_summary(x: Tensor, x_hat: Tensor, codes: Tensor) -> dict[str, Tensor]:
-    """R², MSE and L0 of one batch: what a training step logs, without the per-latent counts of a window (two
-    more passes over the [B, H] codes that only validation needs)."""
-    squared_error, r2 = _error_and_r2(x, x_hat)
-    return {"r2": r2, "mse": squared_error / x.numel(), "l0": torch.count_nonzero(codes) / len(codes)}
-
-
-def _error_and_r2(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
-    """(Σ‖x − x̂‖², R²) of one batch, in float64, from one pass over each tensor."""
     x = x.double()
-    squared_error = (x - x_hat.double()).pow(2).sum()
-    return squared_error, 1 - squared_error / (x - x.mean(0)).pow(2).sum()
+    return 1 - (x - x_hat.double()).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+
+def step_summary(x: Tensor, squared_error: Tensor, firing: Tensor,
+                 gate_squared_error: Tensor | None = None) -> dict[str, Tensor]:
+    """R², MSE and L0 (and the gate path's R² where given) of one training batch, from what its loss already
+    computed: `squared_error` = ‖x − x̂‖² averaged over the batch, and each latent's firing count [H]. Only x's
+    variance is a new pass, over [B, d]: float64 passes over x̂ and a count over the [B, H] codes were most of
+    what the metrics cost a step through `fit` (docs/performance.md)."""
+    variance = (x - x.mean(0)).pow(2).sum(-1).mean()
+    summary = {"r2": 1 - squared_error / variance, "mse": squared_error / x.shape[-1], "l0": firing.sum() / len(x)}
+    if gate_squared_error is not None:
+        summary["aux_r2"] = 1 - gate_squared_error / variance
+    return summary
 
 
 def window_summary(squared_error: Tensor, sum_x: Tensor, sum_squares: Tensor, active: Tensor, tokens: Tensor,

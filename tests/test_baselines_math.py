@@ -265,3 +265,18 @@ def test_centered_projection_equals_the_direct_product_in_value_and_gradients(wi
     for a, b in zip(torch.autograd.grad((got * upstream).sum(), inputs),
                     torch.autograd.grad((direct * upstream).sum(), inputs)):
         close(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(SAE_REGISTRY))
+def test_every_loss_carries_its_unweighted_squared_errors(name):
+    """SAELoss.squared_error (what a training step's R² and MSE are read from) is ‖x − x̂‖² of the loss's own
+    reconstruction, averaged over the batch; a gated SAE's gate_squared_error is its aux term (tested against
+    direct computations above and in test_sagsae_math.py) without the aux_weight."""
+    gated = name in ("gated", "sagsae")
+    sae = make(name, **({"aux_weight": 0.25} if gated else {"k": 3} if "topk" in name else {}))
+    out = sae.loss(X, LAM)
+    close(out.squared_error, sq(X, out.reconstruction))
+    if gated:
+        close(out.gate_squared_error, out.terms["aux"] / 0.25)
+    else:
+        assert out.gate_squared_error is None

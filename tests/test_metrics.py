@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import Logger
 
 from callbacks.metrics import ReconstructionMetrics
 from lightning_modules.sae_module import FIRING_ROWS, firing_counts
-from sagsae.measures import batch_summary
+from sagsae.measures import step_summary
 
 
 def sample(seed: int = 0, n: int = 300, d: int = 6, h: int = 10):
@@ -105,46 +105,56 @@ class RecordingLogger(Logger):
 
 
 
-def test_training_metrics_are_computed_only_on_the_steps_lightning_writes(monkeypatch):
-    """With log_every_n_steps 4 over 12 steps the metrics are computed 3 times, and every step Lightning writes
-    carries L0 and R² (none is missing or stale)."""
+def test_training_metrics_are_written_on_the_steps_lightning_writes():
+    """With log_every_n_steps 4 over 12 steps, every step Lightning writes carries L0 and R² (none is missing or
+    stale), and they equal the step's own summary."""
     import lightning as L
 
-    import callbacks.metrics as metrics_module
     from callbacks import SAEMetrics
     from datamodules import TensorActivationDataModule
     from lightning_modules import SAEModule
 
-    computed = []
-    monkeypatch.setattr(metrics_module, "batch_summary", lambda *args: computed.append(1) or batch_summary(*args))
-    logger = RecordingLogger()
+    class KeepSummaries(L.Callback):
+        def __init__(self) -> None:
+            self.summaries = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.summaries.append({key: float(value) for key, value in outputs["summary"].items()})
+
+    logger, kept = RecordingLogger(), KeepSummaries()
     module = SAEModule.from_arguments("sagsae", d_in=8, width=16, init_seed=0)
     L.Trainer(max_steps=12, logger=logger, log_every_n_steps=4, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False, limit_val_batches=0, callbacks=[SAEMetrics()]).fit(
+              enable_checkpointing=False, limit_val_batches=0, callbacks=[SAEMetrics(), kept]).fit(
         module, TensorActivationDataModule(torch.randn(4096, 8), batch_size=256))
     written = [(step, row) for step, row in logger.rows if "train/loss" in row]
     assert [step for step, _ in written] == [3, 7, 11]  # Lightning's 0-based steps 4, 8 and 12
-    assert all({"train/l0", "train/r2", "train/dead_fraction"} <= set(row) for _, row in written)
-    assert len(computed) == 3
+    for step, row in written:
+        assert row["train/l0"] == pytest.approx(kept.summaries[step]["l0"], rel=1e-6)
+        assert row["train/r2"] == pytest.approx(kept.summaries[step]["r2"], rel=1e-6)
+        assert row["train/aux_r2"] == pytest.approx(kept.summaries[step]["aux_r2"], rel=1e-6)
+        assert "train/dead_fraction" in row
 
 
-def test_batch_summary_against_direct_computations():
-    """A training step's R², MSE and L0 (sagsae.measures.batch_summary), and the window metric over the same
-    single batch gives the same three numbers."""
+def test_step_summary_against_direct_computations():
+    """A training step's R², MSE, L0 and gate-path R² (sagsae.measures.step_summary, from the loss's squared error
+    and the firing counts), and the window metric over the same single batch gives the same three numbers."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(40, 6, generator=generator)
     x_hat = x + 0.3 * torch.randn(40, 6, generator=generator)
+    gate_x_hat = x + 0.6 * torch.randn(40, 6, generator=generator)
     codes = torch.relu(torch.randn(40, 10, generator=generator) - 0.5)
-    got = batch_summary(x, x_hat, codes)
+    got = step_summary(x, ((x - x_hat) ** 2).sum(1).mean(), firing_counts(codes), ((x - gate_x_hat) ** 2).sum(1).mean())
     r2 = 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-    torch.testing.assert_close(got["r2"].float(), r2, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got["mse"].float(), ((x - x_hat) ** 2).mean(), rtol=1e-6, atol=1e-6)
+    aux_r2 = 1 - ((x - gate_x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    torch.testing.assert_close(got["r2"], r2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got["aux_r2"], aux_r2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got["mse"], ((x - x_hat) ** 2).mean(), rtol=1e-6, atol=1e-6)
     assert float(got["l0"]) == pytest.approx(sum(int((row != 0).sum()) for row in codes) / 40)
     window = ReconstructionMetrics(6, 10)
     window.update(x, x_hat, codes)
     summary = window.compute()
     for key in ("r2", "mse", "l0"):
-        assert float(got[key]) == pytest.approx(float(summary[key]), rel=1e-6)
+        assert float(got[key]) == pytest.approx(float(summary[key]), rel=1e-5)
 
 
 def test_firing_counts_in_row_blocks_match_a_direct_count():

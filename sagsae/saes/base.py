@@ -59,14 +59,20 @@ def sae_class_for_saelens(architecture: str) -> type[SparseAutoencoder]:
 
 @dataclass
 class SAELoss:
-    """One training step's loss, its terms (already weighted as summed) and what the metrics need."""
+    """One training step's loss, its terms (already weighted as summed) and what the metrics need. Every loss
+    has the unweighted "recon" term, ‖x − x̂‖² averaged over the batch (SPEC §3): a training step's R² and MSE
+    are read from it rather than from another pass over x̂."""
 
     total: Tensor
     terms: dict[str, Tensor]
     codes: Tensor
     reconstruction: Tensor
-    gate_reconstruction: Tensor | None = None  # the auxiliary (gate-path) reconstruction, where there is one
+    gate_squared_error: Tensor | None = None  # ‖x − x̂_gate‖² averaged over the batch, where there is a gate path
     firing: Tensor | None = None  # per-latent firing counts [H], where the SAE has them without a pass over `codes`
+
+    @property
+    def squared_error(self) -> Tensor:
+        return self.terms["recon"]
 
 
 def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -307,9 +313,10 @@ class GatedPathsSAE(SparseAutoencoder):
             gate_x_hat = gate_codes @ self.W_dec.detach().T + self.b_dec.detach()
         else:
             gate_x_hat = self.decode(gate_codes)
+        gate_error = squared_error(x, gate_x_hat)
         terms = {
             "recon": squared_error(x, x_hat),
             "sparsity": sparsity_coefficient * self.weighted_l1(gate_codes),
-            "aux": self.aux_weight * squared_error(x, gate_x_hat),
+            "aux": self.aux_weight * gate_error,
         }
-        return SAELoss(sum(terms.values()), terms, codes, x_hat, gate_reconstruction=gate_x_hat)
+        return SAELoss(sum(terms.values()), terms, codes, x_hat, gate_squared_error=gate_error.detach())
