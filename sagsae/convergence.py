@@ -77,6 +77,17 @@ def plateau(history: list[dict[str, float]], r2_tolerance: float = R2_TOLERANCE,
                    l0_drift=_fitted_change(tail, "l0") / tail_l0, too_noisy=too_noisy)
 
 
+def gain_at_matched_l0(reading: Plateau, slope: float) -> float:
+    """The part of a member's second-half R² trend that its L0 trend does not explain by moving it along its
+    series' curve (`slope` = dR²/d ln L0 there): ΔR² − slope · ln(1 + ΔL0/L0). Positive: the curve itself rose.
+    A drifting member whose L0 falls at constant R² improves; one whose R² rises only as much as its L0 does is
+    sliding along its curve, and its verdict against another curve does not change. NaN for a run too noisy to
+    call, whose trend means nothing, and for a fitted L0 fall of 100% or more."""
+    if reading.too_noisy or reading.l0_drift <= -1:
+        return math.nan
+    return reading.r2_drift - slope * math.log1p(reading.l0_drift)
+
+
 def _first_settled(history: list[dict[str, float]], r2: float, l0: float, r2_band: float, l0_band: float) -> int:
     """Index of the first checkpoint from which every later one is within the bands of (r2, l0)."""
     first = len(history)

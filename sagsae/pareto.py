@@ -44,6 +44,18 @@ class Curve:
         return values[-1]  # a single-point curve
 
 
+    def slope_at(self, l0: float) -> float:
+        """dR²/d ln L0 of the curve at `l0`: the slope of the segment holding it, the mean of the two segments'
+        at a sweep point between them, the end segment's at or beyond an end; NaN for a single point."""
+        if len(self.l0) < 2:
+            return math.nan
+        l0 = min(max(l0, self.l0[0]), self.l0[-1])
+        slopes = [(self.r2[i + 1] - self.r2[i]) / math.log(self.l0[i + 1] / self.l0[i])
+                  for i in range(len(self.l0) - 1) if self.l0[i + 1] > self.l0[i]]
+        touching = [slope for i, slope in enumerate(slopes) if self.l0[i] <= l0 <= self.l0[i + 1]]
+        return sum(touching) / len(touching) if touching else math.nan
+
+
 def overlap(a: Curve, b: Curve) -> tuple[float, float] | None:
     """The L0 range both sweeps cover, or None when they do not meet."""
     lo, hi = max(a.l0[0], b.l0[0]), min(a.l0[-1], b.l0[-1])

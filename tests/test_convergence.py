@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import random
 
-from sagsae.convergence import L0_TOLERANCE, R2_TOLERANCE, converged_at, plateau
+import pytest
+
+from sagsae.convergence import L0_TOLERANCE, R2_TOLERANCE, converged_at, gain_at_matched_l0, plateau
 
 
 def history(*points: tuple[float, float]) -> list[dict[str, float]]:
@@ -75,3 +78,31 @@ def test_one_spike_does_not_widen_the_band():
 
 def test_too_short_to_estimate_a_jitter():
     assert plateau(history((0.7, 40), (0.7, 40), (0.7, 40), (0.7, 40), (0.7, 40))) is None
+
+
+def test_a_slide_along_the_curve_gains_nothing_at_matched_l0_and_a_rising_curve_does():
+    """gain_at_matched_l0 against direct computations: a member whose second half moves exactly along a curve
+    R² = 0.1 · ln L0 (denser and better) gains 0; one whose L0 falls at constant R² gains −0.1 · ln(1 + ΔL0/L0)."""
+    slide = history(*[(0.1 * math.log(l0), l0) for l0 in (30, 35, 40, 41, 42, 43, 44, 45, 46, 47)])
+    reading = plateau(slide)
+    assert reading.r2_drift > 0 and reading.l0_drift > 0
+    # the fitted trends are linear in tokens, the curve in ln L0: equal only to first order in the L0 step
+    assert abs(gain_at_matched_l0(reading, 0.1)) < 0.1 * reading.r2_drift
+    leaner = history(*[(0.7, 50 * (1 - 0.02 * i)) for i in range(12)])
+    reading = plateau(leaner)
+    expected = -0.1 * math.log1p(reading.l0_drift)
+    assert gain_at_matched_l0(reading, 0.1) == pytest.approx(expected) and expected > 0.005
+    broken = plateau(rising_then([(0.8 if i % 2 else 0.2, 55 if i % 3 else 300) for i in range(12)]))
+    assert math.isnan(gain_at_matched_l0(broken, 0.1))
+
+
+def test_a_curves_slope_in_log_l0_against_direct_secants():
+    from sagsae.pareto import Curve
+
+    curve = Curve.from_points([(10, 0.5, 0), (20, 0.6, 0), (80, 0.7, 0)], width=8)
+    left, right = 0.1 / math.log(2), 0.1 / math.log(4)
+    assert curve.slope_at(15) == pytest.approx(left)  # inside a segment
+    assert curve.slope_at(20) == pytest.approx((left + right) / 2)  # at a sweep point between two segments
+    assert curve.slope_at(80) == pytest.approx(right) and curve.slope_at(500) == pytest.approx(right)  # at/beyond an end
+    assert curve.slope_at(5) == pytest.approx(left)
+    assert math.isnan(Curve.from_points([(10, 0.5, 0)], width=8).slope_at(10))

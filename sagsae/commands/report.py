@@ -20,7 +20,7 @@ from statistics import mean
 import yaml
 
 from sagsae.convergence import (L0_TOLERANCE, NOISE_MULTIPLE, R2_TOLERANCE, REFERENCE_POINTS, Plateau, converged_at,
-                                plateau)
+                                gain_at_matched_l0, plateau)
 from sagsae.pareto import Curve, compare
 
 RESULTS = "results.json"
@@ -232,52 +232,73 @@ def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Pat
 
 def convergence_lines(cell: dict, pairs: list[tuple[str, str]]) -> list[str]:
     """Per member: the final budget's R² and L0, where it converged by the fixed rule and by the band of its
-    own jitter (with the trend across the second half of the budget), and how far its thresholds moved; the
-    compared series first."""
+    own jitter (with the trend across the second half of the budget and the part of its R² trend that is not a
+    slide along its series' curve), and how far its thresholds moved; the compared series first."""
     focus = compared_series(pairs)
     rank = {name: i for i, name in enumerate(focus)}
-    members = sorted(cell["members"].items(), key=lambda item: (rank.get(item[1]["series"], len(rank)), item[0]))
+    members = sorted(((name, member) for name, member in cell["members"].items()
+                      if len(member.get("history") or []) >= 2),
+                     key=lambda item: (rank.get(item[1]["series"], len(rank)), item[0]))
+    readings = own_band_readings(cell, members)
     lines = [f"Converged at (fixed) = the first budget from which held-out R² stays within {R2_TOLERANCE} and L0 "
              f"within {L0_TOLERANCE:.0%} of their final values; otherwise the change over the last budget step. "
              f"Converged at (own band) = the same with bands of {NOISE_MULTIPLE:g}× the member's own "
              "checkpoint-to-checkpoint jitter (never narrower than the fixed ones) around the mean of its last "
              f"{REFERENCE_POINTS} checkpoints, provided the fitted trend across the second half of the budget stays "
-             "inside the band (else *drifting*) and the band is at most ten times the fixed one (else *too noisy*); "
+             "inside the band (else *drifting*) and the band is at most ten times the fixed one (else *too noisy*). "
+             "R² gain at matched L0 = the second-half R² trend less what the L0 trend explains by sliding along the "
+             "series' own final curve (ΔR² − slope · ln(1 + ΔL0/L0)): positive where the curve itself still rises; "
              "docs/method.md, \"Convergence\".", "",
              "| member | final tokens | R² | L0 | converged at (fixed) | last step: ΔR², ΔL0 | own band: R², L0 "
-             "| second-half trend: R², L0 | converged at (own band) | θ moved (median, relative) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines[2:2] = [*series_convergence_lines(members), ""]
+             "| second-half trend: R², L0 | converged at (own band) | R² gain at matched L0 | θ moved (median, relative) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines[2:2] = [*series_convergence_lines(members, readings), ""]
     for name, member in members:
-        history = member.get("history") or []
-        if len(history) < 2:
-            continue
+        history = member["history"]
         final, before = history[-1], history[-2]
         at = converged_at(history)
         trend = f"{final['r2'] - before['r2']:+.4f}, {(final['l0'] - before['l0']) / max(before['l0'], 1e-9):+.1%}"
+        reading, gain = readings[name]
         lines.append(f"| {name} | {final['tokens_seen']:,} | {_number(final['r2'])} | {_number(final['l0'], 2)} | "
                      f"{f'{at:,}' if at is not None else '**not converged**'} | {trend} | "
-                     f"{_plateau_cells(plateau(history))} | "
+                     f"{_plateau_cells(reading)} | {_signed(gain)} | "
                      f"{_number(final.get('threshold_rel_change', math.nan))} |")
     return lines + [""]
 
 
-def series_convergence_lines(members: list[tuple[str, dict]]) -> list[str]:
-    """Per series: how many members converged by each rule, over which budgets, and how many drift or are too
-    noisy to call by the own-band rule."""
-    by_series: dict[str, list[list[dict]]] = {}
-    for _, member in members:
-        if len(member.get("history") or []) >= 2:
-            by_series.setdefault(member["series"], []).append(member["history"])
-    lines = ["| series | members | converged (fixed) | at | converged (own band) | at | drifting | too noisy |",
-             "|---|---|---|---|---|---|---|---|"]
-    for series, histories in by_series.items():
-        fixed = [at for at in map(converged_at, histories) if at is not None]
-        readings = [reading for reading in map(plateau, histories) if reading is not None]
-        own = [reading.converged_at for reading in readings if reading.converged_at is not None]
-        lines.append(f"| {series} | {len(histories)} | {len(fixed)} | {_budget_range(fixed)} | {len(own)} | "
-                     f"{_budget_range(own)} | {sum(r.drifting and not r.too_noisy for r in readings)} | "
-                     f"{sum(r.too_noisy for r in readings)} |")
+def own_band_readings(cell: dict, members: list[tuple[str, dict]]) -> dict[str, tuple[Plateau | None, float]]:
+    """member → (its own-band reading, its second-half R² gain at matched L0; NaN where either is missing)."""
+    curves = {series: curve(rows) for series, rows in sweep_points(cell).items() if has_metric(rows, "r2")}
+    readings = {}
+    for name, member in members:
+        reading = plateau(member["history"])
+        series_curve = curves.get(member["series"])
+        gain = (gain_at_matched_l0(reading, series_curve.slope_at(member["history"][-1]["l0"]))
+                if reading is not None and series_curve is not None else math.nan)
+        readings[name] = (reading, gain)
+    return readings
+
+
+def series_convergence_lines(members: list[tuple[str, dict]],
+                             readings: dict[str, tuple[Plateau | None, float]]) -> list[str]:
+    """Per series: how many members converged by each rule, over which budgets, how many drift or are too noisy
+    to call by the own-band rule, and the range of their R² gains at matched L0."""
+    by_series: dict[str, list[str]] = {}
+    for name, member in members:
+        by_series.setdefault(member["series"], []).append(name)
+    histories = {name: member["history"] for name, member in members}
+    lines = ["| series | members | converged (fixed) | at | converged (own band) | at | drifting | too noisy "
+             "| R² gain at matched L0 (second half) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for series, names in by_series.items():
+        fixed = [at for at in (converged_at(histories[name]) for name in names) if at is not None]
+        own_readings = [readings[name][0] for name in names if readings[name][0] is not None]
+        own = [reading.converged_at for reading in own_readings if reading.converged_at is not None]
+        gains = [readings[name][1] for name in names if math.isfinite(readings[name][1])]
+        gain_range = f"{_signed(min(gains))} … {_signed(max(gains))}" if gains else "–"
+        lines.append(f"| {series} | {len(names)} | {len(fixed)} | {_budget_range(fixed)} | {len(own)} | "
+                     f"{_budget_range(own)} | {sum(r.drifting and not r.too_noisy for r in own_readings)} | "
+                     f"{sum(r.too_noisy for r in own_readings)} | {gain_range} |")
     return lines
 
 
@@ -304,6 +325,10 @@ def _plateau_cells(reading: Plateau | None) -> str:
 
 def _percent(value: float | None) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.0%}"
+
+
+def _signed(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:+.3f}"
 
 
 def _number(value: float, digits: int = 3) -> str:
