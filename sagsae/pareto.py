@@ -43,7 +43,6 @@ class Curve:
                 return values[i] + t * (values[i + 1] - values[i])
         return values[-1]  # a single-point curve
 
-
     def slope_at(self, l0: float) -> float:
         """dR²/d ln L0 of the curve at `l0`: the slope of the segment holding it, the mean of the two segments'
         at a sweep point between them, the end segment's at or beyond an end; NaN for a single point."""
