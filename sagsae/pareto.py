@@ -49,9 +49,9 @@ class Curve:
         if len(self.l0) < 2:
             return math.nan
         l0 = min(max(l0, self.l0[0]), self.l0[-1])
-        slopes = [(self.r2[i + 1] - self.r2[i]) / math.log(self.l0[i + 1] / self.l0[i])
-                  for i in range(len(self.l0) - 1) if self.l0[i + 1] > self.l0[i]]
-        touching = [slope for i, slope in enumerate(slopes) if self.l0[i] <= l0 <= self.l0[i + 1]]
+        touching = [(self.r2[i + 1] - self.r2[i]) / math.log(self.l0[i + 1] / self.l0[i])
+                    for i in range(len(self.l0) - 1)
+                    if self.l0[i] <= l0 <= self.l0[i + 1] and self.l0[i + 1] > self.l0[i]]
         return sum(touching) / len(touching) if touching else math.nan
 
 

@@ -106,3 +106,7 @@ def test_a_curves_slope_in_log_l0_against_direct_secants():
     assert curve.slope_at(80) == pytest.approx(right) and curve.slope_at(500) == pytest.approx(right)  # at/beyond an end
     assert curve.slope_at(5) == pytest.approx(left)
     assert math.isnan(Curve.from_points([(10, 0.5, 0)], width=8).slope_at(10))
+    # two sweep points at the same L0 make a zero-length segment, which has no slope and is skipped
+    tied = Curve.from_points([(10, 0.5, 0), (20, 0.6, 0), (20, 0.62, 0), (80, 0.7, 0)], width=8)
+    assert tied.slope_at(50) == pytest.approx(0.08 / math.log(4))
+    assert tied.slope_at(15) == pytest.approx(left)
