@@ -7,7 +7,7 @@ of its final value and L0 within `l0_tolerance` (relative), at every later budge
 at λ ≥ 6 on attn_out, L0 jitters by ±10% between 0.5M-token checkpoints, so the fixed 5% band reads "not
 converged" on runs that sit on a plateau. A wider band could hide a slow drift, so a plateau also has to show no
 fitted trend larger than its band, and a band more than ten times the fixed tolerances (R² ±0.05, L0 ±50%) is
-too noisy to call: 20 of the 21 unclipped runs that broke down reach it, and one of 26 clipped ones."""
+too noisy to call: 20 of the 21 unclipped runs that broke down reach it, and one of 30 clipped ones."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def plateau(history: list[dict[str, float]], r2_tolerance: float = R2_TOLERANCE,
     r2_band = max(r2_tolerance, noise_multiple * _jitter([row["r2"] for row in tail]))
     l0_band = max(l0_tolerance, noise_multiple * _jitter([row["l0"] for row in tail]) / tail_l0)
     last = history[-REFERENCE_POINTS:]
-    first = _first_settled(history, statistics.fmean([row["r2"] for row in last]), statistics.fmean([row["l0"] for row in last]),
-                           r2_band, l0_band)
+    first = _first_settled(history, statistics.fmean([row["r2"] for row in last]),
+                           statistics.fmean([row["l0"] for row in last]), r2_band, l0_band)
     start = history[first]["tokens_seen"] if len(history) - first >= MIN_PLATEAU_POINTS else None
     too_noisy = r2_band > MAX_BAND_MULTIPLE * r2_tolerance or l0_band > MAX_BAND_MULTIPLE * l0_tolerance
     return Plateau(start=start, r2_band=r2_band, l0_band=l0_band, r2_drift=_fitted_change(tail, "r2"),

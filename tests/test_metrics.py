@@ -154,7 +154,7 @@ def test_step_summary_against_direct_computations():
     window.update(x, x_hat, codes)
     summary = window.compute()
     for key in ("r2", "mse", "l0"):
-        assert float(got[key]) == pytest.approx(float(summary[key]), rel=1e-5)
+        assert float(got[key]) == pytest.approx(float(summary[key]), rel=1e-6)
 
 
 def test_firing_counts_in_row_blocks_match_a_direct_count():
