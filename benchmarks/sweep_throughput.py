@@ -13,6 +13,7 @@ import json
 
 import torch
 
+from benchmarks import device_name
 from benchmarks.end_to_end import add_common_arguments, datamodule, fit_tokens_per_second
 from lightning_modules import SAEModule, SweepModule
 
@@ -32,9 +33,8 @@ def main() -> None:
     separate_rate = args.members / sum(1 / rate for rate in separate)  # N runs one after another
     sweep = SweepModule({f"s{seed}": member(seed, args.width) for seed in range(args.members)})
     sweep_rate = args.members * fit_tokens_per_second(sweep, datamodule(args), args.steps)
-    device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     print(f"{args.members} SA-GSAE(width {args.width}) on {args.model} {args.hookpoint} layer {args.layer}, "
-          f"batch {args.batch}, {torch.get_num_threads()} threads, {device}")
+          f"batch {args.batch}, {torch.get_num_threads()} threads, {device_name()}")
     print(f"{'separate runs':<16} {separate_rate:>10,.0f} SAE-tokens/s")
     print(f"{'one sweep':<16} {sweep_rate:>10,.0f} SAE-tokens/s")
     print(f"ratio: sweep / separate {sweep_rate / separate_rate:.2f}")

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 
+from sagsae.allocator import keep_freed_memory
 from sagsae.commands import COMMANDS, TRAIN
 
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     if args[0] not in COMMANDS:
         raise SystemExit(f"sagsae: unknown command {args[0]!r}\n\n{usage()}")
     configure_torch()
+    keep_freed_memory()
     try:
         module = importlib.import_module(COMMANDS[args[0]][0])  # Lightning loads only with a command that needs it
         if COMMANDS[args[0]][0] == TRAIN:

@@ -208,3 +208,12 @@ def test_quantile_threshold_initialization(log_theta):
     assert 0.15 <= float(open_share) <= 0.25
     with pytest.raises(ValueError, match="theta_init_quantile"):
         build_sae("sagsae", d_in=8, width=6, theta_init_quantile=1.0)
+
+
+def test_the_sparsity_term_reaches_theta_from_the_open_half_of_the_band_only():
+    """docs/method.md, "Loss and gradients": |BiJump_θ(π)|'s gradient is sign(f)·g where the gate is open and 0
+    where it is closed (f = 0), so a π just below θ passes nothing to θ through the L1, while one just above does."""
+    eps, theta = 0.2, torch.tensor([1.0, 1.0], requires_grad=True)
+    z = torch.tensor([[0.95, 1.05]])  # both in the band |π − θ| < ε/2; the first gate closed, the second open
+    bi_jump_relu(z, theta, theta, eps).abs().sum().backward()
+    torch.testing.assert_close(theta.grad, torch.tensor([0.0, -1.0 / eps]))  # −(θ/ε)·K·sign(f), f > 0 only

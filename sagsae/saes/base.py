@@ -161,6 +161,13 @@ class SparseAutoencoder(nn.Module):
             return codes.abs().sum(-1).mean()
         return (codes.abs() @ self.W_dec.norm(dim=0)).mean()
 
+    def weighted_latent_l1(self, latent_l1: Tensor, batch_size: int) -> Tensor:
+        """`weighted_l1` from the codes' per-latent sums Σ_b |f_bi| [H]: the same value without another [B, H]
+        pass where the sums come for free (the gated chain, sagsae/gated_chain.py)."""
+        if self.unit_norm_decoder:
+            return latent_l1.sum() / batch_size
+        return latent_l1 @ self.W_dec.norm(dim=0) / batch_size
+
     @torch.no_grad()
     def initialize_from_batch(self, x: Tensor) -> None:
         """Data-dependent initialization on the first (normalized) batch: b_dec = its mean."""
@@ -300,14 +307,20 @@ class GatedPathsSAE(SparseAutoencoder):
         self.b_gate = nn.Parameter(torch.zeros(width))
         self.b_mag = nn.Parameter(torch.zeros(width))
 
+    def projection(self, x: Tensor) -> Tensor:
+        """u = W_gate (x − b_dec), which both paths share."""
+        self.check_input(x)
+        return centered_projection(x, self.b_dec, self.W_gate)
+
     def paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """u = W_gate (x − b_dec) and π = u + b_gate."""
-        self.check_input(x)
-        u = centered_projection(x, self.b_dec, self.W_gate)
+        u = self.projection(x)
         return u, u + self.b_gate
 
-    def gated_loss(self, x: Tensor, codes: Tensor, gate_codes: Tensor, sparsity_coefficient: float) -> SAELoss:
-        """recon + λ·(weighted) L1 of the gate path + α_aux · gate-path reconstruction."""
+    def gated_loss(self, x: Tensor, codes: Tensor, gate_codes: Tensor, sparsity_coefficient: float,
+                   gate_l1: Tensor | None = None) -> SAELoss:
+        """recon + λ·(weighted) L1 of the gate path + α_aux · gate-path reconstruction. `gate_l1`: the gate codes'
+        per-latent L1 Σ_b |f_bi| where the caller has it (the gated chain), else computed here."""
         x_hat = self.decode(codes)
         if self.unit_norm_decoder:
             gate_x_hat = gate_codes @ self.W_dec.detach().T + self.b_dec.detach()
@@ -316,7 +329,8 @@ class GatedPathsSAE(SparseAutoencoder):
         gate_error = squared_error(x, gate_x_hat)
         terms = {
             "recon": squared_error(x, x_hat),
-            "sparsity": sparsity_coefficient * self.weighted_l1(gate_codes),
+            "sparsity": sparsity_coefficient * (self.weighted_l1(gate_codes) if gate_l1 is None
+                                                else self.weighted_latent_l1(gate_l1, len(gate_codes))),
             "aux": self.aux_weight * gate_error,
         }
         return SAELoss(sum(terms.values()), terms, codes, x_hat, gate_squared_error=gate_error.detach())

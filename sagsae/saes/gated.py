@@ -3,9 +3,12 @@ path exp(r_mag) ⊙ W_gate x̃ + b_mag, and an auxiliary reconstruction through 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
+from sagsae.gated_chain import gated_chain
 from sagsae.saes.base import GatedPathsSAE, SAELoss, check_init_quantile, register
 
 
@@ -22,6 +25,7 @@ class GatedSparseAutoencoder(GatedPathsSAE):
         gate_init_quantile: start b_gate at minus this quantile of each u on the first batch (None = 0).
     """
 
+    OPEN_ABOVE_ZERO, NEVER_BELOW = torch.tensor(0.0), torch.tensor(math.inf)  # the gate π > 0 as (θ⁺, θ⁻)
     saelens_tensors = {"W_enc": "W_gate", "b_gate": "b_gate", "r_mag": "r_mag", "b_mag": "b_mag",
                        "W_dec": "W_dec", "b_dec": "b_dec"}
 
@@ -56,5 +60,8 @@ class GatedSparseAutoencoder(GatedPathsSAE):
         return self._code(*self.paths(x))
 
     def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
-        u, pi = self.paths(x)
-        return self.gated_loss(x, self._code(u, pi), torch.relu(pi), sparsity_coefficient)
+        """`_code` and ReLU(π) in one autograd function (sagsae/gated_chain.py): the gate π > 0 is the two-sided
+        gate with θ⁺ = 0 and θ⁻ = ∞, and ReLU on the magnitude is its sign-consistency rule."""
+        codes, gate_codes, gate_l1 = gated_chain(self.projection(x), self.b_gate, self.r_mag, self.b_mag,
+                                                 self.OPEN_ABOVE_ZERO, self.NEVER_BELOW, bandwidth=0.0)
+        return self.gated_loss(x, codes, gate_codes, sparsity_coefficient, gate_l1)

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from sagsae.gated_chain import gated_chain
 from sagsae.saes.base import GatedPathsSAE, SAELoss, check_init_quantile, register
 from sagsae.straight_through import bi_jump_relu, open_gate, two_sided_soft_threshold, two_sided_step
 
@@ -169,7 +170,16 @@ class SignAwareGatedSAE(GatedPathsSAE):
         for name in self._threshold_names():
             getattr(self, name).copy_(theta.log() if self.log_theta else theta)
 
+    def fused_chain(self) -> bool:
+        """Whether `loss` can run the chain as one autograd function (sagsae/gated_chain.py): tied r, the jump
+        gate path, a separate magnitude path, and no θ gradient from the main reconstruction."""
+        return self.tie_r and self.signed_magnitude and self.gate_path == "jump" and not self.recon_trains_theta
+
     def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
+        if self.fused_chain():
+            codes, gate_codes, gate_l1 = gated_chain(self.projection(x), self.b_gate, self.r, self.b_mag,
+                                                     *self.thresholds(), self.bandwidth, self.sign_consistency)
+            return self.gated_loss(x, codes, gate_codes, sparsity_coefficient, gate_l1)
         u, pi = self.paths(x)
         return self.gated_loss(x, self._code(u, pi), self.gate_activation(pi), sparsity_coefficient)
 

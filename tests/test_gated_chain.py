@@ -1,0 +1,146 @@
+"""The fused gated chain (sagsae/gated_chain.py) against the composed torch ops it replaces: the same values and
+every gradient, the thresholds' pseudo-derivatives included, for Gated and each SA-GSAE form that uses it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sagsae.gated_chain import gated_chain
+from sagsae.straight_through import bi_jump_relu
+from tests.conftest import perturbed_sae
+
+D, H, B, LAM = 6, 10, 256, 0.7
+
+
+def composed_chain(u, b_gate, r, b_mag, theta_pos, theta_neg, bandwidth, sign_consistency=True):
+    """The chain as the SAEs composed it before the fused function: separate ops, autograd's gradients."""
+    pi = u + b_gate
+    magnitude = r.exp() * u + b_mag
+    if sign_consistency:
+        magnitude = torch.where((pi > 0) == (magnitude > 0), magnitude, 0)
+    gate = (pi > theta_pos) | (pi < -theta_neg)
+    codes = torch.where(gate, magnitude, 0)
+    gate_codes = bi_jump_relu(pi, theta_pos, theta_neg, bandwidth)
+    return codes, gate_codes, gate_codes.abs().sum(0)
+
+
+def leaves(generator, tied_theta: bool):
+    shapes = {"u": (B, H), "b_gate": (H,), "r": (H,), "b_mag": (H,)}
+    values = {name: torch.randn(*shape, generator=generator) for name, shape in shapes.items()}
+    values["theta_pos"] = 0.2 + 0.5 * torch.rand(H, generator=generator)
+    values["theta_neg"] = values["theta_pos"] if tied_theta else 0.2 + 0.5 * torch.rand(H, generator=generator)
+    return {name: value.clone().requires_grad_() for name, value in values.items()}
+
+
+@pytest.mark.parametrize("tied_theta", [True, False], ids=["tied-theta", "untied-theta"])
+@pytest.mark.parametrize("sign_consistency", [True, False], ids=["sign-consistent", "any-sign"])
+def test_values_and_gradients_equal_the_composed_ops(tied_theta, sign_consistency):
+    """Random upstream gradients on all three outputs (codes, gate codes and their per-latent L1), with a bandwidth
+    wide enough that many π fall in the thresholds' kernels."""
+    generator = torch.Generator().manual_seed(0)
+    fused_inputs, composed_inputs = leaves(generator, tied_theta), leaves(torch.Generator().manual_seed(0), tied_theta)
+    upstream = [torch.randn(B, H, generator=generator), torch.randn(B, H, generator=generator),
+                torch.randn(H, generator=generator)]
+    outputs = {}
+    for name, inputs, chain in (("fused", fused_inputs, gated_chain), ("composed", composed_inputs, composed_chain)):
+        args = [inputs[key] for key in ("u", "b_gate", "r", "b_mag", "theta_pos", "theta_neg")]
+        outputs[name] = chain(*args, 0.4, sign_consistency)
+        sum((out * grad).sum() for out, grad in zip(outputs[name], upstream)).backward()
+    for fused, composed in zip(outputs["fused"], outputs["composed"]):
+        torch.testing.assert_close(fused.detach(), composed.detach(), rtol=1e-6, atol=1e-6)
+    for key in fused_inputs:
+        assert fused_inputs[key].grad.abs().sum() > 0, f"the fixture must give {key} a gradient"
+        torch.testing.assert_close(fused_inputs[key].grad, composed_inputs[key].grad, rtol=1e-5, atol=1e-5)
+    codes = outputs["fused"][0]
+    assert (codes > 0).any() and (codes < 0).any() and (codes == 0).any()
+
+
+def parameter_grads(sae, x):
+    sae.zero_grad()
+    out = sae.loss(x, LAM)
+    out.total.backward()
+    grads = {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_same_loss_and_gradients(fused, composed, fused_grads, composed_grads):
+    torch.testing.assert_close(fused.codes.detach(), composed.codes.detach(), rtol=1e-6, atol=1e-6)
+    for name, value in composed.terms.items():
+        torch.testing.assert_close(fused.terms[name].detach(), value.detach(), rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == composed_grads.keys()
+    for name, grad in composed_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+SAGSAE_FORMS = [{}, {"tie_theta": False}, {"sign_consistency": False}, {"log_theta": True},
+                {"one_sided_gate": True}, {"unit_norm_decoder": True}, {"aux_weight": 0.5}]
+
+
+@pytest.mark.parametrize("switches", SAGSAE_FORMS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "default")
+def test_sagsae_loss_through_the_fused_chain_equals_its_composed_form(switches, monkeypatch):
+    """Every parameter's gradient of the whole loss (reconstruction, weighted L1 and aux), the fused chain against
+    the same SAE with the fused chain switched off."""
+    sae = perturbed_sae("sagsae", D, H, threshold_spread=0.3, bandwidth=0.5, **switches)
+    assert sae.fused_chain()
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 2
+    fused, fused_grads = parameter_grads(sae, x)
+    monkeypatch.setattr(sae, "fused_chain", lambda: False)
+    composed, composed_grads = parameter_grads(sae, x)
+    assert_same_loss_and_gradients(fused, composed, fused_grads, composed_grads)
+    thresholds = [name for name in fused_grads if "threshold" in name]
+    assert thresholds and all(fused_grads[name].abs().sum() > 0 for name in thresholds)
+
+
+@pytest.mark.parametrize("switches", [{"tie_r": False}, {"gate_path": "soft"}, {"recon_trains_theta": True},
+                                      {"signed_magnitude": False}], ids=lambda s: next(iter(s)))
+def test_forms_the_chain_does_not_cover_keep_the_composed_ops(switches):
+    assert not perturbed_sae("sagsae", D, H, **switches).fused_chain()
+
+
+@pytest.mark.parametrize("unit_norm_decoder", [False, True], ids=["form-b", "form-a"])
+def test_gated_loss_equals_its_composed_form(unit_norm_decoder):
+    """Gated's loss (fused: the gate π > 0 as θ⁺ = 0, θ⁻ = ∞) against H(π) ⊙ ReLU(exp(r) u + b_mag) and ReLU(π)
+    composed from the SAE's own paths."""
+    sae = perturbed_sae("gated", D, H, unit_norm_decoder=unit_norm_decoder)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 2
+    fused, fused_grads = parameter_grads(sae, x)
+    sae.zero_grad()
+    u, pi = sae.paths(x)
+    codes = torch.where(pi > 0, torch.relu(sae.r_mag.exp() * u + sae.b_mag), 0)
+    composed = sae.gated_loss(x, codes, torch.relu(pi), LAM)
+    composed.total.backward()
+    composed_grads = {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+    assert_same_loss_and_gradients(fused, composed, fused_grads, composed_grads)
+    torch.testing.assert_close(sae.encode(x).detach(), fused.codes.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_under_bf16_autocast_the_chain_runs_in_fp32():
+    """Mixed precision hands the chain a bf16 u: its outputs and gradients are the fp32 ones of that u."""
+    generator = torch.Generator().manual_seed(2)
+    u = torch.randn(B, H, generator=generator).bfloat16().requires_grad_()
+    b_gate, r, b_mag = (torch.randn(H, generator=generator).requires_grad_() for _ in range(3))
+    theta = torch.full((H,), 0.4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = gated_chain(u, b_gate, r, b_mag, theta, theta, 0.3)
+    assert all(out.dtype == torch.float32 for out in outputs)
+    reference_inputs = [t.detach().float().requires_grad_() for t in (u, b_gate, r, b_mag, theta)]
+    reference = gated_chain(*reference_inputs[:4], reference_inputs[4], reference_inputs[4], 0.3)
+    for out, ref in zip(outputs, reference):
+        assert torch.equal(out, ref)
+    sum(out.sum() for out in outputs).backward()
+    sum(ref.sum() for ref in reference).backward()
+    assert u.grad.dtype == torch.bfloat16 and torch.equal(u.grad, reference_inputs[0].grad.bfloat16())
+    assert torch.equal(theta.grad, reference_inputs[4].grad) and theta.grad.abs().sum() > 0
+
+
+def test_a_never_opening_side_costs_no_gradient_and_no_nan():
+    """Gated's θ⁻ = ∞ (and a one-sided SA-GSAE's) never opens: nothing below zero passes, nothing is NaN."""
+    u = torch.randn(B, H, requires_grad=True)
+    zeros = torch.zeros(H, requires_grad=True)
+    codes, gate_codes, _ = gated_chain(u, zeros, zeros, zeros, torch.tensor(0.0), torch.tensor(math.inf), 0.0)
+    assert (gate_codes >= 0).all() and (codes >= 0).all() and (gate_codes > 0).any()
+    (codes.sum() + gate_codes.sum()).backward()
+    assert torch.isfinite(u.grad).all()
