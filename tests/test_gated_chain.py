@@ -80,14 +80,14 @@ SAGSAE_FORMS = [{}, {"tie_theta": False}, {"sign_consistency": False}, {"log_the
 
 
 @pytest.mark.parametrize("switches", SAGSAE_FORMS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "default")
-def test_sagsae_loss_through_the_fused_chain_equals_its_composed_form(switches, monkeypatch):
+def test_sagsae_loss_through_the_fused_chain_equals_its_composed_form(switches):
     """Every parameter's gradient of the whole loss (reconstruction, weighted L1 and aux), the fused chain against
     the same SAE with the fused chain switched off."""
     sae = perturbed_sae("sagsae", D, H, threshold_spread=0.3, bandwidth=0.5, **switches)
-    assert sae.fused_chain()
+    assert sae.fused_chain_arguments() is not None
     x = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 2
     fused, fused_grads = parameter_grads(sae, x)
-    monkeypatch.setattr(sae, "fused_chain", lambda: False)
+    sae.use_fused_chain = False
     composed, composed_grads = parameter_grads(sae, x)
     assert_same_loss_and_gradients(fused, composed, fused_grads, composed_grads)
     thresholds = [name for name in fused_grads if "threshold" in name]
@@ -97,22 +97,21 @@ def test_sagsae_loss_through_the_fused_chain_equals_its_composed_form(switches, 
 @pytest.mark.parametrize("switches", [{"tie_r": False}, {"gate_path": "soft"}, {"recon_trains_theta": True},
                                       {"signed_magnitude": False}], ids=lambda s: next(iter(s)))
 def test_forms_the_chain_does_not_cover_keep_the_composed_ops(switches):
-    assert not perturbed_sae("sagsae", D, H, **switches).fused_chain()
+    assert perturbed_sae("sagsae", D, H, **switches).fused_chain_arguments() is None
 
 
 @pytest.mark.parametrize("unit_norm_decoder", [False, True], ids=["form-b", "form-a"])
 def test_gated_loss_equals_its_composed_form(unit_norm_decoder):
-    """Gated's loss (fused: the gate π > 0 as θ⁺ = 0, θ⁻ = ∞) against H(π) ⊙ ReLU(exp(r) u + b_mag) and ReLU(π)
-    composed from the SAE's own paths."""
+    """Gated's loss (fused: the gate π > 0 as θ⁺ = 0, θ⁻ = ∞) against its composed form, whose codes are
+    H(π) ⊙ ReLU(exp(r) u + b_mag) from the SAE's own paths."""
     sae = perturbed_sae("gated", D, H, unit_norm_decoder=unit_norm_decoder)
     x = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 2
     fused, fused_grads = parameter_grads(sae, x)
-    sae.zero_grad()
-    u, pi = sae.paths(x)
-    codes = torch.where(pi > 0, torch.relu(sae.r_mag.exp() * u + sae.b_mag), 0)
-    composed = sae.gated_loss(x, codes, torch.relu(pi), LAM)
-    composed.total.backward()
-    composed_grads = {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+    sae.use_fused_chain = False
+    composed, composed_grads = parameter_grads(sae, x)
+    u, pi = (t.detach() for t in sae.paths(x))
+    direct = torch.where(pi > 0, torch.relu(sae.r_mag.detach().exp() * u + sae.b_mag.detach()), 0)
+    torch.testing.assert_close(composed.codes.detach(), direct)
     assert_same_loss_and_gradients(fused, composed, fused_grads, composed_grads)
     torch.testing.assert_close(sae.encode(x).detach(), fused.codes.detach(), rtol=1e-6, atol=1e-6)
 

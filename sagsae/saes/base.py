@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sagsae.gated_chain import gated_chain
+
 SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 
 
@@ -300,6 +302,10 @@ class GatedPathsSAE(SparseAutoencoder):
     live in the auxiliary term; (a), `unit_norm_decoder`, uses plain L1 and a frozen decoder copy there.
     """
 
+    # Train through the elementwise chain fused into one autograd function (sagsae/gated_chain.py) where the form
+    # allows; False composes it from torch ops (the same values and gradients), as benchmarks/gated_chain.py does.
+    use_fused_chain: bool = True
+
     def __init__(self, d_in: int, width: int, aux_weight: float = 1.0, unit_norm_decoder: bool = False) -> None:
         super().__init__(d_in, width, unit_norm_decoder)
         self.aux_weight = aux_weight
@@ -316,6 +322,29 @@ class GatedPathsSAE(SparseAutoencoder):
         """u = W_gate (x − b_dec) and π = u + b_gate."""
         u = self.projection(x)
         return u, u + self.b_gate
+
+    def codes_from_paths(self, u: Tensor, pi: Tensor) -> Tensor:
+        """The code f from u and π (the magnitude where the gate is open)."""
+        raise NotImplementedError
+
+    def gate_activation(self, pi: Tensor) -> Tensor:
+        """The gate path's code, which the sparsity and auxiliary terms see."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.codes_from_paths(*self.paths(x))
+
+    def fused_chain_arguments(self) -> dict[str, Any] | None:
+        """`gated_chain`'s arguments past u and b_gate for this SAE's form; None where the chain does not cover it."""
+        raise NotImplementedError
+
+    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
+        chain = self.fused_chain_arguments() if self.use_fused_chain else None
+        if chain is not None:
+            codes, gate_codes, gate_l1 = gated_chain(self.projection(x), self.b_gate, **chain)
+            return self.gated_loss(x, codes, gate_codes, sparsity_coefficient, gate_l1)
+        u, pi = self.paths(x)
+        return self.gated_loss(x, self.codes_from_paths(u, pi), self.gate_activation(pi), sparsity_coefficient)
 
     def gated_loss(self, x: Tensor, codes: Tensor, gate_codes: Tensor, sparsity_coefficient: float,
                    gate_l1: Tensor | None = None) -> SAELoss:

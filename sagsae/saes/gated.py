@@ -4,12 +4,12 @@ path exp(r_mag) ⊙ W_gate x̃ + b_mag, and an auxiliary reconstruction through 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sagsae.gated_chain import gated_chain
-from sagsae.saes.base import GatedPathsSAE, SAELoss, check_init_quantile, register
+from sagsae.saes.base import GatedPathsSAE, check_init_quantile, register
 
 
 @register("gated")
@@ -52,16 +52,15 @@ class GatedSparseAutoencoder(GatedPathsSAE):
     def threshold_parameters(self) -> list[nn.Parameter]:
         return [self.b_gate]
 
-    def _code(self, u: Tensor, pi: Tensor) -> Tensor:
+    def codes_from_paths(self, u: Tensor, pi: Tensor) -> Tensor:
         """H(π) ⊙ ReLU(exp(r_mag) u + b_mag); the gate passes no gradient."""
         return torch.where(pi > 0, torch.relu(self.r_mag.exp() * u + self.b_mag), 0)
 
-    def encode(self, x: Tensor) -> Tensor:
-        return self._code(*self.paths(x))
+    def gate_activation(self, pi: Tensor) -> Tensor:
+        return torch.relu(pi)
 
-    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
-        """`_code` and ReLU(π) in one autograd function (sagsae/gated_chain.py): the gate π > 0 is the two-sided
-        gate with θ⁺ = 0 and θ⁻ = ∞, and ReLU on the magnitude is its sign-consistency rule."""
-        codes, gate_codes, gate_l1 = gated_chain(self.projection(x), self.b_gate, self.r_mag, self.b_mag,
-                                                 self.OPEN_ABOVE_ZERO, self.NEVER_BELOW, bandwidth=0.0)
-        return self.gated_loss(x, codes, gate_codes, sparsity_coefficient, gate_l1)
+    def fused_chain_arguments(self) -> dict[str, Any]:
+        """The gate π > 0 is the two-sided gate with θ⁺ = 0 and θ⁻ = ∞, and ReLU on the magnitude is the chain's
+        sign-consistency rule on it."""
+        return {"log_rescale": self.r_mag, "b_mag": self.b_mag, "theta_pos": self.OPEN_ABOVE_ZERO,
+                "theta_neg": self.NEVER_BELOW, "bandwidth": 0.0, "sign_consistency": True}

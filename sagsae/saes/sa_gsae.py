@@ -9,13 +9,12 @@ from collapsing.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from sagsae.gated_chain import gated_chain
-from sagsae.saes.base import GatedPathsSAE, SAELoss, check_init_quantile, register
+from sagsae.saes.base import GatedPathsSAE, check_init_quantile, register
 from sagsae.straight_through import bi_jump_relu, open_gate, two_sided_soft_threshold, two_sided_step
 
 GatePath = Literal["jump", "soft"]
@@ -132,7 +131,7 @@ class SignAwareGatedSAE(GatedPathsSAE):
         """(r⁺, r⁻), the per-latent log-rescales of the magnitude path."""
         return (self.r, self.r) if self.tie_r else (self.r_pos, self.r_neg)
 
-    def _code(self, u: Tensor, pi: Tensor) -> Tensor:
+    def codes_from_paths(self, u: Tensor, pi: Tensor) -> Tensor:
         """f = g · m with m = exp(r^{sign π}) u + b_mag; zero where m opposes the gate's polarity.
 
         The gate passes no gradient to π; it reaches θ (rectangle kernel) only with `recon_trains_theta`.
@@ -154,10 +153,6 @@ class SignAwareGatedSAE(GatedPathsSAE):
             return two_sided_soft_threshold(pi, theta_pos, theta_neg)
         return bi_jump_relu(pi, theta_pos, theta_neg, self.bandwidth)
 
-    def encode(self, x: Tensor) -> Tensor:
-        u, pi = self.paths(x)
-        return self._code(u, pi)
-
     @torch.no_grad()
     def initialize_from_batch(self, x: Tensor) -> None:
         """b_dec = the batch mean; with `theta_init_quantile` q, each θ starts at the q-quantile of its |π| on
@@ -170,18 +165,14 @@ class SignAwareGatedSAE(GatedPathsSAE):
         for name in self._threshold_names():
             getattr(self, name).copy_(theta.log() if self.log_theta else theta)
 
-    def fused_chain(self) -> bool:
-        """Whether `loss` can run the chain as one autograd function (sagsae/gated_chain.py): tied r, the jump
-        gate path, a separate magnitude path, and no θ gradient from the main reconstruction."""
-        return self.tie_r and self.signed_magnitude and self.gate_path == "jump" and not self.recon_trains_theta
-
-    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
-        if self.fused_chain():
-            codes, gate_codes, gate_l1 = gated_chain(self.projection(x), self.b_gate, self.r, self.b_mag,
-                                                     *self.thresholds(), self.bandwidth, self.sign_consistency)
-            return self.gated_loss(x, codes, gate_codes, sparsity_coefficient, gate_l1)
-        u, pi = self.paths(x)
-        return self.gated_loss(x, self._code(u, pi), self.gate_activation(pi), sparsity_coefficient)
+    def fused_chain_arguments(self) -> dict[str, Any] | None:
+        """The chain covers tied r, the jump gate path, a separate magnitude path, and no θ gradient from the main
+        reconstruction."""
+        if not (self.tie_r and self.signed_magnitude and self.gate_path == "jump" and not self.recon_trains_theta):
+            return None
+        theta_pos, theta_neg = self.thresholds()
+        return {"log_rescale": self.r, "b_mag": self.b_mag, "theta_pos": theta_pos, "theta_neg": theta_neg,
+                "bandwidth": self.bandwidth, "sign_consistency": self.sign_consistency}
 
     def to_saelens(self) -> tuple[dict[str, Tensor], dict]:
         """SAELens layout with both sides' rescales and thresholds written out (untied on load)."""

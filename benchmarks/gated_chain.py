@@ -1,0 +1,101 @@
+"""The gated SAEs' elementwise chain fused into one autograd function, against the composed torch ops.
+
+    python -m benchmarks.gated_chain [--d_in 576 --width 4608 --batch 4096 --rounds 8 --autocast bf16 --json out.json]
+
+For Gated and SA-GSAE (the default config's θ start, the 0.9-quantile), in one process: the chain alone (from u to
+both paths' codes and the weighted L1, forward and backward with random upstream gradients), and one training
+step (loss, backward, Adam) with `use_fused_chain` on and off. The two forms alternate call by call, so that the
+machine's drift reaches both alike; each figure is the median of `--rounds` calls. sagsae/gated_chain.py says why
+the fused form exists; docs/performance.md records what this measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import DEVICE, device_name, synchronize
+from benchmarks.sae_step import training_step
+from sagsae.gated_chain import gated_chain
+from sagsae.saes import build_sae
+from sagsae.saes.base import GatedPathsSAE
+
+STARTS = {"sagsae": {"theta_init_quantile": 0.9}, "gated": {}}
+
+
+def chain_call(sae: GatedPathsSAE, u: torch.Tensor, upstream: list[torch.Tensor], fused: bool):
+    """Forward and backward of the chain alone, from a leaf u, as the SAE's loss runs it."""
+    norms = sae.W_dec.detach().norm(dim=0)
+
+    def call():
+        if fused:
+            codes, gate_codes, gate_l1 = gated_chain(u, sae.b_gate, **sae.fused_chain_arguments())
+            l1 = gate_l1 @ norms
+        else:
+            pi = u + sae.b_gate
+            codes, gate_codes = sae.codes_from_paths(u, pi), sae.gate_activation(pi)
+            l1 = (gate_codes.abs() @ norms).sum()
+        torch.autograd.backward([codes, gate_codes, l1], [upstream[0], upstream[1], torch.ones_like(l1)])
+        u.grad = None
+        sae.zero_grad(set_to_none=True)
+    return call
+
+
+def alternate(calls: dict[str, callable], rounds: int, autocast: bool) -> dict[str, float]:
+    """Median seconds of each call, the calls taken in turn, after one warm-up each."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+        for call in calls.values():
+            call()
+        for _ in range(rounds):
+            for name, call in calls.items():
+                synchronize()
+                start = time.perf_counter()
+                call()
+                synchronize()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d_in", type=int, default=576)
+    parser.add_argument("--width", type=int, default=4608)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--autocast", choices=["bf16"], help="run under bf16 autocast")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.d_in, device=DEVICE)
+    upstream = [torch.randn(args.batch, args.width, device=DEVICE) for _ in range(2)]
+    print(f"{device_name()}, {torch.get_num_threads()} threads, d {args.d_in}, width {args.width}, batch "
+          f"{args.batch}, {args.autocast or 'fp32'}, median of {args.rounds}")
+    results = {"device": device_name(), "threads": torch.get_num_threads(), "precision": args.autocast or "fp32"}
+    for name, start in STARTS.items():
+        saes = {}
+        for fused in (True, False):
+            sae = build_sae(name, d_in=args.d_in, width=args.width, **start).to(DEVICE)
+            sae.initialize_from_batch(x)
+            sae.use_fused_chain = fused
+            saes[fused] = sae
+        u = saes[True].projection(x).detach().float().requires_grad_()
+        chain = alternate({"fused": chain_call(saes[True], u, upstream, True),
+                           "composed": chain_call(saes[False], u, upstream, False)}, args.rounds, bool(args.autocast))
+        step = alternate({"fused": training_step(saes[True], x), "composed": training_step(saes[False], x)},
+                         args.rounds, bool(args.autocast))
+        results[name] = {"chain": chain, "step": step}
+        for part, timing in (("chain", chain), ("step", step)):
+            print(f"{name:<7} {part:<6} fused {timing['fused'] * 1e3:7.0f} ms   composed {timing['composed'] * 1e3:7.0f} ms"
+                  f"   fused/composed {timing['fused'] / timing['composed']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
