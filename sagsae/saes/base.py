@@ -303,7 +303,7 @@ class GatedPathsSAE(SparseAutoencoder):
     """
 
     # Train through the elementwise chain fused into one autograd function (sagsae/gated_chain.py) where the form
-    # allows; False composes it from torch ops (the same values and gradients), as benchmarks/gated_chain.py does.
+    # allows; False composes it from torch ops (the same values and gradients), as benchmarks/fused_chain.py does.
     use_fused_chain: bool = True
 
     def __init__(self, d_in: int, width: int, aux_weight: float = 1.0, unit_norm_decoder: bool = False) -> None:

@@ -1,6 +1,6 @@
 """The gated SAEs' elementwise chain fused into one autograd function, against the composed torch ops.
 
-    python -m benchmarks.gated_chain [--d_in 576 --width 4608 --batch 4096 --rounds 8 --autocast bf16 --json out.json]
+    python -m benchmarks.fused_chain [--d_in 576 --width 4608 --batch 4096 --rounds 8 --autocast bf16 --json out.json]
 
 For Gated and SA-GSAE (the default config's θ start, the 0.9-quantile), in one process: the chain alone (from u to
 both paths' codes and the weighted L1, forward and backward with random upstream gradients), and one training
