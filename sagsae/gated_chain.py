@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sagsae.straight_through import kernel_sum, open_gate, threshold_grad
+from sagsae.straight_through import bi_jump_threshold_grads, open_gate
 
 
 class _GatedChain(torch.autograd.Function):
@@ -40,7 +40,6 @@ class _GatedChain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_codes: Tensor, grad_gate_codes: Tensor, grad_gate_l1: Tensor):
         pi, codes, gate_codes, keep, gate, log_rescale, b_mag, theta_pos, theta_neg = ctx.saved_tensors
-        eps = ctx.bandwidth
         # The gate codes' whole gradient: the L1's part is sign(f)·g, zero where the gate is closed (f = 0, where
         # |f|'s subgradient is 0); the thresholds' kernels read the sum where the gate is closed too, as BiJump's
         # backward does, so the L1 reaches θ from the band's open side only (docs/method.md, "Loss and gradients").
@@ -52,14 +51,8 @@ class _GatedChain(torch.autograd.Function):
         grad_b_mag = kept_grad.sum(0)
         # ∂/∂r = Σ_b g · exp(r) u = Σ_b g · (m − b_mag) over kept entries, where m is the code itself.
         grad_log_rescale = kept_grad.mul_(codes).sum(0) - b_mag * grad_b_mag
-        # BiJump's pseudo-derivatives, z > 0: −(θ⁺/ε) K((π − θ⁺)/ε); z < 0: +(θ⁻/ε) K((−π − θ⁻)/ε).
-        grad_pos = grad_neg = None
-        if ctx.needs_input_grad[4]:
-            grad_pos = threshold_grad(-theta_pos / eps * kernel_sum(pi, gate_grad, theta_pos, eps, side=pi > 0),
-                                      theta_pos)
-        if ctx.needs_input_grad[5]:
-            grad_neg = threshold_grad(theta_neg / eps * kernel_sum(pi, gate_grad, -theta_neg, eps, side=pi < 0),
-                                      theta_neg)
+        grad_pos, grad_neg = bi_jump_threshold_grads(pi, gate_grad, theta_pos, theta_neg, ctx.bandwidth,
+                                                     *ctx.needs_input_grad[4:6])
         return grad_u, grad_b_gate, grad_log_rescale, grad_b_mag, grad_pos, grad_neg, None, None
 
 

@@ -16,7 +16,7 @@ def open_gate(z: Tensor, theta_pos: Tensor, theta_neg: Tensor) -> Tensor:
     return (z > theta_pos) | (z < -theta_neg)
 
 
-def kernel_sum(z: Tensor, grad: Tensor, center: Tensor, bandwidth: float, side: Tensor | None = None) -> Tensor:
+def _kernel_sum(z: Tensor, grad: Tensor, center: Tensor, bandwidth: float, side: Tensor | None = None) -> Tensor:
     """Σ_batch grad · K((z − center)/ε), K(t) = 1[|t| < ½], per latent (z is [..., H]); only where `side`."""
     half = bandwidth / 2
     band = (z > center - half) & (z < center + half)
@@ -25,7 +25,7 @@ def kernel_sum(z: Tensor, grad: Tensor, center: Tensor, bandwidth: float, side: 
     return torch.where(band, grad, 0).reshape(-1, z.shape[-1]).sum(0)
 
 
-def threshold_grad(grad: Tensor | None, like: Tensor) -> Tensor | None:
+def _threshold_grad(grad: Tensor | None, like: Tensor) -> Tensor | None:
     """Per-latent gradient [H] (or a scalar threshold's sum); None where no gradient is needed.
 
     Thresholds that need none may be infinite (a one-sided gate), where θ/ε · 0 would give NaN."""
@@ -48,9 +48,9 @@ class _TwoSidedStep(torch.autograd.Function):
         z, theta_pos, theta_neg = ctx.saved_tensors
         eps = ctx.bandwidth
         # ∂H(z − θ⁺)/∂θ⁺ = −K((z − θ⁺)/ε)/ε;  ∂H(−z − θ⁻)/∂θ⁻ = −K((−z − θ⁻)/ε)/ε.
-        grad_pos = -kernel_sum(z, grad, theta_pos, eps) / eps if ctx.needs_input_grad[1] else None
-        grad_neg = -kernel_sum(z, grad, -theta_neg, eps) / eps if ctx.needs_input_grad[2] else None
-        return None, threshold_grad(grad_pos, theta_pos), threshold_grad(grad_neg, theta_neg), None
+        grad_pos = -_kernel_sum(z, grad, theta_pos, eps) / eps if ctx.needs_input_grad[1] else None
+        grad_neg = -_kernel_sum(z, grad, -theta_neg, eps) / eps if ctx.needs_input_grad[2] else None
+        return None, _threshold_grad(grad_pos, theta_pos), _threshold_grad(grad_neg, theta_neg), None
 
 
 class _BiJumpReLU(torch.autograd.Function):
@@ -66,12 +66,21 @@ class _BiJumpReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         z, theta_pos, theta_neg, gate = ctx.saved_tensors
-        eps = ctx.bandwidth
-        # z > 0: ∂/∂θ⁺ = −(θ⁺/ε) K((z − θ⁺)/ε);  z < 0: ∂/∂θ⁻ = +(θ⁻/ε) K((−z − θ⁻)/ε).
-        # θ/ε is per latent, so it multiplies after the batch sum.
-        grad_pos = -theta_pos / eps * kernel_sum(z, grad, theta_pos, eps, side=z > 0) if ctx.needs_input_grad[1] else None
-        grad_neg = theta_neg / eps * kernel_sum(z, grad, -theta_neg, eps, side=z < 0) if ctx.needs_input_grad[2] else None
-        return torch.where(gate, grad, 0), threshold_grad(grad_pos, theta_pos), threshold_grad(grad_neg, theta_neg), None
+        grad_pos, grad_neg = bi_jump_threshold_grads(z, grad, theta_pos, theta_neg, ctx.bandwidth,
+                                                     *ctx.needs_input_grad[1:3])
+        return torch.where(gate, grad, 0), grad_pos, grad_neg, None
+
+
+def bi_jump_threshold_grads(z: Tensor, grad: Tensor, theta_pos: Tensor, theta_neg: Tensor, bandwidth: float,
+                            needs_pos: bool = True, needs_neg: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """BiJump_θ(z)'s pseudo-derivatives for θ±, given the gradient `grad` of its output (also where the gate is
+    closed): z > 0: ∂/∂θ⁺ = −(θ⁺/ε) K((z − θ⁺)/ε); z < 0: ∂/∂θ⁻ = +(θ⁻/ε) K((−z − θ⁻)/ε). θ/ε is per latent, so it
+    multiplies after the batch sum. None for a side whose gradient is not needed. Shared with the fused gated
+    chain (sagsae/gated_chain.py)."""
+    eps = bandwidth
+    grad_pos = -theta_pos / eps * _kernel_sum(z, grad, theta_pos, eps, side=z > 0) if needs_pos else None
+    grad_neg = theta_neg / eps * _kernel_sum(z, grad, -theta_neg, eps, side=z < 0) if needs_neg else None
+    return _threshold_grad(grad_pos, theta_pos), _threshold_grad(grad_neg, theta_neg)
 
 
 def two_sided_step(z: Tensor, theta_pos: Tensor, theta_neg: Tensor, bandwidth: float) -> Tensor:
