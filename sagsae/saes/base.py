@@ -158,14 +158,12 @@ class SparseAutoencoder(nn.Module):
         raise NotImplementedError
 
     def weighted_l1(self, codes: Tensor) -> Tensor:
-        """Σᵢ ‖W_dec[:, i]‖ · |fᵢ| averaged over the batch (plain L1 when the decoder has unit norm)."""
-        if self.unit_norm_decoder:
-            return codes.abs().sum(-1).mean()
-        return (codes.abs() @ self.W_dec.norm(dim=0)).mean()
+        """Σᵢ ‖W_dec[:, i]‖ · |fᵢ| averaged over the batch [B, H] (plain L1 when the decoder has unit norm)."""
+        return self.weighted_latent_l1(codes.abs().sum(0), len(codes))
 
     def weighted_latent_l1(self, latent_l1: Tensor, batch_size: int) -> Tensor:
-        """`weighted_l1` from the codes' per-latent sums Σ_b |f_bi| [H]: the same value without another [B, H]
-        pass where the sums come for free (the gated chain, sagsae/gated_chain.py)."""
+        """`weighted_l1` from the codes' per-latent sums Σ_b |f_bi| [H], which the gated chain
+        (sagsae/gated_chain.py) returns without another [B, H] pass."""
         if self.unit_norm_decoder:
             return latent_l1.sum() / batch_size
         return latent_l1 @ self.W_dec.norm(dim=0) / batch_size
