@@ -2,6 +2,11 @@
 from the same seed, once in fp32 and once in bf16-mixed; the held-out R² and L0 of `validate` side by side.
 
     python -m benchmarks.precision --cache cache/smollm2_l15_attn_out_v10 [--steps 500 --width 1152 --batch 2048]
+    python -m benchmarks.precision --cache … --architectures default gated --steps 2000 --validate_every 250
+
+The goal's 500 steps are shorter than SA-GSAE's and Gated's own seed spread can resolve (docs/performance.md,
+"Mixed precision"); a longer budget with `--validate_every` shows whether the two precisions part as training
+goes on, and `--seed` gives the fp32 runs' spread to read a gap against.
 
 The goal (issue "Speed"): |ΔR²| ≤ 0.003 and |ΔL0| ≤ 3% for every architecture. Each architecture trains with its
 own config (configs/<name>.yaml, warmups shortened to the budget). Runs on the GPU where there is one; on CPU,
@@ -27,21 +32,41 @@ PRECISIONS = ("32-true", "bf16-mixed")
 R2_TOLERANCE, L0_TOLERANCE = 0.003, 0.03
 
 
-def train_and_validate(name: str, precision: str, args: argparse.Namespace) -> dict[str, float]:
+class HeldOutTrace(L.Callback):
+    """The held-out R² and L0 at every validation during `fit`: whether the two precisions part as training goes
+    on, and whether the budget has stopped moving them."""
+
+    def __init__(self) -> None:
+        self.points: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            metrics = trainer.callback_metrics
+            self.points.append({"step": trainer.global_step, "r2": float(metrics["val/r2"]),
+                                "l0": float(metrics["val/l0"])})
+
+
+def train_and_validate(name: str, precision: str, args: argparse.Namespace) -> dict:
     sae_class, init_args = short_run_config(name, args.steps, args.width)
     L.seed_everything(args.seed)
     module = SAEModule.from_arguments(sae_class, **init_args)
     data = ActivationFileDataModule(args.cache, batch_size=args.batch, val_tokens=args.val_tokens, seed=args.seed)
+    trace = HeldOutTrace()
+    validation = ({"val_check_interval": args.validate_every, "check_val_every_n_epoch": None}
+                  if args.validate_every else {"limit_val_batches": 0})
     trainer = L.Trainer(max_steps=args.steps, precision=precision, accelerator=DEVICE.type, devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[SAEMetrics()])
+                        num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[SAEMetrics(), trace],
+                        **validation)
     start = time.perf_counter()
     trainer.fit(module, data)
     seconds = time.perf_counter() - start
     validator = L.Trainer(precision=precision, accelerator=DEVICE.type, devices=1, logger=False,
                           enable_progress_bar=False, enable_model_summary=False, callbacks=[SAEMetrics()])
     metrics = validator.validate(module, data, verbose=False)[0]
-    return {"r2": metrics["val/r2"], "l0": metrics["val/l0"], "fit_seconds": seconds}
+    for point in trace.points:
+        print(f"  {name} {precision} step {point['step']}: R² {point['r2']:.4f}, L0 {point['l0']:.2f}", flush=True)
+    return {"r2": metrics["val/r2"], "l0": metrics["val/l0"], "fit_seconds": seconds, "trace": trace.points}
 
 
 def main() -> None:
@@ -54,6 +79,8 @@ def main() -> None:
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES))
     parser.add_argument("--seed", type=int, default=0, help="initialization and data order (another seed gives the "
                                                             "fp32 runs' own spread, against which to read a gap)")
+    parser.add_argument("--validate_every", type=int, default=0,
+                        help="also validate every N steps during fit and print the trace (0: only at the end)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     print(f"{device_name()}: seed {args.seed}, {args.steps} steps of {args.batch} tokens, width {args.width}, "

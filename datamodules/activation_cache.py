@@ -4,6 +4,9 @@ the layout that `ActivationFileDataModule` reads. `python -m sagsae cache` and `
 from __future__ import annotations
 
 import json
+import math
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -48,6 +51,13 @@ class ShardWriter:
         self.tokens += len(rows)
 
 
+def report_progress(done: int, total: int, seconds: float) -> None:
+    """One line per shard on stderr: a cache of millions of tokens takes tens of minutes on a CPU."""
+    rate = done / max(seconds, 1e-9)
+    print(f"cached {done:,} of {total:,} train tokens ({rate:,.0f} tokens/s, about "
+          f"{math.ceil(max(total - done, 0) / rate / 60)} min left at most)", file=sys.stderr, flush=True)
+
+
 def write_cache(data: LMActivationDataModule, out: Path, train_tokens: int, val_tokens: int, shard_tokens: int,
                 dtype: str, device: torch.device | None = None) -> dict:
     """One pass over the training documents (never repeated: a shorter corpus gives fewer tokens) and the first
@@ -62,13 +72,16 @@ def write_cache(data: LMActivationDataModule, out: Path, train_tokens: int, val_
     data.setup()
     with staged_folder(out) as staging:
         train = ShardWriter(staging / "train", shard_tokens, DTYPES[dtype])
-        squares = 0.0
+        squares, start = 0.0, time.perf_counter()
         for chunk in data.activation_chunks(validation=False, passes=[0], guard=data.guard):
             chunk = chunk[: train_tokens - train.tokens - train.pending_tokens]
             if dtype == "float16" and chunk.abs().max() > 6e4:
                 raise ValueError("Activations exceed float16's range: cache with --dtype float32 or bfloat16")
             squares += float(chunk.double().pow(2).sum())
+            shards = train.shards
             train.add(chunk)
+            if train.shards > shards:
+                report_progress(train.tokens, train_tokens, time.perf_counter() - start)
             if train.tokens + train.pending_tokens >= train_tokens:
                 break
         train.close()

@@ -16,10 +16,15 @@ def open_gate(z: Tensor, theta_pos: Tensor, theta_neg: Tensor) -> Tensor:
     return (z > theta_pos) | (z < -theta_neg)
 
 
+def _band(z: Tensor, center: Tensor, bandwidth: float) -> Tensor:
+    """Where the rectangle kernel is on: K((z − center)/ε) = 1[|z − center| < ε/2]."""
+    half = bandwidth / 2
+    return (z > center - half) & (z < center + half)
+
+
 def _kernel_sum(z: Tensor, grad: Tensor, center: Tensor, bandwidth: float, side: Tensor | None = None) -> Tensor:
     """Σ_batch grad · K((z − center)/ε), K(t) = 1[|t| < ½], per latent (z is [..., H]); only where `side`."""
-    half = bandwidth / 2
-    band = (z > center - half) & (z < center + half)
+    band = _band(z, center, bandwidth)
     if side is not None:
         band &= side
     return torch.where(band, grad, 0).reshape(-1, z.shape[-1]).sum(0)
@@ -81,6 +86,40 @@ def bi_jump_threshold_grads(z: Tensor, grad: Tensor, theta_pos: Tensor, theta_ne
     grad_pos = -theta_pos / eps * _kernel_sum(z, grad, theta_pos, eps, side=z > 0) if needs_pos else None
     grad_neg = theta_neg / eps * _kernel_sum(z, grad, -theta_neg, eps, side=z < 0) if needs_neg else None
     return _threshold_grad(grad_pos, theta_pos), _threshold_grad(grad_neg, theta_neg)
+
+
+class _JumpReLUWithCounts(torch.autograd.Function):
+    """JumpReLU_θ(z) = z · H(z − θ) and each latent's firing count Σ_batch H(z − θ), from one gate: JumpReLU's
+    codes and its L0 penalty. Composed, `bi_jump_relu` and `two_sided_step` each build the gate, and each
+    backward scans the kernel's band again; here the band is found once for both pseudo-derivatives,
+    ∂/∂θ = −(θ/ε) Σ_{z > 0} g K((z − θ)/ε) for the codes and −(1/ε) Σ K((z − θ)/ε) per count."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
+        gate = z > theta
+        ctx.save_for_backward(z, theta, gate)
+        ctx.bandwidth = bandwidth
+        counts = gate.reshape(-1, z.shape[-1]).sum(0, dtype=z.dtype)
+        return torch.where(gate, z, 0), counts
+
+    @staticmethod
+    def backward(ctx, grad_codes: Tensor, grad_counts: Tensor):
+        z, theta, gate = ctx.saved_tensors
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            eps = ctx.bandwidth
+            band = _band(z, theta, eps)
+            band_count = band.reshape(-1, z.shape[-1]).sum(0, dtype=z.dtype)
+            band_grad = torch.where(band & (z > 0), grad_codes, 0).reshape(-1, z.shape[-1]).sum(0)
+            grad_theta = _threshold_grad(-(theta * band_grad + grad_counts * band_count) / eps, theta)
+        return torch.where(gate, grad_codes, 0), grad_theta, None
+
+
+def jump_relu_with_counts(z: Tensor, theta: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
+    """(JumpReLU_θ(z), per-latent firing counts [H]) in one pass, with BiJump's one-sided pseudo-derivatives: the
+    same values and gradients as `bi_jump_relu(z, θ, ∞, ε)` and `two_sided_step(z, θ, ∞, ε).sum(0)`
+    (tests/test_sagsae_math.py). In fp32 whatever z's dtype, as those."""
+    return _JumpReLUWithCounts.apply(z.float(), theta.float(), bandwidth)
 
 
 def two_sided_step(z: Tensor, theta_pos: Tensor, theta_neg: Tensor, bandwidth: float) -> Tensor:

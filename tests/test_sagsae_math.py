@@ -9,7 +9,7 @@ import torch
 
 from sagsae.saes import build_sae
 from tests.conftest import perturbed_sae
-from sagsae.straight_through import bi_jump_relu, two_sided_soft_threshold, two_sided_step
+from sagsae.straight_through import bi_jump_relu, jump_relu_with_counts, two_sided_soft_threshold, two_sided_step
 
 D, H, B = 5, 7, 64
 
@@ -114,6 +114,31 @@ def test_jump_functions_work_in_fp32_under_bf16_autocast(function):
     reference.backward(grad_out)
     assert out.dtype == torch.float32 and torch.equal(out, reference)
     assert torch.equal(theta.grad, reference_theta.grad) and theta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_jump_relu_with_counts_equals_the_composed_jump_and_step(dtype):
+    """JumpReLU's fused codes-and-counts against `bi_jump_relu` and `two_sided_step` with θ⁻ = ∞: values, the
+    input's gradient and θ's (both pseudo-derivatives at once), with entries inside the band on both sides of θ
+    and a band that reaches below zero (where only the step's kernel counts)."""
+    torch.manual_seed(0)
+    eps = 0.4
+    z = (torch.randn(256, 6) * 0.5).to(dtype)
+    theta = torch.tensor([0.1, 0.3, 0.3, 0.5, 0.15, 0.8])
+    grad_codes, grad_counts = torch.randn(256, 6), torch.randn(6)
+    fused_z, fused_theta = z.clone().requires_grad_(), theta.clone().requires_grad_()
+    codes, counts = jump_relu_with_counts(fused_z, fused_theta, eps)
+    torch.autograd.backward((codes, counts), (grad_codes, grad_counts))
+    never = torch.full_like(theta, math.inf)
+    ref_z, ref_theta = z.clone().requires_grad_(), theta.clone().requires_grad_()
+    ref_codes = bi_jump_relu(ref_z, ref_theta, never, eps)
+    ref_counts = two_sided_step(ref_z, ref_theta, never, eps).sum(0)
+    torch.autograd.backward((ref_codes, ref_counts), (grad_codes, grad_counts))
+    assert codes.dtype == torch.float32 and torch.equal(codes, ref_codes) and torch.equal(counts, ref_counts)
+    assert torch.equal(fused_z.grad, ref_z.grad)
+    torch.testing.assert_close(fused_theta.grad, ref_theta.grad)
+    z_band = (z.float() - theta).abs() < eps / 2
+    assert (z_band & (z.float() > 0)).any() and (z_band & (z.float() <= 0)).any()  # both kernels are exercised
 
 
 def test_soft_threshold_gate_path_has_ordinary_gradients():

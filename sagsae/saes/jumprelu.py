@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from sagsae.saes.base import LinearEncoderSAE, SAELoss, check_init_quantile, register, squared_error
 from sagsae.saes.sa_gsae import default_jump_scale
-from sagsae.straight_through import bi_jump_relu, two_sided_step
+from sagsae.straight_through import bi_jump_relu, jump_relu_with_counts
 
 
 @register("jumprelu")
@@ -61,12 +61,10 @@ class JumpReLUSparseAutoencoder(LinearEncoderSAE):
         return bi_jump_relu(pre, self.threshold, self._never(), self.bandwidth)
 
     def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
-        pre = self.pre_activation(x)
-        codes = self.activation(pre)
+        codes, firing = jump_relu_with_counts(self.pre_activation(x), self.threshold, self.bandwidth)
         x_hat = self.decode(codes)
-        l0 = two_sided_step(pre, self.threshold, self._never(), self.bandwidth).sum(-1).mean()
-        terms = {"recon": squared_error(x, x_hat), "sparsity": sparsity_coefficient * l0}
-        return SAELoss(sum(terms.values()), terms, codes, x_hat)
+        terms = {"recon": squared_error(x, x_hat), "sparsity": sparsity_coefficient * firing.sum() / len(x)}
+        return SAELoss(sum(terms.values()), terms, codes, x_hat, firing=firing.detach())
 
     def threshold_values(self) -> Tensor:
         return self.threshold.detach()
