@@ -1,10 +1,11 @@
-"""The gated SAEs' elementwise chain fused into one autograd function, against the composed torch ops.
+"""The elementwise chains fused into one autograd function, against the composed torch ops.
 
     python -m benchmarks.fused_chain [--d_in 576 --width 4608 --batch 4096 --rounds 8 --autocast bf16 --json out.json]
 
 For Gated and SA-GSAE (the default config's θ start, the 0.9-quantile), in one process: the chain alone (from u to
 both paths' codes and the weighted L1, forward and backward with random upstream gradients), and one training
-step (loss, backward, Adam) with `use_fused_chain` on and off. The two forms alternate call by call, so that the
+step (loss, backward, Adam) with `use_fused_chain` on and off; for JumpReLU (θ from the 0.9-quantile too), whose
+codes and L0 come from one function (`jump_relu_with_counts`), the training step. The two forms alternate call by call, so that the
 machine's drift reaches both alike; each figure is the median of `--rounds` calls. sagsae/gated_chain.py says why
 the fused form exists; docs/performance.md records what this measured.
 """
@@ -25,7 +26,7 @@ from sagsae.gated_chain import gated_chain
 from sagsae.saes import build_sae
 from sagsae.saes.base import GatedPathsSAE
 
-STARTS = {"sagsae": {"theta_init_quantile": 0.9}, "gated": {}}
+STARTS = {"sagsae": {"theta_init_quantile": 0.9}, "gated": {}, "jumprelu": {"theta_init_quantile": 0.9}}
 
 
 def chain_call(sae: GatedPathsSAE, u: torch.Tensor, upstream: list[torch.Tensor], fused: bool):
@@ -84,13 +85,15 @@ def main() -> None:
             sae.initialize_from_batch(x)
             sae.use_fused_chain = fused
             saes[fused] = sae
-        u = saes[True].projection(x).detach().float().requires_grad_()
-        chain = alternate({"fused": chain_call(saes[True], u, upstream, True),
-                           "composed": chain_call(saes[False], u, upstream, False)}, args.rounds, bool(args.autocast))
-        step = alternate({"fused": training_step(saes[True], x), "composed": training_step(saes[False], x)},
-                         args.rounds, bool(args.autocast))
-        results[name] = {"chain": chain, "step": step}
-        for part, timing in (("chain", chain), ("step", step)):
+        results[name] = {}
+        if isinstance(saes[True], GatedPathsSAE):
+            u = saes[True].projection(x).detach().float().requires_grad_()
+            results[name]["chain"] = alternate({"fused": chain_call(saes[True], u, upstream, True),
+                                                "composed": chain_call(saes[False], u, upstream, False)},
+                                               args.rounds, bool(args.autocast))
+        results[name]["step"] = alternate({"fused": training_step(saes[True], x),
+                                           "composed": training_step(saes[False], x)}, args.rounds, bool(args.autocast))
+        for part, timing in results[name].items():
             print(f"{name:<7} {part:<6} fused {timing['fused'] * 1e3:7.0f} ms   composed {timing['composed'] * 1e3:7.0f} ms"
                   f"   fused/composed {timing['fused'] / timing['composed']:.2f}")
     if args.json:

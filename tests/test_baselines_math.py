@@ -64,13 +64,17 @@ def test_gated_both_forms(unit_norm_decoder):
     assert sae.b_gate.grad is None or (sae.b_gate.grad == 0).all()
 
 
-def test_jumprelu_codes_l0_and_pseudo_derivatives():
+@pytest.mark.parametrize("fused", [True, False])
+def test_jumprelu_codes_l0_and_pseudo_derivatives(fused):
+    """Both forms of the loss: codes and L0 from one fused function, and composed from BiJump and the step."""
     sae = make("jumprelu", bandwidth=0.5)
+    sae.use_fused_chain = fused
     pre = (X - sae.b_dec) @ sae.W_enc.T + sae.b_enc
     open_ = pre > sae.threshold
     out = sae.loss(X, LAM)
     close(out.codes, pre * open_)
     close(out.terms["sparsity"], LAM * open_.float().sum(1).mean())
+    assert torch.equal(out.firing, open_.float().sum(0))
     sae.zero_grad()
     out.terms["sparsity"].backward(retain_graph=True)
     band = ((pre - sae.threshold).abs() < 0.25).float().detach()

@@ -131,6 +131,10 @@ class SparseAutoencoder(nn.Module):
     adam_betas: tuple[float, float] = (0.0, 0.999)  # the training module's default for this architecture
     saelens_architecture: str = ""  # the `architecture` of its SAELens export; default: the registry name
     saelens_tensors: dict[str, str] = {}  # SAELens key → our attribute, for the layout-only exports
+    # Train through an elementwise chain fused into one autograd function where the architecture has one (Gated
+    # and SA-GSAE: sagsae/gated_chain.py; JumpReLU: `jump_relu_with_counts`); False composes it from torch ops,
+    # the same values and gradients, as benchmarks/fused_chain.py does to measure the difference.
+    use_fused_chain: bool = True
 
     def __init__(self, d_in: int, width: int, unit_norm_decoder: bool = False) -> None:
         super().__init__()
@@ -299,10 +303,6 @@ class GatedPathsSAE(SparseAutoencoder):
     Decoder forms of SPEC §3: (b), the default, weights the sparsity by decoder norms and keeps the decoder
     live in the auxiliary term; (a), `unit_norm_decoder`, uses plain L1 and a frozen decoder copy there.
     """
-
-    # Train through the elementwise chain fused into one autograd function (sagsae/gated_chain.py) where the form
-    # allows; False composes it from torch ops (the same values and gradients), as benchmarks/fused_chain.py does.
-    use_fused_chain: bool = True
 
     def __init__(self, d_in: int, width: int, aux_weight: float = 1.0, unit_norm_decoder: bool = False) -> None:
         super().__init__(d_in, width, unit_norm_decoder)

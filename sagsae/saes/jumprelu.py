@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from sagsae.saes.base import LinearEncoderSAE, SAELoss, check_init_quantile, register, squared_error
 from sagsae.saes.sa_gsae import default_jump_scale
-from sagsae.straight_through import bi_jump_relu, jump_relu_with_counts
+from sagsae.straight_through import bi_jump_relu, jump_relu_with_counts, two_sided_step
 
 
 @register("jumprelu")
@@ -61,7 +61,12 @@ class JumpReLUSparseAutoencoder(LinearEncoderSAE):
         return bi_jump_relu(pre, self.threshold, self._never(), self.bandwidth)
 
     def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
-        codes, firing = jump_relu_with_counts(self.pre_activation(x), self.threshold, self.bandwidth)
+        pre = self.pre_activation(x)
+        if self.use_fused_chain:
+            codes, firing = jump_relu_with_counts(pre, self.threshold, self.bandwidth)
+        else:
+            codes = self.activation(pre)
+            firing = two_sided_step(pre, self.threshold, self._never(), self.bandwidth).sum(0)
         x_hat = self.decode(codes)
         terms = {"recon": squared_error(x, x_hat), "sparsity": sparsity_coefficient * firing.sum() / len(x)}
         return SAELoss(sum(terms.values()), terms, codes, x_hat, firing=firing.detach())
