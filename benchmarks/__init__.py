@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -29,3 +31,19 @@ def clock() -> float:
     """perf_counter once the device is idle."""
     synchronize()
     return time.perf_counter()
+
+
+def alternating_medians(calls: dict[str, Callable[[], object]], rounds: int,
+                        autocast: bool = False) -> dict[str, float]:
+    """Median seconds of each call, the calls taken in turn round after round (after one warm-up each), so that the
+    machine's drift and a stray slow call reach every figure alike; optionally under bf16 autocast."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+        for call in calls.values():
+            call()
+        for _ in range(rounds):
+            for name, call in calls.items():
+                start = clock()
+                call()
+                times[name].append(clock() - start)
+    return {name: statistics.median(values) for name, values in times.items()}

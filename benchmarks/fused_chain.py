@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks import DEVICE, device_name, synchronize
+from benchmarks import DEVICE, alternating_medians, device_name
 from benchmarks.sae_step import training_step
 from sagsae.gated_chain import gated_chain
 from sagsae.saes import build_sae
@@ -45,22 +43,6 @@ def chain_call(sae: GatedPathsSAE, u: torch.Tensor, upstream: list[torch.Tensor]
         u.grad = None
         sae.zero_grad(set_to_none=True)
     return call
-
-
-def alternate(calls: dict[str, callable], rounds: int, autocast: bool) -> dict[str, float]:
-    """Median seconds of each call, the calls taken in turn, after one warm-up each."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
-        for call in calls.values():
-            call()
-        for _ in range(rounds):
-            for name, call in calls.items():
-                synchronize()
-                start = time.perf_counter()
-                call()
-                synchronize()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -88,10 +70,10 @@ def main() -> None:
         results[name] = {}
         if isinstance(saes[True], GatedPathsSAE):
             u = saes[True].projection(x).detach().float().requires_grad_()
-            results[name]["chain"] = alternate({"fused": chain_call(saes[True], u, upstream, True),
+            results[name]["chain"] = alternating_medians({"fused": chain_call(saes[True], u, upstream, True),
                                                 "composed": chain_call(saes[False], u, upstream, False)},
                                                args.rounds, bool(args.autocast))
-        results[name]["step"] = alternate({"fused": training_step(saes[True], x),
+        results[name]["step"] = alternating_medians({"fused": training_step(saes[True], x),
                                            "composed": training_step(saes[False], x)}, args.rounds, bool(args.autocast))
         for part, timing in results[name].items():
             print(f"{name:<7} {part:<6} fused {timing['fused'] * 1e3:7.0f} ms   composed {timing['composed'] * 1e3:7.0f} ms"

@@ -12,25 +12,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import statistics
-import time
 
 import torch
 
-from benchmarks import device_name
+from benchmarks import alternating_medians, device_name
 from benchmarks.sae_step import training_step
 from datamodules import LMActivationDataModule
 from sagsae.saes import build_sae
-
-
-def median_seconds(function, calls: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -47,8 +35,9 @@ def main() -> None:
     seconds = {}
     for threads in (half, full):
         torch.set_num_threads(threads)
-        lm = median_seconds(lambda: data.lm.reader(tokens), 6) * len(x) / tokens.numel()
-        seconds[threads] = {"lm_forward_per_batch_s": lm, "sae_step_s": median_seconds(step, 4)}
+        timing = alternating_medians({"lm": lambda: data.lm.reader(tokens), "sae": step}, rounds=5)
+        seconds[threads] = {"lm_forward_per_batch_s": timing["lm"] * len(x) / tokens.numel(),
+                            "sae_step_s": timing["sae"]}
     taking_turns = sum(seconds[full].values())
     overlapped = max(seconds[half].values())
     print(f"SmolLM2-135M mlp_out layer 15 and SA-GSAE width 4608, batch {len(x)}, {device_name()}")

@@ -4,7 +4,9 @@
                                   [--autocast bf16]      # on the GPU when one is present
 
 The floor is the bare encoder and decoder matmuls, forward and backward, in plain torch: what any SAE of
-this width must compute. Ratios are floor time / step time (1.0 = at the floor), measured in this process.
+this width must compute. Ratios are floor time / step time (1.0 = at the floor), measured in this process: every
+step, ours and the peers', is taken in turn for `--repeats` rounds and each figure is its median, so that the
+machine's drift and a stray slow call reach them all alike.
 Where SAELens (`pip install sagsae[bench]`) or sparsify (eai-sparsify) import, their training steps for the
 same architecture, width and batch run too (forward with their losses, backward, Adam), and the last line
 gives our speed-up over each: SA-GSAE is set against SAELens's Gated step, TopK against sparsify's.
@@ -14,27 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks import DEVICE, device_name, synchronize
+from benchmarks import DEVICE, alternating_medians, device_name
 from sagsae.saes import SAE_REGISTRY, SparseAutoencoder, build_sae, sae_class
 
 K = 64  # active latents of the TopK family, ours and the peers'
-
-
-def seconds_per_call(function, repeats: int, autocast: str | None = None) -> float:
-    """Mean wall time of `function`, after one warm-up; on a GPU the clock waits for its queued kernels."""
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-        function()  # warm-up
-        synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            function()
-        synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def floor_step(x: torch.Tensor, width: int):
@@ -127,12 +116,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in, device=DEVICE)
-    time_step = lambda step: seconds_per_call(step, args.repeats, args.autocast)  # noqa: E731
-    floor = time_step(floor_step(x, args.width))
-    rows = {"floor": floor} | {name: time_step(sae_step(name, x, args.width)) for name in SAE_REGISTRY}
-    others = {f"saelens:{name}": saelens_step(name, x, args.width) for name in SAELENS}
-    others["sparsify:topk"] = sparsify_step(x, args.width)
-    rows |= {name: time_step(step) for name, step in others.items() if step is not None}
+    steps = {"floor": floor_step(x, args.width)} | {name: sae_step(name, x, args.width) for name in SAE_REGISTRY}
+    steps |= {f"saelens:{name}": saelens_step(name, x, args.width) for name in SAELENS}
+    steps["sparsify:topk"] = sparsify_step(x, args.width)
+    rows = alternating_medians({name: step for name, step in steps.items() if step is not None}, args.repeats,
+                               autocast=args.autocast == "bf16")
+    floor = rows["floor"]
     device = device_name()
     print(f"d_in {args.d_in}, width {args.width}, batch {args.batch}, {torch.get_num_threads()} threads, {device}, "
           f"{'bf16 autocast' if args.autocast else 'fp32'}")
