@@ -46,6 +46,15 @@ class HeldOutTrace(L.Callback):
                                 "l0": float(metrics["val/l0"])})
 
 
+def late_mean(trace: list[dict[str, float]]) -> dict[str, float] | None:
+    """Mean held-out R² and L0 over the trace's second half: where a run jitters along a plateau, one final point
+    can land anywhere in its jitter, and the plateau's mean is the figure to compare."""
+    late = trace[len(trace) // 2:]
+    if not late:
+        return None
+    return {key: sum(point[key] for point in late) / len(late) for key in ("r2", "l0")}
+
+
 def train_and_validate(name: str, precision: str, args: argparse.Namespace) -> dict:
     sae_class, init_args = short_run_config(name, args.steps, args.width)
     L.seed_everything(args.seed)
@@ -97,6 +106,13 @@ def main() -> None:
         print(f"{name:<10} R² {full['r2']:.4f} → {mixed['r2']:.4f} ({r2_gap:+.4f})  L0 {full['l0']:.2f} → "
               f"{mixed['l0']:.2f} ({l0_gap:+.1%})  fit {full['fit_seconds']:.0f} s → {mixed['fit_seconds']:.0f} s  "
               f"{'within' if ok else 'OUTSIDE'} the goal", flush=True)
+        late = {precision: late_mean(run["trace"]) for precision, run in runs.items()}
+        if late["32-true"] and late["bf16-mixed"]:
+            late_full, late_mixed = late["32-true"], late["bf16-mixed"]
+            results[name]["late_mean"] = late
+            print(f"{'':<10} the trace's second half, mean: R² {late_full['r2']:.4f} → {late_mixed['r2']:.4f} "
+                  f"({late_mixed['r2'] - late_full['r2']:+.4f})  L0 {late_full['l0']:.2f} → {late_mixed['l0']:.2f} "
+                  f"({(late_mixed['l0'] - late_full['l0']) / late_full['l0']:+.1%})", flush=True)
     print(f"goal |ΔR²| ≤ {R2_TOLERANCE}, |ΔL0| ≤ {L0_TOLERANCE:.0%}: {'met' if passed else 'missed'} for every "
           f"architecture" if passed else f"goal missed for {[n for n, r in results.items() if not r['within_goal']]}")
     if args.json:
