@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from datamodules import ActivationFileDataModule
+from datamodules import ActivationFileDataModule, LMActivationDataModule
+from datamodules.activation_cache import write_cache
 from sagsae.commands.train import run
 from tests.test_cli import REPO
 
@@ -24,6 +25,16 @@ def test_cache_writes_shards_and_metadata(cache_dir):
     rows = torch.cat([load_file(str(s))["activations"] for s in shards])
     assert rows.shape == (3000, 32) and torch.isfinite(rows).all()
     assert metadata["normalization_scale"] == pytest.approx(math.sqrt(32 / rows.double().pow(2).sum(1).mean()), rel=1e-4)
+
+
+def test_cache_reports_progress_once_per_shard(tiny_llama, text_file, tmp_path, capsys):
+    """A cache of millions of tokens runs for tens of minutes: each written shard prints where it stands."""
+    data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file), layer=2,
+                                  context_length=32, lm_batch_size=16, val_fraction=0.1)
+    write_cache(data, tmp_path / "cache", train_tokens=3000, val_tokens=400, shard_tokens=1000, dtype="float32")
+    progress = [line.split(" train tokens")[0] for line in capsys.readouterr().err.splitlines()
+                if line.startswith("cached ")]
+    assert progress == ["cached 1,000 of 3,000", "cached 2,000 of 3,000", "cached 3,000 of 3,000"]
 
 
 def test_file_datamodule_batches_normalization_and_ddp_shards(cache_dir):
