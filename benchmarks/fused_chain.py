@@ -5,8 +5,8 @@
 For Gated and SA-GSAE (the default config's θ start, the 0.9-quantile), in one process: the chain alone (from u to
 both paths' codes and the weighted L1, forward and backward with random upstream gradients), and one training
 step (loss, backward, Adam) with `use_fused_chain` on and off; for JumpReLU (θ from the 0.9-quantile too), whose
-codes and L0 come from one function (`jump_relu_with_counts`), the training step. The two forms alternate call by call, so that the
-machine's drift reaches both alike; each figure is the median of `--rounds` calls. sagsae/gated_chain.py says why
+codes and L0 come from one function (`jump_relu_with_counts`), the training step. The two forms alternate call by
+call, so that the machine's drift reaches both alike; each figure is the median of `--rounds` calls. sagsae/gated_chain.py says why
 the fused form exists; docs/performance.md records what this measured.
 """
 
@@ -70,11 +70,11 @@ def main() -> None:
         results[name] = {}
         if isinstance(saes[True], GatedPathsSAE):
             u = saes[True].projection(x).detach().float().requires_grad_()
-            results[name]["chain"] = alternating_medians({"fused": chain_call(saes[True], u, upstream, True),
-                                                "composed": chain_call(saes[False], u, upstream, False)},
-                                               args.rounds, bool(args.autocast))
-        results[name]["step"] = alternating_medians({"fused": training_step(saes[True], x),
-                                           "composed": training_step(saes[False], x)}, args.rounds, bool(args.autocast))
+            chain = {"fused": chain_call(saes[True], u, upstream, True),
+                     "composed": chain_call(saes[False], u, upstream, False)}
+            results[name]["chain"] = alternating_medians(chain, args.rounds, bool(args.autocast))
+        step = {"fused": training_step(saes[True], x), "composed": training_step(saes[False], x)}
+        results[name]["step"] = alternating_medians(step, args.rounds, bool(args.autocast))
         for part, timing in results[name].items():
             print(f"{name:<7} {part:<6} fused {timing['fused'] * 1e3:7.0f} ms   composed {timing['composed'] * 1e3:7.0f} ms"
                   f"   fused/composed {timing['fused'] / timing['composed']:.2f}")
