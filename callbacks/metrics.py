@@ -32,8 +32,12 @@ class ReconstructionMetrics(Metric):
         self.add_state("tokens", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("positive", torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("negative", torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("gate_squared_error", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, x: Tensor, x_hat: Tensor, codes: Tensor) -> None:
+    def update(self, x: Tensor, x_hat: Tensor, codes: Tensor, gate_squared_error: Tensor | None = None) -> None:
+        """`gate_squared_error`: the gate path's ‖x − x̂_gate‖² averaged over this batch, for SAEs that have one."""
+        if gate_squared_error is not None:
+            self.gate_squared_error += gate_squared_error.double() * len(x)
         x, x_hat = x.double(), x_hat.double()
         self.squared_error += (x - x_hat).pow(2).sum()
         self.sum_x += x.sum(0)
@@ -45,7 +49,7 @@ class ReconstructionMetrics(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         return window_summary(self.squared_error, self.sum_x, self.sum_squares, self.active, self.tokens,
-                              self.positive, self.negative)
+                              self.positive, self.negative, self.gate_squared_error)
 
 
 def is_logging_step(trainer: L.Trainer) -> bool:
@@ -58,8 +62,9 @@ def is_logging_step(trainer: L.Trainer) -> bool:
 
 
 class SAEMetrics(L.Callback):
-    """Logs train/{mse,l0,r2,dead_fraction,reset_latents,aux_r2,tokens_per_s} and, for SAEs with thresholds,
-    train/threshold_{abs,rel}_change at every logging step (is_logging_step), and val/… over the held-out set.
+    """Logs train/{mse,l0,r2,dead_fraction,reset_latents,aux_r2,tokens_per_s}, the module's training_diagnostics
+    (revived latents, θ quartiles) and, for SAEs with thresholds, train/threshold_{abs,rel}_change at every
+    logging step (is_logging_step), and val/… over the held-out set (val/aux_r2 where there is a gate path).
 
     train/dead_fraction uses the module's window of `dead_window_tokens` training tokens; val/dead_fraction
     is the share of latents that never fired on the held-out tokens (the window is the validation set).
@@ -89,7 +94,7 @@ class SAEMetrics(L.Callback):
         pl_module.log("train/r2", values["r2"].float(), prog_bar=True, **log)
         pl_module.log("train/dead_fraction", pl_module.dead_fraction(), prog_bar=True, **log)
         pl_module.log("train/reset_latents", pl_module.reset_latents.float(), **log)
-        for name, value in pl_module.threshold_movement().items():
+        for name, value in (pl_module.threshold_movement() | pl_module.training_diagnostics()).items():
             pl_module.log(f"train/{name}", value.float(), **log)
         if "aux_r2" in values:
             pl_module.log("train/aux_r2", values["aux_r2"].float(), **log)
@@ -100,7 +105,7 @@ class SAEMetrics(L.Callback):
 
     def _evaluation_batch_end(self, pl_module, outputs: dict[str, Any]) -> None:
         self._eval = self._metric(self._eval, pl_module)
-        self._eval.update(outputs["x"], outputs["x_hat"], outputs["codes"])
+        self._eval.update(outputs["x"], outputs["x_hat"], outputs["codes"], outputs.get("gate_squared_error"))
 
     def _evaluation_epoch_end(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if self._eval is None:
@@ -110,6 +115,8 @@ class SAEMetrics(L.Callback):
         names = [("mse", "mse"), ("l0", "l0"), ("r2", "r2"), ("dead_fraction", "silent_fraction")]
         if pl_module.sae.signed_codes:
             names.append(("bipolar_fraction", "bipolar_fraction"))
+        if "aux_r2" in values:
+            names.append(("aux_r2", "aux_r2"))
         for name, key in names:
             pl_module.log(f"{stage}/{name}", values[key].float(), sync_dist=False, prog_bar=(name == "r2"))
         experiment = getattr(trainer.logger, "experiment", None)

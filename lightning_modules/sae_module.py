@@ -25,6 +25,7 @@ PROBE_D_IN = 64  # an activation size for checking an SAE's arguments before the
 
 
 FIRING_ROWS = 1024  # rows per block of `firing_counts`
+LOSS_SPIKE_RATIO = 2.0  # a training loss this many times its recent average is a spike (docs/method.md, "Settling")
 
 
 def firing_counts(codes: Tensor) -> Tensor:
@@ -54,6 +55,11 @@ class SAEModule(L.LightningModule):
         dead_window_tokens: a latent that has not fired in this many training tokens is dead (SPEC §6); so is
             one that the dead-latent reset revived within that many tokens (`dead_fraction`).
         reset_dead_latents: let the architecture react to dead latents (SA-GSAE: threshold reset).
+        target_l0: steer λ so that training settles at this L0 (None: λ stays at `sparsity_coefficient`). λ warms
+            up to `sparsity_coefficient` as usual, then an integral controller on log λ (`steer_sparsity`) follows
+            the training L0 over all ranks (the idea of SAELens's and Gemma Scope 2's target L0). Not for k-sparse
+            SAEs, whose k sets L0.
+        target_l0_rate: the controller's gain: log λ grows by this times log(L0 / target) a step.
         init_seed: seed of the SAE's initial weights alone (None = the global generator), so that a sweep
             member and a stand-alone run with the same seed start from the same weights.
     """
@@ -71,6 +77,8 @@ class SAEModule(L.LightningModule):
         threshold_lr_scale: float = 1.0,
         dead_window_tokens: int = 1_000_000,
         reset_dead_latents: bool = True,
+        target_l0: float | None = None,
+        target_l0_rate: float = 0.003,
         init_seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -82,6 +90,10 @@ class SAEModule(L.LightningModule):
             raise ValueError(f"model.lr_decay_fraction must lie in [0, 1], got {lr_decay_fraction}")
         if dead_window_tokens <= 0:
             raise ValueError(f"model.dead_window_tokens must be positive, got {dead_window_tokens}")
+        if target_l0 is not None and not (target_l0 > 0 and math.isfinite(target_l0)):
+            raise ValueError(f"model.target_l0 must be a positive number of latents per token (or null), got {target_l0}")
+        if not (target_l0_rate > 0 and math.isfinite(target_l0_rate)):
+            raise ValueError(f"model.target_l0_rate must be a positive number, got {target_l0_rate}")
         self.save_hyperparameters()
         self.make_sae = sae
         self.sae: SparseAutoencoder | None = None
@@ -92,7 +104,12 @@ class SAEModule(L.LightningModule):
             self._build(d_in)
         else:  # the SAE's own checks (width, k, quantiles) now, on the meta device, not after the LM has loaded
             with torch.device("meta"):
-                sae(PROBE_D_IN)
+                self._check_target_l0(sae(PROBE_D_IN))
+
+    def _check_target_l0(self, sae: SparseAutoencoder) -> None:
+        if self.hparams.target_l0 is not None and sae.k_sparse:
+            raise ValueError(f"model.target_l0 steers λ, which {type(sae).__name__} does not have: its k sets L0 "
+                             f"(set k to the L0 you want and leave target_l0 null)")
 
 
     @classmethod
@@ -116,12 +133,19 @@ class SAEModule(L.LightningModule):
             if self.hparams.init_seed is not None:
                 torch.manual_seed(self.hparams.init_seed)
             self.sae = self.make_sae(d_in)
+        self._check_target_l0(self.sae)
         width = self.sae.width
         self.sae.input_scale.fill_(math.nan)  # unset until estimated on the data (or restored)
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
         window = self.hparams.dead_window_tokens
         self.register_buffer("tokens_since_reset", torch.full((width,), window, dtype=torch.long))
         self.register_buffer("reset_latents", torch.tensor(0, dtype=torch.long))  # reset at the latest step
+        self.register_buffer("revivals", torch.zeros(width, dtype=torch.long))  # each latent's reset events
+        self.register_buffer("loss_average", torch.tensor(math.nan))  # the training loss's EMA over ~100 steps
+        self.register_buffer("loss_spikes", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("lambda_scale", torch.tensor(1.0))  # the target-L0 controller's factor on λ
+        self.register_buffer("l0_average", torch.tensor(math.nan))  # its moving averages of the training L0
+        self.register_buffer("l0_trend_base", torch.tensor(math.nan))
         thresholds = self.sae.threshold_values()  # their start, once initialized on the first batch
         self.register_buffer("initial_thresholds", None if thresholds is None else torch.full_like(thresholds, math.nan))
         self.register_buffer("firing_frequency", torch.zeros(width, dtype=torch.float64))  # EMA over ~W tokens
@@ -158,11 +182,34 @@ class SAEModule(L.LightningModule):
         self._ensure_input_scale()
 
     # ----- schedules ----------------------------------------------------------------------------------
-    def sparsity_coefficient(self) -> float:
-        """λ on its linear warmup, by training steps taken (so a stand-alone validate uses the trained λ)."""
+    def sparsity_coefficient(self) -> float | Tensor:
+        """λ on its linear warmup, by training steps taken (so a stand-alone validate uses the trained λ); with
+        `target_l0`, times the controller's factor (a tensor, so that a GPU step need not read it back)."""
         warmup = self.hparams.sparsity_warmup_steps
         ramp = min(1.0, (self.known_steps_trained() + 1) / warmup) if warmup > 0 else 1.0
-        return self.hparams.sparsity_coefficient * ramp
+        if self.hparams.target_l0 is None:
+            return self.hparams.sparsity_coefficient * ramp
+        return self.hparams.sparsity_coefficient * ramp * self.lambda_scale
+
+    def steer_sparsity(self, l0: Tensor) -> None:
+        """The target-L0 controller's step: an integral controller on log λ. Its error is e = log(L̄0 / target),
+        L̄0 the training L0's moving average over ~20 steps, clipped to ±1, and log λ grows by `target_l0_rate` · e
+        a step, so that L0 can only rest at the target. The sum holds while L0 already heads for the target fast
+        enough to reach it within ~200 steps (from L̄0 against its ~100-step average): Adam moves thresholds at a
+        bounded speed whatever λ is, so a sum that kept growing while the SAE catches up would overshoot by as
+        much (anti-windup)."""
+        if self.hparams.target_l0 is None:
+            return
+        for average, rate in ((self.l0_average, 1 / 20), (self.l0_trend_base, 1 / 100)):
+            average.copy_(torch.where(average.isnan(), l0, average.lerp(l0, rate)))
+        if self.known_steps_trained() < self.hparams.sparsity_warmup_steps:
+            return
+        error = (self.l0_average.clamp(min=1e-3) / self.hparams.target_l0).log().clamp(-1, 1)
+        # The two averages lag each other by ~80 steps, so their log ratio is the trend of log L0 over 80 steps:
+        # at that speed the error closes within 200 steps when the ratio is at least 80/200 of it.
+        heading = (self.l0_average.clamp(min=1e-3) / self.l0_trend_base.clamp(min=1e-3)).log()
+        closing = -heading * error.sign() * (200 / 80) >= error.abs()
+        self.lambda_scale.mul_(torch.where(closing, 0.0, self.hparams.target_l0_rate * error).exp())
 
     def lr_factor(self, step: int) -> float:
         """Linear warmup, then constant, then (with `lr_decay_fraction`) linear decay to 0 at max_steps."""
@@ -199,6 +246,8 @@ class SAEModule(L.LightningModule):
         out = self.sae.loss(x, self.sparsity_coefficient(), dead=self.dead_mask() if train else None)
         result = {"loss": out.total, "x": x, "x_hat": out.reconstruction.detach(), "codes": out.codes.detach(),
                   **{f"loss_{name}": value for name, value in out.terms.items()}}
+        if out.gate_squared_error is not None:
+            result["gate_squared_error"] = out.gate_squared_error
         if train:
             result["firing"] = out.firing if out.firing is not None else firing_counts(result["codes"])
             result["summary"] = step_summary(x, out.squared_error.detach(), result["firing"], out.gate_squared_error)
@@ -253,9 +302,16 @@ class SAEModule(L.LightningModule):
             self._known_initialized = True
         return self.evaluate_batch(batch, train=True)
 
-    def record_step(self, firing: Tensor, tokens: int) -> None:
-        """A kept step's bookkeeping: this rank's per-latent firing counts (`firing_counts`) and the step count."""
+    def record_step(self, firing: Tensor, tokens: int, loss: Tensor) -> None:
+        """A kept step's bookkeeping: this rank's per-latent firing counts (`firing_counts`), the step count, and
+        whether its loss spiked: more than twice its average over the last ~100 steps, once λ has warmed up (while
+        λ grows the loss may rise by design). Counted without a host read."""
         self._track_firing(firing, tokens)
+        warmed_up = self.known_steps_trained() >= self.hparams.sparsity_warmup_steps
+        loss = loss.detach().float()
+        if warmed_up:
+            self.loss_spikes += (loss > LOSS_SPIKE_RATIO * self.loss_average).long()
+        self.loss_average.copy_(torch.where(self.loss_average.isnan(), loss, self.loss_average.lerp(loss, 0.01)))
         self._known_steps_trained = self.known_steps_trained() + 1
         self.steps_trained += 1
 
@@ -265,7 +321,7 @@ class SAEModule(L.LightningModule):
         result = self.train_forward(batch)
         if self.check_step(batch, [result["loss"]]):
             return self.log_skipped()
-        self.record_step(result["firing"], len(batch))
+        self.record_step(result["firing"], len(batch), result["loss"])
         self._log_losses(result, "train")
         self.log("train/sparsity_coefficient", self.sparsity_coefficient(), on_step=True)
         return result
@@ -294,6 +350,7 @@ class SAEModule(L.LightningModule):
         self.tokens_seen.add_(tokens)
         rate = min(1.0, tokens / self.hparams.dead_window_tokens)
         self.firing_frequency.lerp_(counts / tokens, rate)
+        self.steer_sparsity(counts.sum().float() / tokens)
 
     def dead_mask(self) -> Tensor:
         """Latents with no non-zero code in the last `dead_window_tokens` training tokens."""
@@ -304,6 +361,24 @@ class SAEModule(L.LightningModule):
         makes a latent fire again hides, but does not undo, its death (SPEC §6)."""
         revived = self.tokens_since_reset < self.hparams.dead_window_tokens
         return (self.dead_mask() | revived).float().mean()
+
+    def training_diagnostics(self) -> dict[str, Tensor]:
+        """What could drive a run's drift (docs/method.md, "Settling"): how many latents the dead-latent reset has
+        revived in all and how many of those died and were revived again, the loss spikes so far, the SAE's own
+        scale_diagnostics, and the thresholds' 10/50/90% quantiles (θ⁺ and θ⁻ each where they are untied)."""
+        values = {"revived_latents": (self.revivals > 0).sum().float(),
+                  "revived_again": (self.revivals > 1).sum().float(), "loss_spikes": self.loss_spikes.float()}
+        values |= {name: value.float() for name, value in self.sae.scale_diagnostics().items()}
+        thresholds = self.sae.threshold_values()
+        if thresholds is not None and self.data_initialized():
+            sides = thresholds.reshape(-1, self.sae.width).float()
+            names = ("",) if len(sides) == 1 else ("_pos", "_neg")
+            for name, side in zip(names, sides):
+                finite = side[torch.isfinite(side)]
+                if len(finite):
+                    q = torch.quantile(finite, torch.tensor([0.1, 0.5, 0.9], device=finite.device))
+                    values |= {f"theta{name}_q10": q[0], f"theta{name}_q50": q[1], f"theta{name}_q90": q[2]}
+        return values
 
     def threshold_changes(self) -> tuple[Tensor, Tensor] | None:
         """(|θ − θ₀| of every threshold, |θ − θ₀| / |θ₀| of those with θ₀ ≠ 0) since the first batch; None for
@@ -370,4 +445,6 @@ class SAEModule(L.LightningModule):
             dead = self.dead_mask()
             self.sae.reset_dead(dead)
             self.reset_latents.copy_(dead.sum())
+            # A new revival, not the same one again: a latent reset every step until it fires counts once.
+            self.revivals.add_(dead & (self.tokens_since_reset >= self.hparams.dead_window_tokens))
             self.tokens_since_reset.masked_fill_(dead, 0)

@@ -38,15 +38,15 @@ def step_summary(x: Tensor, squared_error: Tensor, firing: Tensor,
 
 
 def window_summary(squared_error: Tensor, sum_x: Tensor, sum_squares: Tensor, active: Tensor, tokens: Tensor,
-                   positive: Tensor, negative: Tensor) -> dict[str, Tensor]:
+                   positive: Tensor, negative: Tensor, gate_squared_error: Tensor | None = None) -> dict[str, Tensor]:
     """R², MSE, L0, silent and bipolar fractions and per-latent firing density from a window's sums: R² divides
     summed errors by summed variance (never a mean of per-batch ratios); a latent is bipolar when its minority
-    sign is ≥ 10% of its firings (SPEC §6)."""
+    sign is ≥ 10% of its firings (SPEC §6). With the gate path's summed squared error (non-zero), its R² too."""
     total_variance = sum_squares - sum_x.pow(2).sum() / tokens
     firings = positive + negative
     alive = firings > 0
     minority = torch.minimum(positive, negative) / firings.clamp(min=1)
-    return {
+    summary = {
         "r2": 1 - squared_error / total_variance,
         "mse": squared_error / (tokens * sum_x.numel()),
         "l0": active / tokens,
@@ -54,3 +54,6 @@ def window_summary(squared_error: Tensor, sum_x: Tensor, sum_squares: Tensor, ac
         "bipolar_fraction": (minority[alive] >= 0.1).double().mean() if alive.any() else alive.double().sum(),
         "firing_density": firings / tokens,
     }
+    if gate_squared_error is not None and gate_squared_error > 0:
+        summary["aux_r2"] = 1 - gate_squared_error / total_variance
+    return summary

@@ -54,7 +54,7 @@ from sagsae.commands.report import RESULTS
 from sagsae.saes import SparseAutoencoder
 Scorer = Callable[[str, SAEModule], dict[str, float]]  # (cell, trained member) → extra result columns
 CLIPPING = ("gradient_clip_val", "gradient_clip_algorithm")  # trainer settings that the SweepModule applies
-SHORT_NAMES = {"sparsity_coefficient": "l", "init_seed": "s", "width": "w", "k": "k", "lr": "lr"}
+SHORT_NAMES = {"sparsity_coefficient": "l", "target_l0": "t", "init_seed": "s", "width": "w", "k": "k", "lr": "lr"}
 
 
 def import_class(path: str) -> type:
@@ -138,9 +138,13 @@ def _newest_checkpoint(folder: Path) -> Path | None:
     return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
 
 
+PROGRESS = "progress.json"  # a cell's budget history so far, rewritten after every validation of its fit
+
+
 class CheckpointAfterValidation(L.Callback):
     """last.ckpt after every validation of a fit, so that it holds that validation's row of the budget history
-    (the stream is one endless epoch); the trainer's AtomicCheckpointIO writes it whole or not at all."""
+    (the stream is one endless epoch); the trainer's AtomicCheckpointIO writes it whole or not at all. Beside it,
+    the history so far as JSON (`PROGRESS`), readable while a long sweep runs."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -149,6 +153,10 @@ class CheckpointAfterValidation(L.Callback):
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
         trainer.save_checkpoint(self.path)
+        progress = self.path.parent.parent / PROGRESS
+        partial = progress.with_suffix(".partial")
+        partial.write_text(json.dumps({"steps": trainer.global_step, "history": pl_module.validation_history}))
+        partial.replace(progress)
 
 
 def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None = None) -> dict[str, Any]:

@@ -209,6 +209,12 @@ class SparseAutoencoder(nn.Module):
         """The parameters that hold those thresholds (a training module may give them their own LR)."""
         return []
 
+    @torch.no_grad()
+    def scale_diagnostics(self) -> dict[str, Tensor]:
+        """Medians of the scales that the loss leaves free to drift together (docs/method.md, "Settling"): without
+        a unit-norm constraint, a decoder column can grow while its encoder shrinks."""
+        return {"decoder_norm_q50": self.W_dec.norm(dim=0).median()}
+
     def normalize(self, raw: Tensor) -> Tensor:
         return raw * self.input_scale
 
@@ -320,6 +326,11 @@ class GatedPathsSAE(SparseAutoencoder):
         """u = W_gate (x − b_dec) and π = u + b_gate."""
         u = self.projection(x)
         return u, u + self.b_gate
+
+    @torch.no_grad()
+    def scale_diagnostics(self) -> dict[str, Tensor]:
+        """The decoder's, and the gate encoder rows' median norms."""
+        return super().scale_diagnostics() | {"encoder_norm_q50": self.W_gate.norm(dim=1).median()}
 
     def codes_from_paths(self, u: Tensor, pi: Tensor) -> Tensor:
         """The code f from u and π (the magnitude where the gate is open)."""

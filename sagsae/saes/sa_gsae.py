@@ -206,6 +206,11 @@ class SignAwareGatedSAE(GatedPathsSAE):
         return [getattr(self, name) for name in self._threshold_names()]
 
     @torch.no_grad()
+    def scale_diagnostics(self) -> dict[str, Tensor]:
+        """Norms (GatedPathsSAE) and the magnitude path's median rescale exp(r)."""
+        return super().scale_diagnostics() | {"rescale_q50": torch.cat(self.magnitude_rescales()).exp().median()}
+
+    @torch.no_grad()
     def after_optimizer_step(self) -> None:
         super().after_optimizer_step()
         if not self.log_theta:

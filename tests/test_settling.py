@@ -1,0 +1,147 @@
+"""What a run that settles needs (docs/method.md, "Settling"): the target-L0 controller lands on its target and
+does not wind up while the SAE is slow to follow, and the drift diagnostics count what they say they count
+(revivals, loss spikes, the gate path's held-out R²)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks import SAEMetrics
+from callbacks.metrics import ReconstructionMetrics
+from datamodules import TensorActivationDataModule
+from lightning_modules import SAEModule
+from sagsae.synthetic import protocol_a
+
+TRAIN = 100_000
+
+
+def fit(module: SAEModule, data: torch.Tensor, steps: int, batch_size: int = 4096, callbacks=()) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
+                        callbacks=[SAEMetrics(), *callbacks])
+    trainer.fit(module, TensorActivationDataModule(data, batch_size=batch_size))
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def denser_signed_axes():
+    """Protocol A with each axis firing on 20% of samples: a true L0 of about 9.6, so a target of 6 makes the
+    SAE give up real features, where L0 answers λ smoothly (above the truth it hardly answers at all)."""
+    return protocol_a(TRAIN + 20_000, d=64, axes=48, p=0.2, seed=0)
+
+
+@pytest.mark.parametrize("architecture, width", [("sagsae", 48), ("relu", 96)])
+def test_target_l0_lands_within_five_percent_of_its_target(denser_signed_axes, architecture, width):
+    L.seed_everything(0)
+    module = SAEModule.from_arguments(architecture, d_in=64, width=width, sparsity_coefficient=4.0,
+                                      sparsity_warmup_steps=100, lr=1e-3, lr_warmup_steps=0, target_l0=6.0)
+    fit(module, denser_signed_axes.activations[:TRAIN], steps=1500)
+    sae = module.sae.eval()
+    with torch.no_grad():
+        held_out_l0 = float((sae.encode(sae.normalize(denser_signed_axes.activations[TRAIN:])) != 0).sum(1).float().mean())
+    assert abs(held_out_l0 - 6.0) <= 0.05 * 6.0, held_out_l0
+    assert abs(math.log(float(module.sparsity_coefficient()) / 4.0)) > 0.05, "λ must have been steered"
+
+
+def controlled_module(target: float) -> SAEModule:
+    return SAEModule.from_arguments("relu", d_in=8, width=16, sparsity_coefficient=1.0, sparsity_warmup_steps=0,
+                                    target_l0=target)
+
+
+def run_controller(module: SAEModule, plant, steps: int) -> list[tuple[float, float]]:
+    """The controller against a model of how an SAE's L0 answers λ: `plant(l0, λ)` → the next step's L0."""
+    l0, trace = 40.0, []
+    for _ in range(steps):
+        module.steer_sparsity(torch.tensor(l0))
+        module.steps_trained += 1
+        module.forget_known_buffers()
+        l0 = plant(l0, float(module.sparsity_coefficient()))
+        trace.append((l0, float(module.sparsity_coefficient())))
+    return trace
+
+
+def test_controller_finds_the_lambda_of_the_target_l0():
+    """An SAE whose L0 follows 40/λ within ~50 steps: the target 10 needs λ = 4."""
+    trace = run_controller(controlled_module(10.0), lambda l0, lam: l0 + (40 / lam - l0) / 50, steps=4000)
+    assert trace[-1][0] == pytest.approx(10.0, rel=0.01) and trace[-1][1] == pytest.approx(4.0, rel=0.02)
+
+
+def test_controller_still_lands_when_the_sae_is_slow_to_follow():
+    """An SAE that can lower its L0 by at most 0.1% a step (Adam's bounded speed), whatever λ: from 40 to the target
+    10 takes it ~1,400 steps, while the sum grows. λ overshoots the 4 that holds L0 at 10 (the anti-windup holds
+    the sum only while the approach is fast), but by a bounded factor, and L0 still ends at the target."""
+    def slow(l0: float, lam: float) -> float:
+        return max(l0 * 0.999, min(l0 * 1.001, 40 / lam))
+
+    trace = run_controller(controlled_module(10.0), slow, steps=4000)
+    assert max(lam for _, lam in trace) < 4 * 4.0, max(lam for _, lam in trace)
+    assert trace[-1][0] == pytest.approx(10.0, rel=0.03) and trace[-1][1] == pytest.approx(4.0, rel=0.05)
+
+
+def test_target_l0_is_refused_for_k_sparse_saes():
+    with pytest.raises(ValueError, match="target_l0 steers λ, which TopK"):
+        SAEModule.from_arguments("topk", width=16, k=4, target_l0=10.0)
+
+
+def test_revivals_count_each_death_once():
+    """Latent 0 is silenced (its encoder row and bias at zero, so π = 0 < θ) for steps 0–9 and again from step 14:
+    it dies at 1,024 tokens (step 4) and is reset at every step until it fires again (one revival), fires while
+    free, and dies again at step 18 (a second revival, so it is "revived again")."""
+    L.seed_everything(0)
+    module = SAEModule.from_arguments("sagsae", d_in=8, width=16, dead_window_tokens=1024, sparsity_warmup_steps=0)
+
+    class SilenceLatentZero(L.Callback):
+        row: torch.Tensor | None = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            sae = pl_module.sae
+            with torch.no_grad():
+                if self.row is None:
+                    self.row = sae.W_gate[0].clone()
+                silent = trainer.global_step < 10 or trainer.global_step >= 14
+                sae.W_gate[0] = 0 if silent else self.row
+                sae.b_gate[0] = 0
+
+    fit(module, torch.randn(4096, 8), steps=20, batch_size=256, callbacks=[SilenceLatentZero()])
+    assert int(module.revivals[0]) == 2 and int(module.revivals[1:].sum()) == 0
+    diagnostics = module.training_diagnostics()
+    assert diagnostics["revived_latents"] == 1 and diagnostics["revived_again"] == 1
+
+
+class ScaleBatch(L.Callback):
+    def __init__(self, at: int, factor: float) -> None:
+        self.at, self.factor = at, factor
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            batch.mul_(self.factor)
+
+
+def test_loss_spikes_are_counted_only_when_the_loss_jumps():
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(8192, 8, generator=generator) @ torch.randn(8, 8, generator=generator)
+    counts = {}
+    for name, callbacks in (("clean", []), ("spiked", [ScaleBatch(at=30, factor=30.0)])):
+        module = SAEModule.from_arguments("sagsae", d_in=8, width=16, init_seed=0, sparsity_warmup_steps=10)
+        fit(module, data.clone(), steps=40, batch_size=256, callbacks=callbacks)
+        counts[name] = int(module.loss_spikes)
+    assert counts == {"clean": 0, "spiked": 1}
+
+
+def test_held_out_aux_r2_is_the_gate_paths_r2():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=generator, dtype=torch.float64)
+    gate_x_hat = x + 0.5 * torch.randn(300, 6, generator=generator, dtype=torch.float64)
+    metric = ReconstructionMetrics(6, 10)
+    for rows in torch.arange(300).split(64):
+        gate_error = (x[rows] - gate_x_hat[rows]).pow(2).sum(-1).mean()
+        metric.update(x[rows], x[rows], torch.zeros(len(rows), 10), gate_error)
+    expected = 1 - (x - gate_x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert float(metric.compute()["aux_r2"]) == pytest.approx(float(expected), rel=1e-9)
+    without_gate = ReconstructionMetrics(6, 10)
+    without_gate.update(x, gate_x_hat, torch.zeros(300, 10))  # an SAE without a gate path
+    assert "aux_r2" not in without_gate.compute()
