@@ -114,3 +114,66 @@ def _fitted_change(rows: list[dict[str, float]], key: str) -> float:
         return 0.0
     slope = sum((t - mean_t) * (v - mean_v) for t, v in zip(tokens, values)) / spread
     return slope * (tokens[-1] - tokens[0])
+
+
+# The settle criteria of docs/method.md ("Settling"): a run's result must not depend on when it stops.
+SETTLE_AFTER_TOKENS = 2_000_000  # the first tokens are learning, not drift
+SETTLE_WINDOW_TOKENS = 1_000_000
+SETTLE_BY_TOKENS = 8_000_000
+WASTE_L0_RISE, WASTE_R2_FALL = 0.02, 0.002  # smaller moves over 1M tokens are a settled run's jitter
+TARGET_L0_BAND = 0.05
+TARGET_R2_SLOPE = 0.003  # per 1M tokens
+
+
+@dataclass(frozen=True)
+class Settling:
+    """One fixed-λ run's reading against the three settle criteria. `largest_jump` is the largest check-to-check
+    move past the first 2M tokens (R², and L0 relative), `seed_spread` the range across seeds of their means
+    past 2M (what stopping another seed would change), never below the fixed rule's tolerances (a move within
+    those is no jump, however closely the seeds agree); `wasteful` counts the ~1M-token spans past 2M over which L0 rose by more than 2% while
+    held-out R² fell by more than 0.002; and `converged_at` is the own-band rule's (`plateau`) reading."""
+    largest_jump: tuple[float, float]
+    seed_spread: tuple[float, float]
+    wasteful: int
+    converged_at: float | None
+
+    @property
+    def settled(self) -> bool:
+        jumps_within_spread = all(jump <= spread for jump, spread in zip(self.largest_jump, self.seed_spread))
+        return (jumps_within_spread and self.wasteful == 0 and self.converged_at is not None
+                and self.converged_at <= SETTLE_BY_TOKENS)
+
+
+def settling(history: list[dict[str, float]], seeds: list[list[dict[str, float]]]) -> Settling:
+    """`history` (one run's budget checkpoints) against the settle criteria; `seeds` holds every seed's history of
+    the same configuration, `history` included, whose spread is the yardstick for a jump."""
+    late = [row for row in history if row["tokens_seen"] > SETTLE_AFTER_TOKENS]
+    pairs = list(zip(late, late[1:]))
+    largest_jump = (max((abs(b["r2"] - a["r2"]) for a, b in pairs), default=0.0),
+                    max((abs(b["l0"] - a["l0"]) / a["l0"] for a, b in pairs), default=0.0))
+    late_means = [[statistics.fmean(row[key] for row in run if row["tokens_seen"] > SETTLE_AFTER_TOKENS)
+                   for run in seeds] for key in ("r2", "l0")]
+    seed_spread = (max(R2_TOLERANCE, _range(late_means[0])),
+                   max(L0_TOLERANCE, _range(late_means[1]) / statistics.fmean(late_means[1])))
+    wasteful = 0
+    for i, start in enumerate(late):
+        end = next((row for row in late[i + 1:] if row["tokens_seen"] - start["tokens_seen"] >= SETTLE_WINDOW_TOKENS), None)
+        if end is not None and (end["l0"] - start["l0"]) / start["l0"] > WASTE_L0_RISE and start["r2"] - end["r2"] > WASTE_R2_FALL:
+            wasteful += 1
+    reading = plateau(history)
+    return Settling(largest_jump, seed_spread, wasteful, reading.converged_at if reading else None)
+
+
+def settled_at_target(history: list[dict[str, float]], target_l0: float) -> bool:
+    """A target-L0 run has settled when, over the last third of its budget, every check's L0 is within ±5% of the
+    target and the least-squares trend of held-out R² is at most 0.003 per 1M tokens."""
+    last = [row for row in history if row["tokens_seen"] >= history[-1]["tokens_seen"] * 2 / 3]
+    if len(last) < 2:
+        return False
+    on_target = all(abs(row["l0"] - target_l0) <= TARGET_L0_BAND * target_l0 for row in last)
+    span = (last[-1]["tokens_seen"] - last[0]["tokens_seen"]) / 1e6
+    return on_target and abs(_fitted_change(last, "r2")) / span <= TARGET_R2_SLOPE
+
+
+def _range(values: list[float]) -> float:
+    return max(values) - min(values)

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from sagsae.convergence import L0_TOLERANCE, R2_TOLERANCE, converged_at, gain_at_matched_l0, plateau
+from sagsae.convergence import (L0_TOLERANCE, R2_TOLERANCE, converged_at, gain_at_matched_l0, plateau, settled_at_target,
+                                 settling)
 
 
 def history(*points: tuple[float, float]) -> list[dict[str, float]]:
@@ -110,3 +111,43 @@ def test_a_curves_slope_in_log_l0_against_direct_secants():
     tied = Curve.from_points([(10, 0.5, 0), (20, 0.6, 0), (20, 0.62, 0), (80, 0.7, 0)], width=8)
     assert tied.slope_at(50) == pytest.approx(0.08 / math.log(4))
     assert tied.slope_at(15) == pytest.approx(left)
+
+
+def budget_history(points: list[tuple[float, float]], every: int = 512_000) -> list[dict[str, float]]:
+    return [{"tokens_seen": every * (i + 1), "r2": r2, "l0": l0} for i, (r2, l0) in enumerate(points)]
+
+
+def learning_then(plateau_points: list[tuple[float, float]]) -> list[dict[str, float]]:
+    """Three checkpoints (1.5M tokens) of a run still learning, then the rest."""
+    return budget_history([(0.50, 90), (0.60, 70), (0.66, 60), *plateau_points])
+
+
+def test_a_quiet_plateau_within_the_seeds_spread_has_settled():
+    seeds = [learning_then(jittery_plateau(12, r2_noise=0.0005, l0_noise=0.005, seed=s)) for s in range(2)]
+    reading = settling(seeds[0], seeds)
+    assert reading.wasteful == 0 and reading.converged_at is not None and reading.settled, reading
+
+
+def test_l0_rising_while_r2_falls_is_waste_and_not_settled():
+    drifting = learning_then([(0.80 - 0.004 * i, 55 * (1 + 0.04 * i)) for i in range(12)])
+    reading = settling(drifting, [drifting, learning_then(jittery_plateau(12, 0.001, 0.01))])
+    assert reading.wasteful > 0 and not reading.settled
+
+
+def test_a_jump_larger_than_the_seeds_spread_is_not_settled():
+    quiet = [learning_then(jittery_plateau(12, r2_noise=0.0005, l0_noise=0.005, seed=s)) for s in range(2)]
+    jumpy = [dict(row) for row in quiet[0]]
+    jumpy[8]["r2"] -= 0.02  # one check 0.02 below its neighbours, as the unsettled default showed
+    reading = settling(jumpy, [jumpy, quiet[1]])
+    assert reading.largest_jump[0] > reading.seed_spread[0] and not reading.settled
+    assert settling(quiet[0], quiet).settled
+
+
+def test_settled_at_a_target_l0_means_on_target_and_flat_over_the_last_third():
+    on_target = budget_history([(0.60 + 0.01 * min(i, 6), 40 * (1.02 if i % 2 else 0.98)) for i in range(12)])
+    assert settled_at_target(on_target, 40)
+    off = [dict(row) for row in on_target]
+    off[-2]["l0"] = 43  # 7.5% above the target in the last third
+    assert not settled_at_target(off, 40)
+    still_rising = budget_history([(0.60 + 0.003 * i, 40) for i in range(12)])  # 0.0059 per 1M tokens
+    assert not settled_at_target(still_rising, 40)
