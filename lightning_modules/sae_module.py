@@ -141,11 +141,11 @@ class SAEModule(L.LightningModule):
         self.register_buffer("tokens_since_reset", torch.full((width,), window, dtype=torch.long))
         self.register_buffer("reset_latents", torch.tensor(0, dtype=torch.long))  # reset at the latest step
         self.register_buffer("revivals", torch.zeros(width, dtype=torch.long))  # each latent's reset events
-        self.register_buffer("loss_average", torch.tensor(math.nan))  # the training loss's EMA over ~100 steps
+        self.register_buffer("loss_average", torch.tensor(0.0))  # the training loss's EMA over ~100 steps (0: none yet)
         self.register_buffer("loss_spikes", torch.tensor(0, dtype=torch.long))
         self.register_buffer("lambda_scale", torch.tensor(1.0))  # the target-L0 controller's factor on λ
-        self.register_buffer("l0_average", torch.tensor(math.nan))  # its moving averages of the training L0
-        self.register_buffer("l0_trend_base", torch.tensor(math.nan))
+        self.register_buffer("l0_average", torch.tensor(0.0))  # its moving averages of the training L0 (0: none yet)
+        self.register_buffer("l0_trend_base", torch.tensor(0.0))
         thresholds = self.sae.threshold_values()  # their start, once initialized on the first batch
         self.register_buffer("initial_thresholds", None if thresholds is None else torch.full_like(thresholds, math.nan))
         self.register_buffer("firing_frequency", torch.zeros(width, dtype=torch.float64))  # EMA over ~W tokens
@@ -201,7 +201,7 @@ class SAEModule(L.LightningModule):
         if self.hparams.target_l0 is None:
             return
         for average, rate in ((self.l0_average, 1 / 20), (self.l0_trend_base, 1 / 100)):
-            average.copy_(torch.where(average.isnan(), l0, average.lerp(l0, rate)))
+            average.copy_(torch.where(average == 0, l0, average.lerp(l0, rate)))
         if self.known_steps_trained() < self.hparams.sparsity_warmup_steps:
             return
         error = (self.l0_average.clamp(min=1e-3) / self.hparams.target_l0).log().clamp(-1, 1)
@@ -310,8 +310,8 @@ class SAEModule(L.LightningModule):
         warmed_up = self.known_steps_trained() >= self.hparams.sparsity_warmup_steps
         loss = loss.detach().float()
         if warmed_up:
-            self.loss_spikes += (loss > LOSS_SPIKE_RATIO * self.loss_average).long()
-        self.loss_average.copy_(torch.where(self.loss_average.isnan(), loss, self.loss_average.lerp(loss, 0.01)))
+            self.loss_spikes += ((self.loss_average > 0) & (loss > LOSS_SPIKE_RATIO * self.loss_average)).long()
+        self.loss_average.copy_(torch.where(self.loss_average == 0, loss, self.loss_average.lerp(loss, 0.01)))
         self._known_steps_trained = self.known_steps_trained() + 1
         self.steps_trained += 1
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from sagsae.gated_chain import gated_chain
-from sagsae.straight_through import bi_jump_relu
+from sagsae.straight_through import bi_jump_relu, two_sided_soft_threshold
 from tests.conftest import perturbed_sae
 
 D, H, B, LAM = 6, 10, 256, 0.7
 
 
-def composed_chain(u, b_gate, r, b_mag, theta_pos, theta_neg, bandwidth, sign_consistency=True):
+def composed_chain(u, b_gate, r, b_mag, theta_pos, theta_neg, bandwidth, sign_consistency=True, soft=False):
     """The chain as the SAEs composed it before the fused function: separate ops, autograd's gradients."""
     pi = u + b_gate
     magnitude = r.exp() * u + b_mag
@@ -23,7 +23,7 @@ def composed_chain(u, b_gate, r, b_mag, theta_pos, theta_neg, bandwidth, sign_co
         magnitude = torch.where((pi > 0) == (magnitude > 0), magnitude, 0)
     gate = (pi > theta_pos) | (pi < -theta_neg)
     codes = torch.where(gate, magnitude, 0)
-    gate_codes = bi_jump_relu(pi, theta_pos, theta_neg, bandwidth)
+    gate_codes = two_sided_soft_threshold(pi, theta_pos, theta_neg) if soft else bi_jump_relu(pi, theta_pos, theta_neg, bandwidth)
     return codes, gate_codes, gate_codes.abs().sum(0)
 
 
@@ -35,9 +35,10 @@ def leaves(generator, tied_theta: bool):
     return {name: value.clone().requires_grad_() for name, value in values.items()}
 
 
+@pytest.mark.parametrize("soft", [False, True], ids=["jump-gate-path", "soft-gate-path"])
 @pytest.mark.parametrize("tied_theta", [True, False], ids=["tied-theta", "untied-theta"])
 @pytest.mark.parametrize("sign_consistency", [True, False], ids=["sign-consistent", "any-sign"])
-def test_values_and_gradients_equal_the_composed_ops(tied_theta, sign_consistency):
+def test_values_and_gradients_equal_the_composed_ops(tied_theta, sign_consistency, soft):
     """Random upstream gradients on all three outputs (codes, gate codes and their per-latent L1), with a bandwidth
     wide enough that many π fall in the thresholds' kernels."""
     generator = torch.Generator().manual_seed(0)
@@ -47,7 +48,7 @@ def test_values_and_gradients_equal_the_composed_ops(tied_theta, sign_consistenc
     outputs = {}
     for name, inputs, chain in (("fused", fused_inputs, gated_chain), ("composed", composed_inputs, composed_chain)):
         args = [inputs[key] for key in ("u", "b_gate", "r", "b_mag", "theta_pos", "theta_neg")]
-        outputs[name] = chain(*args, 0.4, sign_consistency)
+        outputs[name] = chain(*args, 0.4, sign_consistency, soft)
         sum((out * grad).sum() for out, grad in zip(outputs[name], upstream)).backward()
     for fused, composed in zip(outputs["fused"], outputs["composed"]):
         torch.testing.assert_close(fused.detach(), composed.detach(), rtol=1e-6, atol=1e-6)
@@ -76,7 +77,8 @@ def assert_same_loss_and_gradients(fused, composed, fused_grads, composed_grads)
 
 
 SAGSAE_FORMS = [{}, {"tie_theta": False}, {"sign_consistency": False}, {"log_theta": True},
-                {"one_sided_gate": True}, {"unit_norm_decoder": True}, {"aux_weight": 0.5}]
+                {"one_sided_gate": True}, {"unit_norm_decoder": True}, {"aux_weight": 0.5}, {"gate_path": "jump"},
+                {"gate_path": "soft", "tie_theta": False}, {"gate_path": "soft", "one_sided_gate": True}]
 
 
 @pytest.mark.parametrize("switches", SAGSAE_FORMS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "default")
@@ -94,7 +96,7 @@ def test_sagsae_loss_through_the_fused_chain_equals_its_composed_form(switches):
     assert thresholds and all(fused_grads[name].abs().sum() > 0 for name in thresholds)
 
 
-@pytest.mark.parametrize("switches", [{"tie_r": False}, {"gate_path": "soft"}, {"recon_trains_theta": True},
+@pytest.mark.parametrize("switches", [{"tie_r": False}, {"recon_trains_theta": True},
                                       {"signed_magnitude": False}], ids=lambda s: next(iter(s)))
 def test_forms_the_chain_does_not_cover_keep_the_composed_ops(switches):
     assert perturbed_sae("sagsae", D, H, **switches).fused_chain_arguments() is None

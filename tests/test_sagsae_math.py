@@ -37,7 +37,8 @@ def direct(sae, x, lam):
             m = math.exp(float(r_pos[i] if s > 0 else r_neg[i])) * u + float(b_mag[i])
             consistent = s * m > 0 or not sae.sign_consistency
             codes[n, i] = g * m if consistent else 0.0
-            gate_codes[n, i] = pi * g
+            threshold = float(theta_pos[i] if s > 0 else theta_neg[i])
+            gate_codes[n, i] = g * (s * (abs(pi) - threshold) if sae.gate_path == "soft" else pi)
     x_hat = codes @ W_dec.T + b_dec
     gate_x_hat = gate_codes @ W_dec.T + b_dec
     norms = W_dec.norm(dim=0)
@@ -49,8 +50,9 @@ def direct(sae, x, lam):
 
 @pytest.mark.parametrize(
     "switches",
-    [{}, {"tie_r": False, "tie_theta": False}, {"sign_consistency": False}, {"aux_weight": 0.5}],
-    ids=["tied", "untied", "no-sign-consistency", "aux-0.5"],
+    [{}, {"tie_r": False, "tie_theta": False}, {"sign_consistency": False}, {"aux_weight": 0.5},
+     {"gate_path": "jump"}, {"gate_path": "jump", "tie_r": False, "tie_theta": False}],
+    ids=["tied", "untied", "no-sign-consistency", "aux-0.5", "jump-gate-path", "jump-gate-path-untied"],
 )
 def test_forward_and_loss_match_direct_computation(switches):
     sae = make_sae(**switches)

@@ -51,7 +51,10 @@ class SignAwareGatedSAE(GatedPathsSAE):
         tie_theta: one threshold θ for both polarities.
         sign_consistency: a code never fires against its gate's polarity.
         aux_weight: α_aux of the gate-path reconstruction (0 = the `aux: false` ablation).
-        gate_path: "jump" (BiJump_θ(π)) or "soft" (two-sided soft threshold) for the sparsity/aux terms.
+        gate_path: the gate path's code, which the sparsity and aux terms see: "soft", sign(π)·ReLU(|π| − θ), whose
+            θ gradient is an ordinary one from every open gate, as Gated's b_gate (the default: with "jump",
+            BiJump_θ(π), θ learns only from the kernel's band and a run's L0 climbs for millions of tokens;
+            docs/method.md, "Settling").
         recon_trains_theta: let the main reconstruction reach θ through the pseudo-derivative.
         log_theta: store log θ instead of θ.
         theta_init: initial θ; None = 1e-3·√d.
@@ -74,7 +77,7 @@ class SignAwareGatedSAE(GatedPathsSAE):
         tie_theta: bool = True,
         sign_consistency: bool = True,
         aux_weight: float = 1.0,
-        gate_path: GatePath = "jump",
+        gate_path: GatePath = "soft",
         recon_trains_theta: bool = False,
         log_theta: bool = False,
         theta_init: float | None = None,
@@ -166,13 +169,14 @@ class SignAwareGatedSAE(GatedPathsSAE):
             getattr(self, name).copy_(theta.log() if self.log_theta else theta)
 
     def fused_chain_arguments(self) -> dict[str, Any] | None:
-        """The chain covers tied r, the jump gate path, a separate magnitude path, and no θ gradient from the main
+        """The chain covers tied r, either gate path, a separate magnitude path, and no θ gradient from the main
         reconstruction."""
-        if not (self.tie_r and self.signed_magnitude and self.gate_path == "jump" and not self.recon_trains_theta):
+        if not (self.tie_r and self.signed_magnitude and not self.recon_trains_theta):
             return None
         theta_pos, theta_neg = self.thresholds()
         return {"log_rescale": self.r, "b_mag": self.b_mag, "theta_pos": theta_pos, "theta_neg": theta_neg,
-                "bandwidth": self.bandwidth, "sign_consistency": self.sign_consistency}
+                "bandwidth": self.bandwidth, "sign_consistency": self.sign_consistency,
+                "soft": self.gate_path == "soft"}
 
     def to_saelens(self) -> tuple[dict[str, Tensor], dict]:
         """SAELens layout with both sides' rescales and thresholds written out (untied on load)."""
