@@ -143,6 +143,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("revivals", torch.zeros(width, dtype=torch.long))  # each latent's reset events
         self.register_buffer("loss_average", torch.tensor(0.0))  # the training loss's EMA over ~100 steps (0: none yet)
         self.register_buffer("loss_spikes", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("spiking", torch.tensor(False))  # whether the latest step's loss was in a spike
         self.register_buffer("lambda_scale", torch.tensor(1.0))  # the target-L0 controller's factor on λ
         self.register_buffer("l0_average", torch.tensor(0.0))  # its moving averages of the training L0 (0: none yet)
         self.register_buffer("l0_trend_base", torch.tensor(0.0))
@@ -305,12 +306,14 @@ class SAEModule(L.LightningModule):
     def record_step(self, firing: Tensor, tokens: int, loss: Tensor) -> None:
         """A kept step's bookkeeping: this rank's per-latent firing counts (`firing_counts`), the step count, and
         whether its loss spiked: more than twice its average over the last ~100 steps, once λ has warmed up (while
-        λ grows the loss may rise by design). Counted without a host read."""
+        λ grows the loss may rise by design). Counted without a host read, once per spike."""
         self._track_firing(firing, tokens)
         warmed_up = self.known_steps_trained() >= self.hparams.sparsity_warmup_steps
         loss = loss.detach().float()
-        if warmed_up:
-            self.loss_spikes += ((self.loss_average > 0) & (loss > LOSS_SPIKE_RATIO * self.loss_average)).long()
+        if warmed_up:  # a spike counts once, however many steps the loss stays above twice its average
+            spiking = (self.loss_average > 0) & (loss > LOSS_SPIKE_RATIO * self.loss_average)
+            self.loss_spikes += (spiking & ~self.spiking).long()
+            self.spiking.copy_(spiking)
         self.loss_average.copy_(torch.where(self.loss_average == 0, loss, self.loss_average.lerp(loss, 0.01)))
         self._known_steps_trained = self.known_steps_trained() + 1
         self.steps_trained += 1

@@ -125,11 +125,13 @@ def test_loss_spikes_are_counted_only_when_the_loss_jumps():
     generator = torch.Generator().manual_seed(0)
     data = torch.randn(8192, 8, generator=generator) @ torch.randn(8, 8, generator=generator)
     counts = {}
-    for name, callbacks in (("clean", []), ("spiked", [ScaleBatch(at=30, factor=30.0)])):
+    for name, callbacks in (("clean", []), ("spiked", [ScaleBatch(at=30, factor=30.0)]),
+                            ("spiked twice", [ScaleBatch(at=20, factor=30.0), ScaleBatch(at=30, factor=30.0),
+                                              ScaleBatch(at=31, factor=30.0)])):
         module = SAEModule.from_arguments("sagsae", d_in=8, width=16, init_seed=0, sparsity_warmup_steps=10)
         fit(module, data.clone(), steps=40, batch_size=256, callbacks=callbacks)
         counts[name] = int(module.loss_spikes)
-    assert counts == {"clean": 0, "spiked": 1}
+    assert counts == {"clean": 0, "spiked": 1, "spiked twice": 2}  # steps 30 and 31 are one spike
 
 
 def test_held_out_aux_r2_is_the_gate_paths_r2():
