@@ -38,6 +38,16 @@ def firing_counts(codes: Tensor) -> Tensor:
     return counts
 
 
+# Bookkeeping buffers newer than some checkpoints: a checkpoint without them resumes with their fresh values.
+LATER_BUFFERS = ("revivals", "loss_average", "loss_spikes", "spiking", "lambda_scale", "l0_average", "l0_trend_base")
+
+
+def keep_fresh_bookkeeping(module: L.LightningModule, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """A load_state_dict pre-hook: fill in the LATER_BUFFERS a checkpoint lacks with the module's own values."""
+    for name in LATER_BUFFERS:
+        state_dict.setdefault(prefix + name, getattr(module, name).clone())
+
+
 class SAEModule(L.LightningModule):
     """Trains one SAE on normalized activations.
 
@@ -153,6 +163,7 @@ class SAEModule(L.LightningModule):
         self.register_buffer("tokens_seen", torch.tensor(0, dtype=torch.long))
         self.register_buffer("steps_trained", torch.tensor(0, dtype=torch.long))  # restored by validate/test too
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_load_state_dict_pre_hook(keep_fresh_bookkeeping)
 
     def configure_model(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -147,3 +147,16 @@ def test_held_out_aux_r2_is_the_gate_paths_r2():
     without_gate = ReconstructionMetrics(6, 10)
     without_gate.update(x, gate_x_hat, torch.zeros(300, 10))  # an SAE without a gate path
     assert "aux_r2" not in without_gate.compute()
+
+
+def test_a_checkpoint_from_before_the_settling_bookkeeping_still_loads():
+    """Checkpoints written before the revival, spike and target-L0 buffers existed resume with those fresh."""
+    from lightning_modules.sae_module import LATER_BUFFERS
+
+    module = SAEModule.from_arguments("sagsae", d_in=8, width=16)
+    state = {key: value for key, value in module.state_dict().items() if key not in LATER_BUFFERS}
+    module.loss_spikes.fill_(3)
+    module.load_state_dict(state)
+    assert int(module.loss_spikes) == 3 and float(module.lambda_scale) == 1.0
+    with pytest.raises(RuntimeError, match="Missing key"):  # what the hook fills is only the bookkeeping
+        module.load_state_dict({k: v for k, v in state.items() if k != "sae.W_dec"})
