@@ -128,8 +128,11 @@ def paper_claim(cell: dict, a: str, b: str) -> str:
     return PAPER.get(_hookpoint(cell) or "", "–")
 
 
-def series_style(name: str, focus: list[str]) -> dict:
-    """The compared series in colour, every other one faded grey (report plots put the compared pair first)."""
+def series_style(name: str, focus: list[str], index: int) -> dict:
+    """The compared series in colour, every other one faded grey (report plots put the compared pair first); with
+    nothing compared, every series in its own colour (`index`: its place among the plotted series)."""
+    if not focus:
+        return {"color": f"C{index % 10}"}
     if name in focus:
         return {"color": f"C{focus.index(name)}", "alpha": 0.95, "linewidth": 1.6, "zorder": 3}
     return {"color": "0.55", "alpha": 0.35, "linewidth": 0.9, "zorder": 1}
@@ -151,7 +154,7 @@ def plot_cell(label: str, series: dict[str, list[dict]], path: Path, pairs: list
     ordered = sorted(series, key=lambda name: (name not in focus, focus.index(name) if name in focus else 0))
     for index, name in enumerate(ordered):
         rows = series[name]
-        style = series_style(name, focus) if focus else {"color": f"C{index}"}
+        style = series_style(name, focus, index)
         l0 = [r["l0"] for r in rows]
         for axis, key in ((left, "r2"), (right, right_key)):
             if not all(key in r for r in rows):
@@ -182,8 +185,9 @@ R2_FLOOR = -0.5  # budget plots draw lower held-out R² at this floor, marked �
 
 def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Path) -> None:
     """Held-out R², L0 and (where measured) ΔCE against training tokens, one line per member: the compared
-    series in colour and first in the legend (outside the axes), every other series faded grey, a series' grid
-    points (λ or k, in member-name order) solid, dashed, dotted."""
+    series in colour and first in the legend (outside the axes), every other series faded grey (with nothing
+    compared, each series its own colour), a series' grid points (λ or k, in member-name order) solid, dashed,
+    dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,7 +208,8 @@ def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Pat
             continue
         series = member["series"]
         siblings = [other for other, m in members if m["series"] == series]  # a series' grid points: dashes
-        style = series_style(series, focus) | {"linestyle": ("-", "--", ":", "-.")[siblings.index(name) % 4]}
+        order = list(dict.fromkeys(m["series"] for _, m in members))
+        style = series_style(series, focus, order.index(series)) | {"linestyle": ("-", "--", ":", "-.")[siblings.index(name) % 4]}
         legend = series if series not in labelled else None
         labelled.add(series)
         for axis, (key, _) in zip(axes, keys):
