@@ -254,3 +254,29 @@ def test_report_reads_every_member_at_an_earlier_budget(tmp_path):
     assert "| X | sparsity_coefficient 2 |" in only_x and "| Y |" not in only_x
     with pytest.raises(SystemExit, match=r"Unknown series \['Z'\] \(--series\)"):
         main(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "only_z"), "--series", "Z"])
+
+
+def test_report_reads_each_member_against_the_settle_criteria(tmp_path):
+    """Two seeds of a quiet fixed-λ member settle; a member whose L0 climbs while R² falls does not; a target-L0
+    member that ends on its target settles, one that ends 20% off does not."""
+    def member(series, point, rows):
+        history = [{"l0": l0, "r2": r2, "dead_fraction": 0.0, "silent_fraction": 0.0, "tokens_seen": 512_000 * (i + 1),
+                    "loss_spikes": 0} for i, (r2, l0) in enumerate(rows)]
+        return {"series": series, "point": point, "width": 8, "history": history, **history[-1]}
+
+    learning = [(0.50, 60), (0.60, 45), (0.65, 40)]
+    quiet = [(0.70 + 0.0005 * (i % 2), 40.0 * (1 + 0.005 * (i % 3))) for i in range(12)]
+    drifting = [(0.70 - 0.003 * i, 40.0 * (1 + 0.05 * i)) for i in range(12)]
+    members = {"quiet-s0": member("quiet", {"sparsity_coefficient": 4, "init_seed": 0}, learning + quiet),
+               "quiet-s1": member("quiet", {"sparsity_coefficient": 4, "init_seed": 1}, learning + quiet[::-1]),
+               "drift-s0": member("drift", {"sparsity_coefficient": 4, "init_seed": 0}, learning + drifting),
+               "on-target": member("target", {"target_l0": 40}, learning + quiet),
+               "off-target": member("target", {"target_l0": 50}, learning + quiet)}
+    (tmp_path / "sweep" / "A").mkdir(parents=True)
+    (tmp_path / "sweep" / "A" / "results.json").write_text(json.dumps({"cell": "A", "steps": 4, "members": members}))
+    main(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
+    rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
+            if line.startswith("| ") and line.rstrip().endswith(("| yes |", "| **no** |"))}
+    assert rows["quiet-s0"].endswith("| yes |") and rows["quiet-s1"].endswith("| yes |") and "| 2 |" in rows["quiet-s0"]
+    assert rows["drift-s0"].endswith("| **no** |")
+    assert rows["on-target"].endswith("| yes |") and rows["off-target"].endswith("| **no** |")

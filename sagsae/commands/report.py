@@ -20,7 +20,7 @@ from statistics import mean
 import yaml
 
 from sagsae.convergence import (L0_TOLERANCE, NOISE_MULTIPLE, R2_TOLERANCE, REFERENCE_POINTS, Plateau, converged_at,
-                                gain_at_matched_l0, plateau)
+                                gain_at_matched_l0, plateau, settled_at_target, settling)
 from sagsae.pareto import Curve, compare
 
 RESULTS = "results.json"
@@ -80,8 +80,7 @@ def sweep_points(cell: dict) -> dict[str, list[dict]]:
     """series → its sweep points, each the seed mean (and range) of the members sharing a grid point."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for member in cell["members"].values():
-        point = tuple(sorted((k, v) for k, v in member["point"].items() if k != "init_seed"))
-        groups[(member["series"], point)].append(member)
+        groups[_grid_point(member)].append(member)
     series: dict[str, list[dict]] = defaultdict(list)
     for (name, point), members in groups.items():
         row = {"point": dict(point), "seeds": len(members), "width": members[0]["width"]}
@@ -271,6 +270,39 @@ def convergence_lines(cell: dict, pairs: list[tuple[str, str]]) -> list[str]:
     return lines + [""]
 
 
+def settling_lines(cell: dict) -> list[str]:
+    """Per member, the settle criteria of docs/method.md ("Settling"): at a fixed λ, no check-to-check jump past
+    2M tokens larger than its seeds' spread, no ~1M-token span there over which L0 rose while R² fell, and the
+    own-band rule converged within 8M tokens; at a target L0, every check of the last third within ±5% of the
+    target and an R² trend there of at most 0.003 per 1M tokens. With the loss spikes each run counted."""
+    seeds: dict[tuple, list[list[dict]]] = defaultdict(list)
+    members = [(name, m) for name, m in sorted(cell["members"].items()) if len(m.get("history") or []) >= 2]
+    for _, member in members:
+        seeds[_grid_point(member)].append(member["history"])
+    lines = ["Settling (docs/method.md): a jump is the largest check-to-check move past 2M tokens (R², L0 relative), "
+             "against the range of the seeds' means there (never below 0.005 R², 5% L0); waste counts the ~1M-token "
+             "spans past 2M over which L0 rose > 2% while R² fell > 0.002.", "",
+             "| member | seeds | largest jump: R², L0 | seeds' spread: R², L0 | waste | own band | target L0 | "
+             "loss spikes | settled |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, member in members:
+        history, target = member["history"], member["point"].get("target_l0")
+        runs = seeds[_grid_point(member)]
+        reading = settling(history, runs)
+        on_target = "–" if target is None else ("yes" if settled_at_target(history, target) else "**no**")
+        settled = settled_at_target(history, target) if target is not None else reading.settled
+        own = "–" if reading.converged_at is None else f"{reading.converged_at:,.0f}"
+        lines.append(f"| {name} | {len(runs)} | {reading.largest_jump[0]:.4f}, {reading.largest_jump[1]:.1%} | "
+                     f"{reading.seed_spread[0]:.4f}, {reading.seed_spread[1]:.1%} | {reading.wasteful} | {own} | "
+                     f"{on_target} | {_number(history[-1].get('loss_spikes', math.nan), 0)} | "
+                     f"{'yes' if settled else '**no**'} |")
+    return lines + [""]
+
+
+def _grid_point(member: dict) -> tuple:
+    """A member's series and grid point, less its seed: the members that are seeds of one configuration."""
+    return member["series"], tuple(sorted((k, v) for k, v in member["point"].items() if k != "init_seed"))
+
+
 def own_band_readings(cell: dict, members: list[tuple[str, dict]]) -> dict[str, tuple[Plateau | None, float]]:
     """member → (its own-band reading, its second-half R² gain at matched L0; NaN where either is missing)."""
     curves = {series: curve(rows) for series, rows in sweep_points(cell).items() if has_metric(rows, "r2")}
@@ -369,7 +401,7 @@ def cell_section(label: str, cell: dict, pairs: list[tuple[str, str]], image: st
     lines.append("")
     if budget_image:
         lines += ["### Convergence", "", f"![{label} against the budget]({budget_image})", "",
-                  *convergence_lines(cell, pairs)]
+                  *convergence_lines(cell, pairs), *settling_lines(cell)]
     verdicts = []
     for a, b in pairs:
         if a not in series or b not in series:
