@@ -15,6 +15,7 @@ from callbacks.metrics import ReconstructionMetrics
 from datamodules import TensorActivationDataModule
 from lightning_modules import SAEModule
 from sagsae.synthetic import protocol_a
+from tests.test_robustness import SpikeBatch
 
 TRAIN = 100_000
 
@@ -112,22 +113,13 @@ def test_revivals_count_each_death_once():
     assert diagnostics["revived_latents"] == 1 and diagnostics["revived_again"] == 1
 
 
-class ScaleBatch(L.Callback):
-    def __init__(self, at: int, factor: float) -> None:
-        self.at, self.factor = at, factor
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at:
-            batch.mul_(self.factor)
-
-
 def test_loss_spikes_are_counted_only_when_the_loss_jumps():
     generator = torch.Generator().manual_seed(0)
     data = torch.randn(8192, 8, generator=generator) @ torch.randn(8, 8, generator=generator)
     counts = {}
-    for name, callbacks in (("clean", []), ("spiked", [ScaleBatch(at=30, factor=30.0)]),
-                            ("spiked twice", [ScaleBatch(at=20, factor=30.0), ScaleBatch(at=30, factor=30.0),
-                                              ScaleBatch(at=31, factor=30.0)])):
+    for name, callbacks in (("clean", []), ("spiked", [SpikeBatch(at=30, factor=30.0)]),
+                            ("spiked twice", [SpikeBatch(at=20, factor=30.0), SpikeBatch(at=30, factor=30.0),
+                                              SpikeBatch(at=31, factor=30.0)])):
         module = SAEModule.from_arguments("sagsae", d_in=8, width=16, init_seed=0, sparsity_warmup_steps=10)
         fit(module, data.clone(), steps=40, batch_size=256, callbacks=callbacks)
         counts[name] = int(module.loss_spikes)
