@@ -118,9 +118,9 @@ class SpikeBatch(L.Callback):
 
 def test_a_finite_loss_spike_is_absorbed_by_the_clip_and_the_run_goes_on(tmp_path):
     """A 1,000× batch at step 20 (λ warmed up by step 10): with fit's gradient clip the run goes on, and 20 steps
-    later its held-out R² is within 0.05 of a run that never saw the spike. The positive control: the spike reaches the model (its loss
-    spike is counted), and without the clip the same spike costs at least 0.1 held-out R² (measured: 0.976 with and
-    without the spike, 0.321 unclipped)."""
+    later its held-out R² is within 0.05 of a run that never saw the spike. The positive control: the spike reaches
+    the model (its loss spike is counted), and without the clip the same spike costs at least 0.1 held-out R²
+    (measured: 0.976 with and without the spike, 0.321 unclipped)."""
     from sagsae.measures import explained_variance
 
     generator = torch.Generator().manual_seed(0)
