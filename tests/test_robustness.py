@@ -15,6 +15,7 @@ import torch
 from callbacks import SAEMetrics
 from datamodules import TensorActivationDataModule
 from lightning_modules import SAEModule
+from sagsae.commands.train import run
 from tests.test_cli import REPO, tiny_args
 
 
@@ -63,6 +64,16 @@ def test_sigterm_saves_a_resumable_checkpoint(delay, tiny_llama, text_file, tmp_
     assert len(saved) == 1, output[-3000:]
     step = torch.load(saved[0], weights_only=False)["global_step"]
     assert step > 0 and f"Interrupted at step {step}" in output
+    # and it resumes: three more steps from where it stopped (a fresh run would log its first steps too)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(["fit", *tiny_args(tiny_llama, text_file, tmp_path / "resumed", step + 3), "--ckpt_path", str(saved[0])])
+    version = tmp_path / "resumed" / "lightning_logs" / "version_0"
+    resumed = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == step + 3 and int(resumed["state_dict"]["steps_trained"]) == step + 3
+    events = EventAccumulator(str(version))
+    events.Reload()
+    assert sorted(e.step for e in events.Scalars("train/loss")) == [step, step + 1, step + 2]
 
 
 
