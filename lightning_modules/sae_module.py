@@ -320,7 +320,7 @@ class SAEModule(L.LightningModule):
         λ grows the loss may rise by design). Counted without a host read, once per spike."""
         self._track_firing(firing, tokens)
         warmed_up = self.known_steps_trained() >= self.hparams.sparsity_warmup_steps
-        loss = loss.detach().float()
+        loss = self.trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")  # every rank keeps the same state
         if warmed_up:  # a spike counts once, however many steps the loss stays above twice its average
             spiking = (self.loss_average > 0) & (loss > LOSS_SPIKE_RATIO * self.loss_average)
             self.loss_spikes += (spiking & ~self.spiking).long()
