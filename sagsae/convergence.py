@@ -151,10 +151,10 @@ def settling(history: list[dict[str, float]], seeds: list[list[dict[str, float]]
     pairs = list(zip(late, late[1:]))
     largest_jump = (max((abs(b["r2"] - a["r2"]) for a, b in pairs), default=0.0),
                     max((abs(b["l0"] - a["l0"]) / a["l0"] for a, b in pairs), default=0.0))
-    late_means = [[statistics.fmean(row[key] for row in run if row["tokens_seen"] > SETTLE_AFTER_TOKENS)
-                   for run in seeds] for key in ("r2", "l0")]
+    late_runs = [[row for row in run if row["tokens_seen"] > SETTLE_AFTER_TOKENS] for run in seeds]
+    late_means = [[statistics.fmean(row[key] for row in rows) for rows in late_runs if rows] for key in ("r2", "l0")]
     seed_spread = (max(R2_TOLERANCE, _range(late_means[0])),
-                   max(L0_TOLERANCE, _range(late_means[1]) / statistics.fmean(late_means[1])))
+                   max(L0_TOLERANCE, _range(late_means[1]) / statistics.fmean(late_means[1]) if late_means[1] else 0.0))
     wasteful = 0
     for i, start in enumerate(late):
         end = next((row for row in late[i + 1:] if row["tokens_seen"] - start["tokens_seen"] >= SETTLE_WINDOW_TOKENS), None)
@@ -176,4 +176,4 @@ def settled_at_target(history: list[dict[str, float]], target_l0: float) -> bool
 
 
 def _range(values: list[float]) -> float:
-    return max(values) - min(values)
+    return max(values) - min(values) if values else 0.0

@@ -151,3 +151,9 @@ def test_settled_at_a_target_l0_means_on_target_and_flat_over_the_last_third():
     assert not settled_at_target(off, 40)
     still_rising = budget_history([(0.60 + 0.003 * i, 40) for i in range(12)])  # 0.0059 per 1M tokens
     assert not settled_at_target(still_rising, 40)
+
+
+def test_a_run_too_short_to_pass_two_million_tokens_is_read_not_settled():
+    short = budget_history([(0.5, 60), (0.6, 50)])
+    reading = settling(short, [short, short])
+    assert reading.largest_jump == (0.0, 0.0) and reading.wasteful == 0 and not reading.settled

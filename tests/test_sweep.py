@@ -131,7 +131,10 @@ def test_report_writes_tables_plots_and_verdicts(synth_run):
     assert "## A" in report and "## B" in report and "| SA-GSAE(K) | sparsity_coefficient 1 | 2 |" in report
     assert (synth_run / "report/A.png").stat().st_size > 10_000
     assert (synth_run / "report/A_budget.png").stat().st_size > 10_000 and "![A against the budget]" in report
-    rows = [line for line in report.splitlines() if line.startswith("| SA-GSAE-K-s0-l1 |")]  # convergence tables
+    rows = [line for line in report.splitlines()  # the convergence tables' rows (the settling tables have 9 columns)
+            if line.startswith("| SA-GSAE-K-s0-l1 |") and line.count(" | ") == 10]
+    settling = [line for line in report.splitlines() if line.startswith("| SA-GSAE-K-s0-l1 |") and line.count(" | ") == 8]
+    assert len(settling) == 2 and all(row.endswith("| **no** |") for row in settling)  # 3k tokens: nothing settles
     assert len(rows) == 2 and all(row.split(" | ")[1] == f"{6 * 512:,}" for row in rows)
     # two checkpoints give no jitter to set a band, hence no gain at matched L0 either
     assert all(row.split(" | ")[-3:-1] == ["too short", "–"] for row in rows)
