@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks.interrupt import rescue_checkpoint
-from sagsae.measures import step_summary
+from sagsae.measures import deciles, step_summary
 from sagsae.saes import SparseAutoencoder, sae_class
 
 SAEFactory = Callable[[int], SparseAutoencoder]  # d_in → the SAE, its other arguments already bound
@@ -101,7 +101,8 @@ class SAEModule(L.LightningModule):
         if dead_window_tokens <= 0:
             raise ValueError(f"model.dead_window_tokens must be positive, got {dead_window_tokens}")
         if target_l0 is not None and not (target_l0 > 0 and math.isfinite(target_l0)):
-            raise ValueError(f"model.target_l0 must be a positive number of latents per token (or null), got {target_l0}")
+            raise ValueError(f"model.target_l0 must be a positive number of latents per token (or null), "
+                             f"got {target_l0}")
         if not (target_l0_rate > 0 and math.isfinite(target_l0_rate)):
             raise ValueError(f"model.target_l0_rate must be a positive number, got {target_l0_rate}")
         self.save_hyperparameters()
@@ -318,9 +319,8 @@ class SAEModule(L.LightningModule):
         """A kept step's bookkeeping: this rank's per-latent firing counts (`firing_counts`), the step count, and
         whether its loss spiked: more than twice its average over the last ~100 steps, once λ has warmed up (while
         λ grows the loss may rise by design). Counted without a host read, once per spike."""
-        self._track_firing(firing, tokens)
+        loss = self._track_firing(firing, tokens, loss)
         warmed_up = self.known_steps_trained() >= self.hparams.sparsity_warmup_steps
-        loss = self.trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")  # every rank keeps the same state
         if warmed_up:  # a spike counts once, however many steps the loss stays above twice its average
             spiking = (self.loss_average > 0) & (loss > LOSS_SPIKE_RATIO * self.loss_average)
             self.loss_spikes += (spiking & ~self.spiking).long()
@@ -355,9 +355,12 @@ class SAEModule(L.LightningModule):
         return result
 
     # ----- dead latents -----------------------------------------------------------------------------------
-    def _track_firing(self, firing: Tensor, tokens: int) -> None:
-        """Per-latent firing across all ranks (sums, so every rank holds the same state)."""
-        counts = self.trainer.strategy.reduce(firing.double(), reduce_op="sum")
+    def _track_firing(self, firing: Tensor, tokens: int, loss: Tensor) -> Tensor:
+        """Per-latent firing across all ranks (sums, so every rank holds the same state); returns the loss's mean
+        over the ranks, summed in the same reduction."""
+        totals = self.trainer.strategy.reduce(torch.cat([firing.double(), loss.detach().double().reshape(1)]),
+                                              reduce_op="sum")
+        counts, loss = totals[:-1], (totals[-1] / self.trainer.world_size).float()
         tokens = tokens * self.trainer.world_size
         self.tokens_since_fired.add_(tokens).masked_fill_(counts > 0, 0)
         self.tokens_since_reset.add_(tokens)
@@ -365,6 +368,7 @@ class SAEModule(L.LightningModule):
         rate = min(1.0, tokens / self.hparams.dead_window_tokens)
         self.firing_frequency.lerp_(counts / tokens, rate)
         self.steer_sparsity(counts.sum().float() / tokens)
+        return loss
 
     def dead_mask(self) -> Tensor:
         """Latents with no non-zero code in the last `dead_window_tokens` training tokens."""
@@ -390,8 +394,7 @@ class SAEModule(L.LightningModule):
             for name, side in zip(names, sides):
                 finite = side[torch.isfinite(side)]
                 if len(finite):
-                    q = torch.quantile(finite, torch.tensor([0.1, 0.5, 0.9], device=finite.device))
-                    values |= {f"theta{name}_q10": q[0], f"theta{name}_q50": q[1], f"theta{name}_q90": q[2]}
+                    values |= deciles(finite, f"theta{name}")
         return values
 
     def threshold_changes(self) -> tuple[Tensor, Tensor] | None:

@@ -21,12 +21,7 @@ from torch import Tensor, nn
 
 from callbacks.metrics import ReconstructionMetrics, is_logging_step
 from lightning_modules.sae_module import SAEModule
-
-
-def firing_density_quantiles(density: Tensor) -> dict[str, Tensor]:
-    """The held-out firing-density histogram in three numbers: the 10%, 50% and 90% quantiles over latents."""
-    q = torch.quantile(density.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=density.device))
-    return {"density_q10": q[0], "density_q50": q[1], "density_q90": q[2]}
+from sagsae.measures import deciles
 
 
 class SweepModule(L.LightningModule):
@@ -169,7 +164,8 @@ class SweepModule(L.LightningModule):
             if name not in self._evaluation:
                 self._evaluation[name] = ReconstructionMetrics(member.sae.d_in, member.sae.width).to(self.device)
             result = member.evaluate_batch(batch)
-            self._evaluation[name].update(result["x"], result["x_hat"], result["codes"], result.get("gate_squared_error"))
+            self._evaluation[name].update(result["x"], result["x_hat"], result["codes"],
+                                          result.get("gate_squared_error"))
 
     def _finish_evaluation(self, stage: str) -> None:
         if self.trainer.sanity_checking:
@@ -192,7 +188,7 @@ class SweepModule(L.LightningModule):
             if not all(math.isfinite(float(v)) for v in row.values()):
                 rank_zero_warn(f"Sweep member {name} has non-finite {stage} metrics: {row}")
             row |= member.threshold_movement()  # NaN where thresholds started at 0 (Gated's default start)
-            row |= member.training_diagnostics() | firing_density_quantiles(values["firing_density"])
+            row |= member.training_diagnostics() | deciles(values["firing_density"], "density")
             row["sparsity_coefficient"] = torch.as_tensor(member.sparsity_coefficient())  # λ, which target_l0 steers
             history = self.validation_history.setdefault(name, [])
             if history and history[-1]["tokens_seen"] == int(member.tokens_seen):

@@ -130,8 +130,9 @@ class Settling:
     """One fixed-λ run's reading against the three settle criteria. `largest_jump` is the largest check-to-check
     move past the first 2M tokens (R², and L0 relative), `seed_spread` the range across seeds of their means
     past 2M (what stopping another seed would change), never below the fixed rule's tolerances (a move within
-    those is no jump, however closely the seeds agree); `wasteful` counts the ~1M-token spans past 2M over which L0 rose by more than 2% while
-    held-out R² fell by more than 0.002; and `converged_at` is the own-band rule's (`plateau`) reading."""
+    those is no jump, however closely the seeds agree); `wasteful` counts the ~1M-token spans past 2M over which
+    L0 rose by more than 2% while held-out R² fell by more than 0.002; and `converged_at` is the own-band rule's
+    (`plateau`) reading."""
     largest_jump: tuple[float, float]
     seed_spread: tuple[float, float]
     wasteful: int
@@ -152,13 +153,16 @@ def settling(history: list[dict[str, float]], seeds: list[list[dict[str, float]]
     largest_jump = (max((abs(b["r2"] - a["r2"]) for a, b in pairs), default=0.0),
                     max((abs(b["l0"] - a["l0"]) / a["l0"] for a, b in pairs), default=0.0))
     late_runs = [[row for row in run if row["tokens_seen"] > SETTLE_AFTER_TOKENS] for run in seeds]
-    late_means = [[statistics.fmean(row[key] for row in rows) for rows in late_runs if rows] for key in ("r2", "l0")]
-    seed_spread = (max(R2_TOLERANCE, _range(late_means[0])),
-                   max(L0_TOLERANCE, _range(late_means[1]) / statistics.fmean(late_means[1]) if late_means[1] else 0.0))
+    r2_means, l0_means = ([statistics.fmean(row[key] for row in rows) for rows in late_runs if rows]
+                          for key in ("r2", "l0"))
+    seed_spread = (max(R2_TOLERANCE, _range(r2_means)),
+                   max(L0_TOLERANCE, _range(l0_means) / statistics.fmean(l0_means) if l0_means else 0.0))
     wasteful = 0
     for i, start in enumerate(late):
-        end = next((row for row in late[i + 1:] if row["tokens_seen"] - start["tokens_seen"] >= SETTLE_WINDOW_TOKENS), None)
-        if end is not None and (end["l0"] - start["l0"]) / start["l0"] > WASTE_L0_RISE and start["r2"] - end["r2"] > WASTE_R2_FALL:
+        end = next((row for row in late[i + 1:]
+                    if row["tokens_seen"] - start["tokens_seen"] >= SETTLE_WINDOW_TOKENS), None)
+        if (end is not None and (end["l0"] - start["l0"]) / start["l0"] > WASTE_L0_RISE
+                and start["r2"] - end["r2"] > WASTE_R2_FALL):
             wasteful += 1
     reading = plateau(history)
     return Settling(largest_jump, seed_spread, wasteful, reading.converged_at if reading else None)

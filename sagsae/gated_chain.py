@@ -27,7 +27,8 @@ from sagsae.straight_through import bi_jump_threshold_grads, open_gate
 class _GatedChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, b_gate: Tensor, log_rescale: Tensor, b_mag: Tensor, theta_pos: Tensor,
-                theta_neg: Tensor, bandwidth: float, sign_consistency: bool, soft: bool) -> tuple[Tensor, Tensor, Tensor]:
+                theta_neg: Tensor, bandwidth: float, sign_consistency: bool,
+                soft: bool) -> tuple[Tensor, Tensor, Tensor]:
         pi = u + b_gate
         gate = open_gate(pi, theta_pos, theta_neg)
         codes = torch.addcmul(b_mag, u, log_rescale.exp())  # the magnitude, masked in place below

@@ -57,3 +57,10 @@ def window_summary(squared_error: Tensor, sum_x: Tensor, sum_squares: Tensor, ac
     if gate_squared_error is not None and gate_squared_error > 0:
         summary["aux_r2"] = 1 - gate_squared_error / total_variance
     return summary
+
+
+def deciles(values: Tensor, name: str) -> dict[str, Tensor]:
+    """A distribution in three numbers, `name`_q10, _q50 and _q90: its 10%, 50% and 90% quantiles (the held-out
+    firing densities over latents, the thresholds)."""
+    q = torch.quantile(values.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=values.device))
+    return {f"{name}_q10": q[0], f"{name}_q50": q[1], f"{name}_q90": q[2]}

@@ -23,7 +23,8 @@ def composed_chain(u, b_gate, r, b_mag, theta_pos, theta_neg, bandwidth, sign_co
         magnitude = torch.where((pi > 0) == (magnitude > 0), magnitude, 0)
     gate = (pi > theta_pos) | (pi < -theta_neg)
     codes = torch.where(gate, magnitude, 0)
-    gate_codes = two_sided_soft_threshold(pi, theta_pos, theta_neg) if soft else bi_jump_relu(pi, theta_pos, theta_neg, bandwidth)
+    gate_codes = (two_sided_soft_threshold(pi, theta_pos, theta_neg) if soft
+                  else bi_jump_relu(pi, theta_pos, theta_neg, bandwidth))
     return codes, gate_codes, gate_codes.abs().sum(0)
 
 

@@ -201,14 +201,15 @@ def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Pat
     rank = {name: i for i, name in enumerate(focus)}  # the compared pair's own order, then the others
     members = sorted(cell["members"].items(), key=lambda item: (rank.get(item[1]["series"], len(rank)), item[0]))
     labelled: set[str] = set()
+    order = list(dict.fromkeys(member["series"] for _, member in members))  # each series' colour, unless compared
     for name, member in members:
         history = histories[name]
         if len(history) < 2:
             continue
         series = member["series"]
         siblings = [other for other, m in members if m["series"] == series]  # a series' grid points: dashes
-        order = list(dict.fromkeys(m["series"] for _, m in members))
-        style = series_style(series, focus, order.index(series)) | {"linestyle": ("-", "--", ":", "-.")[siblings.index(name) % 4]}
+        dashes = ("-", "--", ":", "-.")[siblings.index(name) % 4]
+        style = series_style(series, focus, order.index(series)) | {"linestyle": dashes}
         legend = series if series not in labelled else None
         labelled.add(series)
         for axis, (key, _) in zip(axes, keys):
@@ -288,12 +289,13 @@ def settling_lines(cell: dict) -> list[str]:
         history, target = member["history"], member["point"].get("target_l0")
         runs = seeds[_grid_point(member)]
         reading = settling(history, runs)
-        on_target = "–" if target is None else ("yes" if settled_at_target(history, target) else "**no**")
-        settled = settled_at_target(history, target) if target is not None else reading.settled
+        on_target = None if target is None else settled_at_target(history, target)
+        settled = reading.settled if on_target is None else on_target
         own = "–" if reading.converged_at is None else f"{reading.converged_at:,.0f}"
         lines.append(f"| {name} | {len(runs)} | {reading.largest_jump[0]:.4f}, {reading.largest_jump[1]:.1%} | "
                      f"{reading.seed_spread[0]:.4f}, {reading.seed_spread[1]:.1%} | {reading.wasteful} | {own} | "
-                     f"{on_target} | {_number(history[-1].get('loss_spikes', math.nan), 0)} | "
+                     f"{'–' if on_target is None else ('yes' if on_target else '**no**')} | "
+                     f"{_number(history[-1].get('loss_spikes', math.nan), 0)} | "
                      f"{'yes' if settled else '**no**'} |")
     return lines + [""]
 
