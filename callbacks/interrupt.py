@@ -26,7 +26,11 @@ class InterruptCheckpoint(L.Callback):
 
     Lightning installs its own SIGTERM handler only just before the first batch; a SIGTERM that lands between
     `setup` and then (model summary, hyperparameter logging) would otherwise kill the process with nothing
-    saved. This callback remembers such a signal and stops the run after its first step instead."""
+    saved. This callback remembers such a signal and stops the run after its first step instead.
+
+    It also keeps the logged step equal to the optimizer step after a resume. Lightning 2.6 restores its logging
+    counter one ahead when a SIGTERM lands after a validation (the counter was already advanced when the checkpoint
+    was written), which would shift every resumed TensorBoard point by one step."""
 
     def __init__(self, resume_hint: str = "resume with --ckpt_path {path}") -> None:
         self.resume_hint = resume_hint  # how to continue, with {path}: a sweep resumes by itself
@@ -39,6 +43,11 @@ class InterruptCheckpoint(L.Callback):
 
     def _remember_sigterm(self, signum, frame) -> None:
         self._early_sigterm = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        logging_loop = trainer.fit_loop.epoch_loop  # one optimizer: its logging counter is the optimizer step
+        if logging_loop._batches_that_stepped != trainer.global_step:
+            logging_loop._batches_that_stepped = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self._early_sigterm:

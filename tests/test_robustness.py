@@ -3,6 +3,8 @@ non-finite loss stops the run, and a resumable checkpoint on SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -75,6 +77,47 @@ def test_sigterm_saves_a_resumable_checkpoint(delay, tiny_llama, text_file, tmp_
     events.Reload()
     assert sorted(e.step for e in events.Scalars("train/loss")) == [step, step + 1, step + 2]
 
+
+class SigtermAt(L.Callback):
+    """Sends this process a SIGTERM from one hook at step 10, where the first validation runs."""
+
+    def __init__(self, hook: str) -> None:
+        self.sent = False
+        setattr(self, hook, self.send)
+
+    def send(self, trainer, *args) -> None:
+        if trainer.global_step == 10 and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("hook", ["on_train_batch_start", "on_validation_batch_start", "on_validation_end"])
+def test_a_resumed_run_logs_at_the_optimizer_step(hook, tmp_path):
+    """Wherever the SIGTERM lands (in a step, mid-validation, after it), the resumed run logs its next steps at the
+    optimizer step it resumes from, not one later (Lightning 2.6 alone restores its logging counter one ahead after
+    a validation)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from callbacks import InterruptCheckpoint
+    from tests.test_cli import scalars
+
+    data = torch.randn(8192, 8)
+
+    def fit(root, steps, callbacks=(), ckpt_path=None):
+        trainer = L.Trainer(max_steps=steps, logger=TensorBoardLogger(root), enable_progress_bar=False,
+                            enable_model_summary=False, val_check_interval=10, limit_val_batches=3,
+                            log_every_n_steps=1, callbacks=[SAEMetrics(), InterruptCheckpoint(), *callbacks])
+        module = SAEModule.from_arguments("sagsae", d_in=8, width=16)
+        with pytest.raises(SystemExit) if callbacks else contextlib.nullcontext():
+            trainer.fit(module, TensorActivationDataModule(data[:6000], data[6000:], batch_size=256),
+                        ckpt_path=ckpt_path, weights_only=False)
+
+    fit(tmp_path / "stopped", 1000, [SigtermAt(hook)])
+    saved = next((tmp_path / "stopped").rglob("interrupted.ckpt"))
+    step = torch.load(saved, weights_only=False)["global_step"]
+    fit(tmp_path / "resumed", step + 3, ckpt_path=saved)
+    logged = scalars(tmp_path / "resumed" / "lightning_logs" / "version_0")["train/loss"]
+    assert [s for s, _ in logged] == [step, step + 1, step + 2]
 
 
 def test_the_interrupt_message_says_how_to_resume(tmp_path, capsys):
