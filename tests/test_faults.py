@@ -111,16 +111,17 @@ def kill_trial(config: Path, mid_write: bool, rng: random.Random, timeout: float
     """Start a fit, SIGKILL it once it has a checkpoint (at a random moment, or in the middle of a checkpoint
     write), then check every checkpoint left loads. Returns what happened.
 
-    A mid-write kill is made certain: when a partial file appears the process is frozen (SIGSTOP); if the partial
-    is still there, the write is in progress and the kill catches it, else that write had just finished, the
-    process goes on (SIGCONT) and the next step's write is tried."""
+    A mid-write kill is made certain, and it hits last.ckpt (the file a resume reads): when last.ckpt's partial
+    file appears the process is frozen (SIGSTOP); if the partial is still there, the write is in progress and the
+    kill catches it, else that write had just finished, the process goes on (SIGCONT) and the next step's write is
+    tried."""
     run = config.parent / "run"
     process = subprocess.Popen([sys.executable, "-m", "sagsae", "fit", "--config", str(config)], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, partial_seen = time.time() + timeout, False
 
     def partial_on_disk() -> bool:
-        return any(p.name.endswith(".partial") for p in run.rglob("*"))
+        return any(run.rglob(partial_path(Path("last.ckpt")).name))
 
     try:
         while not list(run.rglob("last.ckpt")):  # the first step's checkpoint
