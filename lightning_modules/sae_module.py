@@ -106,6 +106,10 @@ class SAEModule(L.LightningModule):
         if not (target_l0_rate > 0 and math.isfinite(target_l0_rate)):
             raise ValueError(f"model.target_l0_rate must be a positive number, got {target_l0_rate}")
         self.save_hyperparameters()
+        if isinstance(sae, functools.partial):  # from_arguments: record the SAE as the CLI does, as plain data,
+            architecture = sae.func  # so that its checkpoints open with torch.load(weights_only=True)
+            self.hparams["sae"] = {"class_path": f"{architecture.__module__}.{architecture.__qualname__}",
+                                   "init_args": dict(sae.keywords)}
         self.make_sae = sae
         self.sae: SparseAutoencoder | None = None
         self.skipped_batches = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,23 @@ def sae_from_saelens_layout(cfg: dict[str, Any], tensors: dict[str, Tensor]) -> 
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """A sagsae training checkpoint's contents (torch.load), with errors that name the file."""
+    """A sagsae training checkpoint's contents, with errors that name the file.
+
+    It is read with `torch.load(weights_only=True)`: tensors and plain data only, which is all that `fit` and
+    `sweep` write, so that a checkpoint from someone else cannot run code when it is opened."""
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"Checkpoint {ckpt_path} does not exist")
     try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise ValueError(f"Could not read checkpoint {ckpt_path}: {error}") from None
+        reasons = [line.strip().rstrip(".") for line in str(error).splitlines() if "nsupported" in line]
+        refused = reasons[0] if reasons else "objects beyond tensors"
+        raise ValueError(f"Refusing to open {ckpt_path}: it holds more than tensors and plain data ({refused}), "
+                         f"and unpickling it could run code. Open only checkpoints you trust; share SAEs as "
+                         f"`sagsae export` folders (safetensors)") from None
     except Exception as error:  # a truncated or foreign file: say which and why
         raise ValueError(f"Could not read checkpoint {ckpt_path}: {error}") from error
     if not isinstance(state, dict) or "sae" not in state or "state_dict" not in state:

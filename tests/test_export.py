@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -88,6 +90,31 @@ def test_export_refuses_existing_folders_and_broken_checkpoints(checkpoints, tmp
         export_checkpoint(tmp_path / "nan.ckpt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "no half-written folder is left"
+
+
+class RunsCode:
+    """A pickle that would run `touch <marker>` when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_in_one_line(checkpoints, tmp_path):
+    """Checkpoints open with weights_only=True: ours load (the other tests here), a crafted one is refused by
+    `export` and `inspect` with one line naming the file, and its code never runs."""
+    state = torch.load(checkpoints["sagsae"][0], weights_only=True)
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "sae": RunsCode(marker)}, tmp_path / "crafted.ckpt")
+    for command in ("export", "inspect"):
+        result = subprocess.run([sys.executable, "-m", "sagsae", command, "--ckpt_path", str(tmp_path / "crafted.ckpt"),
+                                 "--out", str(tmp_path / command)], capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and not marker.exists()
+        message = result.stderr.strip().splitlines()
+        assert len(message) == 1 and "Refusing to open" in message[0] and "crafted.ckpt" in message[0]
+        assert "posix.system" in message[0] and not (tmp_path / command).exists()
 
 
 def test_load_needs_neither_lightning_nor_transformers(checkpoints, tmp_path):
