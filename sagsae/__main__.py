@@ -14,6 +14,7 @@ import sys
 
 from sagsae.allocator import keep_freed_memory
 from sagsae.commands import COMMANDS, TRAIN
+from sagsae.shipped_configs import with_shipped_configs
 
 
 DEBUG = "SAGSAE_DEBUG"
@@ -49,7 +50,7 @@ def usage() -> str:
     lines = ["usage: sagsae COMMAND [options]   (sagsae COMMAND --help for its options)", "",
              "Sign-Aware Gated sparse autoencoders and baselines, trained on a frozen LM's activations.", "",
              "commands:", *(f"  {name:<9} {line}" for name, (_, line) in COMMANDS.items()), "",
-             "example: sagsae fit --config configs/default.yaml"]
+             "example: sagsae fit --config default   (sagsae configs lists the shipped configs)"]
     return "\n".join(lines)
 
 
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args[0] not in COMMANDS:
         raise SystemExit(f"sagsae: unknown command {args[0]!r}\n\n{usage()}")
+    args = with_shipped_configs(args)
+    if argv is None:
+        sys.argv[1:] = args  # what the LightningCLI reads, and what DDP re-launches for the other ranks
+    else:
+        argv = args
     configure_torch()
     keep_freed_memory()
     try:

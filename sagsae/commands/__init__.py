@@ -16,4 +16,5 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("sagsae.commands.export", "write a checkpoint's SAE as a SAELens folder with a model card"),
     "inspect": ("sagsae.commands.inspect", "a feature browser of a trained SAE: contexts of each latent, by sign"),
     "params": ("sagsae.commands.params", "parameter counts per architecture and the widths that match"),
+    "configs": ("sagsae.commands.configs", "list the shipped configs (--config NAME takes them), or copy them out"),
 }
