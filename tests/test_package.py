@@ -4,6 +4,7 @@ it reuses the test environment's packages), and run from site-packages, with its
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,8 +21,14 @@ def run(command: list, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_wheel_runs_help_configs_and_inspect_from_site_packages(tiny_llama, exported_sae, tmp_path):  # noqa: F811
+    source = tmp_path / "source"  # a clean copy: no build/ or egg-info left by earlier builds to leak files in
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source)
+    for name in ("sagsae", "lightning_modules", "datamodules", "callbacks", "configs"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
-         tmp_path / "dist", REPO], cwd=tmp_path)
+         tmp_path / "dist", source], cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("sagsae-*.whl"))
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
