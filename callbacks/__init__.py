@@ -2,7 +2,7 @@
 Lightning plugin that writes checkpoints atomically."""
 
 from callbacks.checkpoint_io import AtomicCheckpointIO
-from callbacks.dashboard import SAETensorBoardLogger
+from callbacks.dashboard import SAETensorBoardLogger, hide_logger_advertisements
 from callbacks.gate_collapse import GateCollapseMonitor
 from callbacks.interrupt import InterruptCheckpoint, rescue_checkpoint
 from callbacks.metrics import ReconstructionMetrics, SAEMetrics
@@ -11,4 +11,5 @@ from callbacks.run_info import RunInfo, StepProgressBar
 from callbacks.spliced_loss import SplicedLMLoss
 
 __all__ = ["AtomicCheckpointIO", "EvaluationReport", "GateCollapseMonitor", "InterruptCheckpoint", "ReconstructionMetrics", "RunInfo",
-           "SAEMetrics", "SAETensorBoardLogger", "SplicedLMLoss", "StepProgressBar", "rescue_checkpoint"]
+           "SAEMetrics", "SAETensorBoardLogger", "SplicedLMLoss", "StepProgressBar",
+           "hide_logger_advertisements", "rescue_checkpoint"]

@@ -3,6 +3,7 @@ metrics in the HPARAMS tab, with no single-point cards in front of them."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,15 +39,32 @@ def flat_hyperparameters(params: Mapping[str, Any], prefix: str = "") -> dict[st
     return flat
 
 
+class WithoutLoggerAdvertisements(logging.Filter):
+    """Drops Lightning's tip to install a cloud logger (litlogger, litmodels), printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "litlogger" not in message and "litmodels" not in message
+
+
+WITHOUT_ADVERTISEMENTS = WithoutLoggerAdvertisements()
+
+
+def hide_logger_advertisements() -> None:
+    """Filter Lightning's cloud-logger tip out of its log: our runs log to TensorBoard."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(WITHOUT_ADVERTISEMENTS)
+
+
 class SAETensorBoardLogger(TensorBoardLogger):
     """Lightning's TensorBoard logger without the cards that hide the curves: no `epoch` series (the activation
     stream is one endless epoch), no placeholder `hp_metric`. `log_final_metrics` puts the final values in the
     HPARAMS tab by naming the curves' own tags (the tab shows each tag's last point), instead of writing a
-    single-point `final/…` series per metric."""
+    single-point `final/…` series per metric. A run that has it needs no tip to install another logger."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("default_hp_metric", False)
         super().__init__(*args, **kwargs)
+        hide_logger_advertisements()  # before the Trainer that gets this logger prints the tip
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

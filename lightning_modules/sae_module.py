@@ -244,9 +244,10 @@ class SAEModule(L.LightningModule):
         betas = tuple(float(beta) for beta in (self.sae.adam_betas if self.hparams.betas is None else self.hparams.betas))
         thresholds = self.sae.threshold_parameters() if self.hparams.threshold_lr_scale != 1 else []
         others = [p for p in self.sae.parameters() if all(p is not t for t in thresholds)]
-        groups = [{"params": others, "lr": self.hparams.lr, "betas": betas}]
-        if thresholds:
-            groups.append({"params": thresholds, "lr": self.hparams.lr * self.hparams.threshold_lr_scale, "betas": betas})
+        groups = [{"name": "weights", "params": others, "lr": self.hparams.lr, "betas": betas}]
+        if thresholds:  # the names are what LearningRateMonitor logs: lr-Adam/weights, lr-Adam/thresholds
+            groups.append({"name": "thresholds", "params": thresholds,
+                           "lr": self.hparams.lr * self.hparams.threshold_lr_scale, "betas": betas})
         return groups
 
     def configure_optimizers(self):

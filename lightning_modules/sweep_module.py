@@ -71,8 +71,8 @@ class SweepModule(L.LightningModule):
             self.print(f"Normalization: activations × {scale:.5g} so that E‖x‖² = d")
 
     def configure_optimizers(self):
-        members = list(self.members.values())
-        groups = [(member, group) for member in members for group in member.optimizer_groups()]
+        groups = [(member, {**group, "name": f"{name}/{group['name']}"})
+                  for name, member in self.members.items() for group in member.optimizer_groups()]
         optimizer = torch.optim.Adam([group for _, group in groups])
         factors = [member.lr_factor for member, _ in groups]
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

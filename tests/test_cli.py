@@ -73,6 +73,8 @@ def test_fit_writes_finite_rising_metrics_config_and_checkpoint(fitted_run):
     for tag in ("train/threshold_abs_change", "train/threshold_rel_change", "train/reset_latents"):
         assert len(logged[tag]) == 30 and all(math.isfinite(value) for _, value in logged[tag]), tag
     assert logged["train/threshold_rel_change"][-1][1] > 0, "the quantile-started thresholds moved"
+    learning_rates = {tag for tag in logged if tag.startswith("lr-")}
+    assert learning_rates == {"lr-Adam/weights", "lr-Adam/thresholds"}  # the groups named, not pg1 and pg2
     assert "config/text_summary" in events.Tags()["tensors"]
     assert sum(r2[-5:]) / 5 > sum(r2[:5]) / 5 + 0.1, f"R² did not rise: {r2}"
     config = yaml.safe_load((version / "config.yaml").read_text())
@@ -178,6 +180,7 @@ def test_ddp_fit_on_two_cpu_processes_with_gloo(tiny_llama, text_file, tmp_path)
     progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(",")[0] for line in progress] == [f"step {n}/10" for n in range(1, 11)], result.stdout[-2000:]
     assert "L0 " in progress[-1] and "R² " in progress[-1]
+    assert "litlogger" not in result.stdout + result.stderr  # Lightning's logger advertisement is filtered out
     version = tmp_path / "lightning_logs" / "version_0"
     assert json.loads((version / "run_metadata.json").read_text())["world_size"] == 2
     state = torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import (AtomicCheckpointIO, EvaluationReport, InterruptCheckpoint, RunInfo, SAEMetrics, SAETensorBoardLogger,
-                       StepProgressBar)
+                       StepProgressBar, hide_logger_advertisements)
 from lightning_modules import SAEModule
 from sagsae.commands import COMMANDS, TRAIN
 
@@ -55,4 +55,5 @@ class SAGSAECLI(LightningCLI):
 
 def run(args: list[str] | None = None) -> None:
     """Run the CLI on `args`, or on the command line when None."""
+    hide_logger_advertisements()  # the Trainer prints it before its default logger becomes ours
     SAGSAECLI(args=args)
