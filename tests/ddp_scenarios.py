@@ -25,11 +25,14 @@ from sagsae.saes import sae_class
 STEP_DATA = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))  # the tests build the same tensor
 
 
-def ddp_trainer(steps: int, callbacks: list[L.Callback] | None = None, devices: int = 2, **settings: Any) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=steps,
-                     logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                     limit_val_batches=0 if steps else None, num_sanity_val_steps=0, callbacks=callbacks or [],
-                     **settings)
+def ddp_trainer(steps: int, callbacks: list[L.Callback] | None = None, devices: int = 2, num_nodes: int = 1,
+                **settings: Any) -> L.Trainer:
+    """A quiet CPU trainer; a training run skips validation unless `settings` say otherwise."""
+    defaults = dict(accelerator="cpu", devices=devices, num_nodes=num_nodes,
+                    strategy="ddp" if devices * num_nodes > 1 else "auto", max_steps=steps, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    limit_val_batches=0 if steps else None, num_sanity_val_steps=0, callbacks=callbacks or [])
+    return L.Trainer(**{**defaults, **settings})
 
 
 def save(spec: dict[str, Any], trainer: L.Trainer, record: dict[str, Any]) -> None:
@@ -130,6 +133,33 @@ def validate(spec: dict[str, Any], devices: int = 2) -> dict[str, Any]:
     return record
 
 
+class TrainingRecorder(HeldOutRecorder):
+    """Every training and held-out batch this rank saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.training: list[Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.training.append(batch.detach().clone())
+
+
+def fit_and_validate(spec: dict[str, Any]) -> None:
+    """`steps` steps on STEP_DATA with a held-out check at the end, on `nodes` nodes of one process each (as
+    torchrun starts them) or on 2 processes of one node; each rank saves its batches, state and metrics."""
+    from datamodules import TensorActivationDataModule
+
+    topology = {"devices": 1, "num_nodes": spec["nodes"]} if "nodes" in spec else {}
+    recorder = TrainingRecorder()
+    module = SAEModule.from_arguments("sagsae", d_in=8, width=16, lr=0.01, init_seed=0, sparsity_warmup_steps=2)
+    trainer = ddp_trainer(spec["steps"], [recorder, SAEMetrics()], limit_val_batches=None,
+                          val_check_interval=spec["steps"], **topology)
+    trainer.fit(module, TensorActivationDataModule(STEP_DATA[:3072], STEP_DATA[3072:], batch_size=128))
+    save(spec, trainer, {"global_step": trainer.global_step, "training": recorder.training,
+                         "held_out": recorder.batches, "state": {k: v.clone() for k, v in module.state_dict().items()},
+                         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}})
+
+
 def live_fit(spec: dict[str, Any]) -> None:
     """A fit of `steps` steps on the tiny LM's live stream (from `ckpt` if given), ending in checkpoint `save`,
     which every rank joins: it gathers every rank's stream state."""
@@ -144,7 +174,7 @@ def live_fit(spec: dict[str, Any]) -> None:
 
 
 SCENARIOS = {"train_sweep": train_sweep, "live_fit": live_fit, "collapse_on_one_rank": collapse_on_one_rank, "validate": validate,
-             "one_rank_raises": one_rank_raises}
+             "one_rank_raises": one_rank_raises, "fit_and_validate": fit_and_validate}
 
 if __name__ == "__main__":
     scenario_spec = json.loads(Path(sys.argv[1]).read_text())

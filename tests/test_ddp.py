@@ -169,3 +169,46 @@ def test_a_live_stream_under_ddp_resumes_every_rank_where_it_stood(tiny_llama, t
         assert resumed[rank]["global_step"] == 8
         for name, value in straight[rank]["state"].items():
             torch.testing.assert_close(resumed[rank]["state"][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_two_nodes_started_by_torchrun_train_and_validate_as_one_node_and_one_process(tmp_path):
+    """Lightning's cluster-environment path (torchrun's variables; 2 nodes × 1 process on localhost, gloo) trains
+    on the same batches, to the same weights, and validates to the same metrics as 2 processes on one node; and
+    together its ranks see one process's batches and report its held-out metrics."""
+    from callbacks import SAEMetrics
+    from tests.ddp_scenarios import ddp_trainer
+
+    spec = {"scenario": "fit_and_validate", "steps": 4}
+    one_node = launch(spec, tmp_path / "one_node")
+    (tmp_path / "two_nodes").mkdir()
+    (tmp_path / "two_nodes" / "spec.json").write_text(json.dumps({**spec, "nodes": 2, "out": str(tmp_path / "two_nodes")}))
+    port = str(29400 + os.getpid() % 500)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port,
+                               "-m", "tests.ddp_scenarios", str(tmp_path / "two_nodes" / "spec.json")],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for rank in (0, 1)]
+    for node in nodes:
+        output, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, output[-3000:]
+    two_nodes = [torch.load(tmp_path / "two_nodes" / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+    for node_rank, process_rank in zip(two_nodes, one_node):
+        assert node_rank["global_step"] == process_rank["global_step"] == 4
+        for kind in ("training", "held_out"):
+            assert len(node_rank[kind]) == len(process_rank[kind]) > 0
+            assert all(torch.equal(a, b) for a, b in zip(node_rank[kind], process_rank[kind])), kind
+        for key, value in process_rank["state"].items():
+            assert torch.equal(node_rank["state"][key], value), key
+        assert node_rank["metrics"] == process_rank["metrics"] and "val/r2" in node_rank["metrics"]
+
+    stream = TensorActivationDataModule(STEP_DATA[:3072], batch_size=128).batches()
+    one_process = [next(stream) for _ in range(8)]  # the ranks take alternate batches of one process's stream
+    assert all(torch.equal(two_nodes[step % 2]["training"][step // 2], batch) for step, batch in enumerate(one_process))
+    trained = SAEModule.from_arguments("sagsae", d_in=8, width=16, lr=0.01, init_seed=0, sparsity_warmup_steps=2)
+    trained.load_state_dict(two_nodes[0]["state"])
+    trainer = ddp_trainer(0, [SAEMetrics()], devices=1)
+    trainer.validate(trained, TensorActivationDataModule(STEP_DATA[:3072], STEP_DATA[3072:], batch_size=128),
+                     verbose=False)
+    for key, value in two_nodes[0]["metrics"].items():  # fp32 sums in another order
+        assert float(trainer.callback_metrics[key]) == pytest.approx(value, rel=1e-5, abs=1e-6), key
