@@ -20,6 +20,9 @@ def rescue_checkpoint(trainer: L.Trainer, name: str) -> Path:
     return path
 
 
+LOGGING_COUNTER = "_batches_that_stepped"  # the step Lightning's logger writes, in its training-epoch loop's state
+
+
 class InterruptCheckpoint(L.Callback):
     """On Ctrl-C (KeyboardInterrupt) or SIGTERM during `fit`, write interrupted.ckpt and say how to resume it
     (`resume_hint`; by default `fit --ckpt_path …/interrupted.ckpt`).
@@ -45,9 +48,10 @@ class InterruptCheckpoint(L.Callback):
         self._early_sigterm = True
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
-        logging_loop = trainer.fit_loop.epoch_loop  # one optimizer: its logging counter is the optimizer step
-        if logging_loop._batches_that_stepped != trainer.global_step:
-            logging_loop._batches_that_stepped = trainer.global_step
+        epoch_loop = trainer.fit_loop.epoch_loop  # its logging counter, set through the loop's own restore hook
+        state = epoch_loop.on_save_checkpoint()
+        if state.get(LOGGING_COUNTER) != trainer.global_step:  # one optimizer: the counter is the optimizer step
+            epoch_loop.on_load_checkpoint({**state, LOGGING_COUNTER: trainer.global_step})
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self._early_sigterm:

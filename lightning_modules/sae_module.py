@@ -106,10 +106,6 @@ class SAEModule(L.LightningModule):
         if not (target_l0_rate > 0 and math.isfinite(target_l0_rate)):
             raise ValueError(f"model.target_l0_rate must be a positive number, got {target_l0_rate}")
         self.save_hyperparameters()
-        if isinstance(sae, functools.partial):  # from_arguments: record the SAE as the CLI does, as plain data,
-            architecture = sae.func  # so that its checkpoints open with torch.load(weights_only=True)
-            self.hparams["sae"] = {"class_path": f"{architecture.__module__}.{architecture.__qualname__}",
-                                   "init_args": dict(sae.keywords)}
         self.make_sae = sae
         self.sae: SparseAutoencoder | None = None
         self.skipped_batches = 0
@@ -139,8 +135,12 @@ class SAEModule(L.LightningModule):
         if unknown:
             raise ValueError(f"{architecture.__name__} has no argument(s) {unknown}: training arguments are "
                              f"{sorted(training)}, the SAE's are {sorted(accepted)}")
-        return cls(sae=functools.partial(architecture, **switches),
-                   **{k: v for k, v in arguments.items() if k in training})
+        module = cls(sae=functools.partial(architecture, **switches),
+                     **{k: v for k, v in arguments.items() if k in training})
+        # the SAE recorded as the CLI records it, as plain data: checkpoints open with torch.load(weights_only=True)
+        module.hparams["sae"] = {"class_path": f"{architecture.__module__}.{architecture.__qualname__}",
+                                 "init_args": switches}
+        return module
 
     # ----- construction -------------------------------------------------------------------------------
     def _build(self, d_in: int) -> None:

@@ -156,7 +156,7 @@ def test_top_level_help_lists_every_command_under_the_programs_name():
     assert result.returncode == 0 and result.stdout.startswith("usage: sagsae")
     listed = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")}
     assert listed == set(COMMANDS) == {"fit", "validate", "test", "cache", "sweep", "synth", "report", "export", "inspect",
-                                       "params"}
+                                       "params", "configs"}
     fit = subprocess.run([sys.executable, "-m", "sagsae", "fit", "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert fit.returncode == 0 and fit.stdout.startswith("usage: sagsae [options] fit") and "--model.sae" in fit.stdout
