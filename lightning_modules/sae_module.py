@@ -25,7 +25,7 @@ PROBE_D_IN = 64  # an activation size for checking an SAE's arguments before the
 
 
 FIRING_ROWS = 1024  # rows per block of `firing_counts`
-LOSS_SPIKE_RATIO = 2.0  # a training loss this many times its recent average is a spike (docs/method.md, "Settling")
+LOSS_SPIKE_RATIO = 2.0  # a training loss this many times its recent average is a spike (docs/method.md, "The gate path")
 
 
 def firing_counts(codes: Tensor) -> Tensor:
@@ -61,7 +61,7 @@ class SAEModule(L.LightningModule):
         betas: Adam betas; None = the architecture's own (TopK family (0.9, 0.999), others (0, 0.999)).
         threshold_lr_scale: the thresholds' learning rate (SA-GSAE and JumpReLU θ, Gated b_gate) as a multiple
             of `lr`: Adam moves a parameter about one learning rate per step whatever its gradient, so thresholds
-            of order 1 travel at most lr·steps (docs/method.md, "Convergence").
+            of order 1 travel at most lr·steps (docs/method.md, "Thresholds").
         dead_window_tokens: a latent that has not fired in this many training tokens is dead (SPEC §6); so is
             one that the dead-latent reset revived within that many tokens (`dead_fraction`).
         reset_dead_latents: let the architecture react to dead latents (SA-GSAE: threshold reset).
@@ -386,7 +386,7 @@ class SAEModule(L.LightningModule):
         return (self.dead_mask() | revived).float().mean()
 
     def training_diagnostics(self) -> dict[str, Tensor]:
-        """What could drive a run's drift (docs/method.md, "Settling"): how many latents the dead-latent reset has
+        """What could drive a run's drift (docs/method.md, "The gate path"): how many latents the dead-latent reset has
         revived in all and how many of those died and were revived again, the loss spikes so far, the SAE's own
         scale_diagnostics, and the thresholds' 10/50/90% quantiles (θ⁺ and θ⁻ each where they are untied)."""
         values = {"revived_latents": (self.revivals > 0).sum().float(),

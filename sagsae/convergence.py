@@ -1,4 +1,4 @@
-"""When did a training run stop moving? Two rules of docs/method.md ("Convergence").
+"""When did a training run stop moving? The rules of docs/method.md ("When a run has converged").
 
 `converged_at` is the issue's fixed rule: the first budget from which held-out R² stays within `r2_tolerance`
 of its final value and L0 within `l0_tolerance` (relative), at every later budget checkpoint too.
@@ -116,7 +116,7 @@ def _fitted_change(rows: list[dict[str, float]], key: str) -> float:
     return slope * (tokens[-1] - tokens[0])
 
 
-# The settle criteria of docs/method.md ("Settling"): a run's result must not depend on when it stops.
+# The settle criteria of docs/method.md ("When a run has converged"): a run's result must not depend on when it stops.
 SETTLE_AFTER_TOKENS = 2_000_000  # the first tokens are learning, not drift
 SETTLE_WINDOW_TOKENS = 1_000_000
 SETTLE_BY_TOKENS = 8_000_000

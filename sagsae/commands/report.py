@@ -253,7 +253,7 @@ def convergence_lines(cell: dict, pairs: list[tuple[str, str]]) -> list[str]:
              "inside the band (else *drifting*) and the band is at most ten times the fixed one (else *too noisy*). "
              "R² gain at matched L0 = the second-half R² trend less what the L0 trend explains by sliding along the "
              "series' own final curve (ΔR² − slope · ln(1 + ΔL0/L0)): positive where the curve itself still rises; "
-             "docs/method.md, \"Convergence\".", "",
+             "docs/method.md, \"When a run has converged\".", "",
              "| member | final tokens | R² | L0 | converged at (fixed) | last step: ΔR², ΔL0 | own band: R², L0 "
              "| second-half trend: R², L0 | converged at (own band) | R² gain at matched L0 | θ moved (median, relative) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -272,7 +272,7 @@ def convergence_lines(cell: dict, pairs: list[tuple[str, str]]) -> list[str]:
 
 
 def settling_lines(cell: dict) -> list[str]:
-    """Per member, the settle criteria of docs/method.md ("Settling"): at a fixed λ, no check-to-check jump past
+    """Per member, the settle criteria of docs/method.md ("When a run has converged"): at a fixed λ, no check-to-check jump past
     2M tokens larger than its seeds' spread, no ~1M-token span there over which L0 rose while R² fell, and the
     own-band rule converged within 8M tokens; at a target L0, every check of the last third within ±5% of the
     target and an R² trend there of at most 0.003 per 1M tokens. With the loss spikes each run counted."""
@@ -280,7 +280,7 @@ def settling_lines(cell: dict) -> list[str]:
     members = [(name, m) for name, m in sorted(cell["members"].items()) if len(m.get("history") or []) >= 2]
     for _, member in members:
         seeds[_grid_point(member)].append(member["history"])
-    lines = ["Settling (docs/method.md): a jump is the largest check-to-check move past 2M tokens (R², L0 relative), "
+    lines = ["Settling (docs/method.md, "When a run has converged"): a jump is the largest check-to-check move past 2M tokens (R², L0 relative), "
              "against the range of the seeds' means there (never below 0.005 R², 5% L0); waste counts the ~1M-token "
              "spans past 2M over which L0 rose > 2% while R² fell > 0.002.", "",
              "| member | seeds | largest jump: R², L0 | seeds' spread: R², L0 | waste | own band | target L0 | "

@@ -124,7 +124,7 @@ def build_sweep(members: dict[str, dict[str, Any]], lm_loss: dict[str, int] | No
 def trainer_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The config's `trainer` over the sweep's defaults; the per-cell folder, logger and callbacks are the
     sweep's own. Each member's gradient norm is clipped at 1.0 unless the config says otherwise, as
-    configs/default.yaml clips a `fit` (docs/method.md, "Convergence": without it SA-GSAE's loss spikes)."""
+    configs/default.yaml clips a `fit` (docs/method.md, "Gradient clipping")."""
     settings = {"max_steps": 1000, "val_check_interval": 250, "num_sanity_val_steps": 0, "gradient_clip_val": 1.0,
                 **(config.get("trainer") or {})}
     owned = {"default_root_dir", "logger", "callbacks"} & set(settings)

@@ -202,7 +202,7 @@ class SparseAutoencoder(nn.Module):
 
     def threshold_values(self) -> Tensor | None:
         """The learned per-latent thresholds that gate the codes, in π's units (None: it has none). Training logs
-        how far they move from their start, the question of docs/method.md's convergence section."""
+        how far they move from their start, the question of docs/method.md's "Thresholds" section."""
         return None
 
     def threshold_parameters(self) -> list[nn.Parameter]:
@@ -211,7 +211,7 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def scale_diagnostics(self) -> dict[str, Tensor]:
-        """Medians of the scales that the loss leaves free to drift together (docs/method.md, "Settling"): without
+        """Medians of the scales that the loss leaves free to drift together (docs/method.md, "The gate path"): without
         a unit-norm constraint, a decoder column can grow while its encoder shrinks."""
         return {"decoder_norm_q50": self.W_dec.norm(dim=0).median()}
 

@@ -54,7 +54,7 @@ class SignAwareGatedSAE(GatedPathsSAE):
         gate_path: the gate path's code, which the sparsity and aux terms see: "soft", sign(π)·ReLU(|π| − θ), whose
             θ gradient is an ordinary one from every open gate, as Gated's b_gate (the default: with "jump",
             BiJump_θ(π), θ learns only from the kernel's band and a run's L0 climbs for millions of tokens;
-            docs/method.md, "Settling").
+            docs/method.md, "The gate path").
         recon_trains_theta: let the main reconstruction reach θ through the pseudo-derivative.
         log_theta: store log θ instead of θ.
         theta_init: initial θ; None = 1e-3·√d.
