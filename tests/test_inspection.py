@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sagsae.inspection import HISTOGRAM_BINS, LatentStatistics, histogram_bin, logit_effects
-from tests.conftest import REPO, sample_texts
+from tests.conftest import REPO
 
 BEFORE, AFTER, TOP_K, RANDOM_K = 3, 2, 4, 3
 
@@ -135,30 +135,6 @@ def test_direct_logits_are_the_final_norm_then_the_unembedding(tiny_llama):
     directions = torch.randn(4, 32)
     expected = model.lm_head(model.model.norm(directions))
     assert torch.allclose(ActivationReader(model, "mlp_out", 2).direct_logits(directions), expected, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def exported_sae(tiny_llama, tmp_path_factory):
-    """An SA-GSAE on the tiny Llama's layer-2 mlp_out, started as training starts it (normalization scalar, b_dec
-    and θ at the 0.8-quantile of |π| from a first batch), exported with its metadata."""
-    from datamodules.hooked_lm import HookedLanguageModel
-    from datamodules.text import TextSource
-    from sagsae.measures import normalization_scale
-    from sagsae.saes import build_sae
-    from sagsae.serialization import export
-
-    root = tmp_path_factory.mktemp("inspect")
-    texts = root / "texts.jsonl"
-    texts.write_text("\n".join(json.dumps({"text": text}) for text in sample_texts(120, seed=3)))
-    lm = HookedLanguageModel(str(tiny_llama), None, "mlp_out", 2, "float32", torch.device("cpu"), 24)
-    first = lm.activations(torch.tensor(list(lm.contexts(TextSource("json", data_files=str(texts)).documents()))[:16]))
-    torch.manual_seed(0)
-    sae = build_sae("sagsae", d_in=32, width=48, theta_init_quantile=0.8)
-    sae.input_scale.fill_(normalization_scale(float(first.pow(2).sum()), len(first), 32))
-    sae.initialize_from_batch(sae.normalize(first))
-    export(sae, root / "sae", {"model_name": str(tiny_llama), "hook_name": "blocks.2.hook_mlp_out",
-                               "context_size": 24})
-    return root, texts
 
 
 def test_inspect_pass_matches_a_brute_force_pass_on_a_small_model(tiny_llama, exported_sae):

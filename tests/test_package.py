@@ -11,7 +11,6 @@ import sysconfig
 from pathlib import Path
 
 from tests.conftest import REPO
-from tests.test_inspection import exported_sae  # noqa: F401  (a fixture: an exported SA-GSAE and its texts)
 
 
 def run(command: list, cwd: Path) -> subprocess.CompletedProcess:
@@ -20,7 +19,7 @@ def run(command: list, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def test_the_wheel_runs_help_configs_and_inspect_from_site_packages(tiny_llama, exported_sae, tmp_path):  # noqa: F811
+def test_the_wheel_runs_help_configs_and_inspect_from_site_packages(tiny_llama, exported_sae, tmp_path):
     source = tmp_path / "source"  # a clean copy: no build/ or egg-info left by earlier builds to leak files in
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):

@@ -280,7 +280,7 @@ def settling_lines(cell: dict) -> list[str]:
     members = [(name, m) for name, m in sorted(cell["members"].items()) if len(m.get("history") or []) >= 2]
     for _, member in members:
         seeds[_grid_point(member)].append(member["history"])
-    lines = ["Settling (docs/method.md, "When a run has converged"): a jump is the largest check-to-check move past 2M tokens (R², L0 relative), "
+    lines = ["Settling (docs/method.md, \"When a run has converged\"): a jump is the largest check-to-check move past 2M tokens (R², L0 relative), "
              "against the range of the seeds' means there (never below 0.005 R², 5% L0); waste counts the ~1M-token "
              "spans past 2M over which L0 rose > 2% while R² fell > 0.002.", "",
              "| member | seeds | largest jump: R², L0 | seeds' spread: R², L0 | waste | own band | target L0 | "
