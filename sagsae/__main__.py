@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pickle
 import re
 import sys
 
@@ -19,8 +20,10 @@ from sagsae.shipped_configs import with_shipped_configs
 
 DEBUG = "SAGSAE_DEBUG"
 # What bad input raises: our own checks, a file that is missing or unwritable, a class path that does not import,
-# and a training run that diverged (its message names the rescue checkpoint). Anything else is a bug: traceback.
-USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError, argparse.ArgumentError)
+# a checkpoint that torch.load(weights_only=True) refuses, and a training run that diverged (its message names the
+# rescue checkpoint). Anything else is a bug: traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError, argparse.ArgumentError,
+               pickle.UnpicklingError)
 # jsonargparse's scaffolding around the one line that matters (for a union type it lists every subtype tried)
 NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
          "Expected a <class 'NoneType'>", "Expected a path but")
@@ -38,6 +41,10 @@ def one_line(error: BaseException) -> str:
     """The error as one line, jsonargparse's scaffolding left out: a parser error as raised (it names the key),
     any other error's root cause."""
     cause = error if isinstance(error, argparse.ArgumentError) else root_cause(error)
+    if isinstance(cause, pickle.UnpicklingError):  # Lightning's torch.load of a --ckpt_path, weights_only=True
+        from sagsae.serialization import unsafe_checkpoint_message
+
+        return unsafe_checkpoint_message(cause, "the --ckpt_path checkpoint") or str(cause).splitlines()[0]
     lines = [line.strip(" -") for line in str(cause).splitlines()]
     kept = [line for line in lines if line and not line.startswith(NOISE)]
     text = " ".join(" ".join(kept).split())

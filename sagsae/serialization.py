@@ -79,6 +79,17 @@ def sae_from_saelens_layout(cfg: dict[str, Any], tensors: dict[str, Tensor]) -> 
     return sae_class_for_saelens(str(cfg.get("architecture"))).from_saelens(cfg, tensors)
 
 
+def unsafe_checkpoint_message(error: pickle.UnpicklingError, name: str = "the checkpoint") -> str | None:
+    """One line for a checkpoint that torch.load(weights_only=True) refused because its pickle holds objects
+    beyond tensors and plain data (None for any other unpickling error)."""
+    if "Weights only load failed" not in str(error):
+        return None
+    reasons = [line.strip().rstrip(".") for line in str(error).splitlines() if "nsupported" in line]
+    refused = reasons[0] if reasons else "objects beyond tensors"
+    return (f"Refusing to open {name}: it holds more than tensors and plain data ({refused}), and unpickling it "
+            f"could run code. Open only checkpoints you trust; share SAEs as `sagsae export` folders (safetensors)")
+
+
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     """A sagsae training checkpoint's contents, with errors that name the file.
 
@@ -90,13 +101,8 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise ValueError(f"Could not read checkpoint {ckpt_path}: {error}") from None
-        reasons = [line.strip().rstrip(".") for line in str(error).splitlines() if "nsupported" in line]
-        refused = reasons[0] if reasons else "objects beyond tensors"
-        raise ValueError(f"Refusing to open {ckpt_path}: it holds more than tensors and plain data ({refused}), "
-                         f"and unpickling it could run code. Open only checkpoints you trust; share SAEs as "
-                         f"`sagsae export` folders (safetensors)") from None
+        refusal = unsafe_checkpoint_message(error, str(ckpt_path))
+        raise ValueError(refusal or f"Could not read checkpoint {ckpt_path}: {error}") from None
     except Exception as error:  # a truncated or foreign file: say which and why
         raise ValueError(f"Could not read checkpoint {ckpt_path}: {error}") from error
     if not isinstance(state, dict) or "sae" not in state or "state_dict" not in state:

@@ -117,6 +117,23 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_in_one_line(checkpoints,
         assert "posix.system" in message[0] and not (tmp_path / command).exists()
 
 
+def test_validate_and_resume_refuse_a_checkpoint_whose_pickle_runs_code(tiny_llama, text_file, tmp_path):
+    """`validate` and `fit --ckpt_path` read checkpoints through Lightning, whose torch.load refuses the pickle
+    (weights_only=True); the refusal is one line and the code never runs."""
+    from tests.test_cli import REPO, tiny_args
+
+    marker = tmp_path / "code-ran"
+    torch.save({"hyper_parameters": RunsCode(marker), "state_dict": {}}, tmp_path / "crafted.ckpt")
+    for command in ("validate", "fit"):
+        result = subprocess.run([sys.executable, "-m", "sagsae", command, *tiny_args(tiny_llama, text_file, tmp_path),
+                                 "--ckpt_path", str(tmp_path / "crafted.ckpt")], cwd=REPO, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode != 0 and not marker.exists()
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"sagsae {command}: Refusing to open the --ckpt_path checkpoint") and "posix.system" in last, \
+            result.stderr[-2000:]
+
+
 def test_load_needs_neither_lightning_nor_transformers(checkpoints, tmp_path):
     folder = export_checkpoint(checkpoints["sagsae"][0], tmp_path / "export")
     code = (f"import sys, torch, sagsae; sae = sagsae.load({str(folder)!r}); sae(torch.randn(3, {D})); "
