@@ -6,7 +6,7 @@ For Gated and SA-GSAE (the default config's θ start, the 0.9-quantile), in one 
 both paths' codes and the weighted L1, forward and backward with random upstream gradients), and one training
 step (loss, backward, Adam) with `use_fused_chain` on and off; for JumpReLU (θ from the 0.9-quantile too), whose
 codes and L0 come from one function (`jump_relu_with_counts`), the training step. The two forms alternate call by
-call, so that the machine's drift reaches both alike; each figure is the median of `--rounds` calls. sagsae/gated_chain.py says why
+call, so that the machine's drift reaches both alike; each figure is the median of `--rounds` calls. sagsae/saes/gated_chain.py says why
 the fused form exists; docs/performance.md records what this measured.
 """
 
@@ -20,9 +20,9 @@ import torch
 
 from benchmarks import DEVICE, alternating_medians, device_name
 from benchmarks.sae_step import training_step
-from sagsae.gated_chain import gated_chain
+from sagsae.saes.gated_chain import gated_chain
 from sagsae.saes import build_sae
-from sagsae.saes.base import GatedPathsSAE
+from sagsae.saes.gated_paths import GatedPathsSAE
 
 STARTS = {"sagsae": {"theta_init_quantile": 0.9}, "gated": {}, "jumprelu": {"theta_init_quantile": 0.9}}
 

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import signal
 import threading
-from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-
-def rescue_checkpoint(trainer: L.Trainer, name: str) -> Path:
-    """Save `name` in the run's checkpoint folder (or its root folder) and return its path."""
-    callback = trainer.checkpoint_callback
-    folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
-    path = folder / name
-    trainer.save_checkpoint(path)
-    return path
+from lightning_modules.checkpointing import rescue_checkpoint
 
 
 LOGGING_COUNTER = "_batches_that_stepped"  # the step Lightning's logger writes, in its training-epoch loop's state

@@ -17,7 +17,7 @@ from datamodules.activation_files import KEY, METADATA
 from datamodules.language_model import DTYPES
 from datamodules.lm_activations import LMActivationDataModule
 from sagsae.measures import normalization_scale
-from sagsae.staging import staged_folder
+from sagsae.formats.staging import staged_folder
 
 
 class ShardWriter:
@@ -89,7 +89,9 @@ def write_cache(data: LMActivationDataModule, out: Path, train_tokens: int, val_
         for batch in data.held_out_tokens(val_tokens).split(shard_tokens):
             val.add(batch)
         val.close()
-        metadata = {**data.describe(), "lm_data": dict(data.hparams), "dtype": dtype, "train_tokens": train.tokens, "val_tokens": val.tokens,
+        # the datamodule's own arguments (the CLI adds bookkeeping keys, "_class_path", which it would refuse)
+        arguments = {key: value for key, value in data.hparams.items() if not key.startswith("_")}
+        metadata = {**data.describe(), "lm_data": arguments, "dtype": dtype, "train_tokens": train.tokens, "val_tokens": val.tokens,
                     "train_shards": train.shards, "val_shards": val.shards,
                     "normalization_scale": normalization_scale(squares, train.tokens, data.d_model),
                     "requested_train_tokens": train_tokens}

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from callbacks.interrupt import rescue_checkpoint
+from lightning_modules.checkpointing import rescue_checkpoint
 from sagsae.measures import deciles, step_summary
 from sagsae.saes import SparseAutoencoder, sae_class
 

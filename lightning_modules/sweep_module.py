@@ -19,7 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from callbacks.metrics import ReconstructionMetrics, is_logging_step
+from lightning_modules.reconstruction_metrics import ReconstructionMetrics, is_logging_step
 from lightning_modules.sae_module import SAEModule
 from sagsae.measures import deciles
 

@@ -1,6 +1,6 @@
 """sagsae: Sign-Aware Gated sparse autoencoders. The core (this package) needs torch alone."""
 
-from sagsae.serialization import load
+from sagsae.formats.serialization import load
 from sagsae.saes import SAE_REGISTRY, SparseAutoencoder, build_sae
 
 __version__ = "0.1.0"

@@ -42,7 +42,7 @@ def one_line(error: BaseException) -> str:
     any other error's root cause."""
     cause = error if isinstance(error, argparse.ArgumentError) else root_cause(error)
     if isinstance(cause, pickle.UnpicklingError):  # Lightning's torch.load of a --ckpt_path, weights_only=True
-        from sagsae.serialization import unsafe_checkpoint_message
+        from sagsae.formats.serialization import unsafe_checkpoint_message
 
         return unsafe_checkpoint_message(cause, "the --ckpt_path checkpoint") or str(cause).splitlines()[0]
     lines = [line.strip(" -") for line in str(cause).splitlines()]

@@ -1,6 +1,6 @@
 """The metric math of SPEC §5–6 on plain tensors (no Lightning, no torchmetrics): the normalization scalar,
-R² of a batch, and the held-out window's summary from its sums. callbacks/metrics.py accumulates the sums
-across batches and ranks; sweeps, reports and exports read the same definitions from here."""
+R² of a batch, and the held-out window's summary from its sums. lightning_modules/reconstruction_metrics.py
+accumulates the sums across batches and ranks; sweeps, reports and exports read the same definitions from here."""
 
 from __future__ import annotations
 

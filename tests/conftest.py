@@ -128,7 +128,7 @@ def exported_sae(tiny_llama, tmp_path_factory):
     from datamodules.text import TextSource
     from sagsae.measures import normalization_scale
     from sagsae.saes import build_sae
-    from sagsae.serialization import export
+    from sagsae.formats.serialization import export
 
     root = tmp_path_factory.mktemp("inspect")
     texts = root / "texts.jsonl"

@@ -40,7 +40,7 @@ def assert_export_reloads_bit_for_bit(checkpoint: Path, folder: Path) -> None:
 
     import sagsae
     from sagsae.commands.export import export_checkpoint
-    from sagsae.serialization import read_checkpoint, sae_from_checkpoint
+    from sagsae.formats.serialization import read_checkpoint, sae_from_checkpoint
 
     export_checkpoint(checkpoint, folder)
     loaded = sagsae.load(folder)

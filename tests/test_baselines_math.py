@@ -219,7 +219,7 @@ def batch_top_direct(values, k):
 @pytest.mark.parametrize("name", ["topk", "abstopk", "batchtopk"])
 @pytest.mark.parametrize("dead_latents", [[], [0, 3, 7]])
 def test_topk_family_gradients_match_the_dense_computation(name, dead_latents):
-    """The sparse backward (sagsae/sparse_codes.py: encoder and decoder differentiated through the selected pairs
+    """The sparse backward (sagsae/saes/sparse_codes.py: encoder and decoder differentiated through the selected pairs
     only, AuxK's dead pairs included) gives every parameter the gradient of the dense computation."""
     sae = make(name, k=3, aux_k=2)
     dead = torch.zeros(H, dtype=torch.bool)

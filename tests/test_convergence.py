@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sagsae.convergence import (L0_TOLERANCE, R2_TOLERANCE, converged_at, gain_at_matched_l0, plateau, settled_at_target,
+from sagsae.analysis.convergence import (L0_TOLERANCE, R2_TOLERANCE, converged_at, gain_at_matched_l0, plateau, settled_at_target,
                                  settling)
 
 
@@ -98,7 +98,7 @@ def test_a_slide_along_the_curve_gains_nothing_at_matched_l0_and_a_rising_curve_
 
 
 def test_a_curves_slope_in_log_l0_against_direct_secants():
-    from sagsae.pareto import Curve
+    from sagsae.analysis.pareto import Curve
 
     curve = Curve.from_points([(10, 0.5, 0), (20, 0.6, 0), (80, 0.7, 0)], width=8)
     left, right = 0.1 / math.log(2), 0.1 / math.log(4)

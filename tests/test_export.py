@@ -157,7 +157,7 @@ def test_export_cli_writes_the_folder(checkpoints, tmp_path):
 def test_saelens_loads_our_exports(name, checkpoints, tmp_path):
     from sae_lens import SAE
 
-    import sagsae.saelens  # noqa: F401  (registers sagsae and, where SAELens lacks it, abstopk)
+    import sagsae.formats.saelens  # noqa: F401  (registers sagsae and, where SAELens lacks it, abstopk)
 
     ckpt, module = checkpoints[name]
     folder = export_checkpoint(ckpt, tmp_path / "export")
@@ -208,7 +208,7 @@ def test_split_signs_refuses_an_unsigned_sae(checkpoints, tmp_path):
 def test_saelens_loads_split_sign_exports_with_codes_of_one_sign(name, checkpoints, tmp_path):
     from sae_lens import SAE
 
-    import sagsae.saelens  # noqa: F401  (registers the split forms)
+    import sagsae.formats.saelens  # noqa: F401  (registers the split forms)
 
     ckpt, _ = checkpoints[name]
     folder = export_checkpoint(ckpt, tmp_path / "split", split_signs=True)

@@ -1,4 +1,4 @@
-"""The fused gated chain (sagsae/gated_chain.py) against the composed torch ops it replaces: the same values and
+"""The fused gated chain (sagsae/saes/gated_chain.py) against the composed torch ops it replaces: the same values and
 every gradient, the thresholds' pseudo-derivatives included, for Gated and each SA-GSAE form that uses it."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from sagsae.gated_chain import gated_chain
-from sagsae.straight_through import bi_jump_relu, two_sided_soft_threshold
+from sagsae.saes.gated_chain import gated_chain
+from sagsae.saes.straight_through import bi_jump_relu, two_sided_soft_threshold
 from tests.conftest import perturbed_sae
 
 D, H, B, LAM = 6, 10, 256, 0.7

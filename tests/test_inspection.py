@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from sagsae.inspection import HISTOGRAM_BINS, LatentStatistics, histogram_bin, logit_effects
+from sagsae.analysis.inspection import HISTOGRAM_BINS, LatentStatistics, histogram_bin, logit_effects
 from tests.conftest import REPO
 
 BEFORE, AFTER, TOP_K, RANDOM_K = 3, 2, 4, 3
@@ -141,7 +141,7 @@ def test_inspect_pass_matches_a_brute_force_pass_on_a_small_model(tiny_llama, ex
     from datamodules.hooked_lm import HookedLanguageModel
     from datamodules.text import TextSource
     from sagsae.commands.inspect import inspect_sae
-    from sagsae.serialization import load
+    from sagsae.formats.serialization import load
 
     root, texts = exported_sae
     sae = load(root / "sae")
@@ -235,7 +235,7 @@ def test_browser_shows_the_index_and_both_sides_of_a_bipolar_latent_in_chromium(
 
 def test_inspect_names_what_is_missing_or_mismatched(tiny_llama, exported_sae, tmp_path):
     from sagsae.saes import build_sae
-    from sagsae.serialization import export
+    from sagsae.formats.serialization import export
 
     root, texts = exported_sae
     bare = export(build_sae("sagsae", d_in=32, width=8), tmp_path / "bare")  # no model recorded

@@ -94,8 +94,8 @@ def imported_modules(path: Path) -> set[str]:
 
 
 # folder → the first-party packages it may import (the core is sagsae/ without its commands)
-ALLOWED = {"core": {"sagsae"}, "datamodules": {"sagsae", "datamodules"}, "callbacks": {"sagsae", "callbacks"},
-           "lightning_modules": {"sagsae", "callbacks", "lightning_modules"}}
+ALLOWED = {"core": {"sagsae"}, "datamodules": {"sagsae", "datamodules"},
+           "lightning_modules": {"sagsae", "lightning_modules"}, "callbacks": {"sagsae", "lightning_modules", "callbacks"}}
 FIRST_PARTY = ("sagsae", "datamodules", "callbacks", "lightning_modules", "benchmarks", "tests")
 
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.loggers import Logger
 
-from callbacks.metrics import ReconstructionMetrics
+from lightning_modules.reconstruction_metrics import ReconstructionMetrics
 from lightning_modules.sae_module import FIRING_ROWS, firing_counts
 from sagsae.measures import step_summary
 

@@ -52,5 +52,5 @@ def test_the_wheel_runs_help_configs_and_inspect_from_site_packages(tiny_llama, 
     out = tmp_path / "browser"
     run([sagsae, "inspect", "--sae", root / "sae", "--out", out, "--dataset", "json", "--data_files", texts,
          "--tokens", "500"], cwd=tmp_path)
-    assert (REPO / "sagsae" / "browser_app.html").read_text() in (out / "index.html").read_text()
+    assert (REPO / "sagsae" / "analysis" / "browser_app.html").read_text() in (out / "index.html").read_text()
     assert json.loads((out / "data" / "index.json").read_text())["about"]["tokens"] >= 500

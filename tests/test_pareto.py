@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sagsae.pareto import Curve, compare, overlap
+from sagsae.analysis.pareto import Curve, compare, overlap
 
 
 def curve(points, width=100):

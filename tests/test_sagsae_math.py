@@ -9,7 +9,7 @@ import torch
 
 from sagsae.saes import build_sae
 from tests.conftest import perturbed_sae
-from sagsae.straight_through import bi_jump_relu, jump_relu_with_counts, two_sided_soft_threshold, two_sided_step
+from sagsae.saes.straight_through import bi_jump_relu, jump_relu_with_counts, two_sided_soft_threshold, two_sided_step
 
 D, H, B = 5, 7, 64
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from callbacks import SAEMetrics
-from callbacks.metrics import ReconstructionMetrics
+from lightning_modules.reconstruction_metrics import ReconstructionMetrics
 from datamodules import TensorActivationDataModule
 from lightning_modules import SAEModule
-from sagsae.synthetic import protocol_a
+from sagsae.analysis.synthetic import protocol_a
 from tests.test_robustness import SpikeBatch
 
 TRAIN = 100_000

@@ -14,7 +14,7 @@ import torch
 from callbacks import GateCollapseMonitor, SAEMetrics
 from datamodules import TensorActivationDataModule
 from lightning_modules import SAEModule
-from sagsae.synthetic import bipolar_sharing, protocol_a, signed_feature_recovery
+from sagsae.analysis.synthetic import bipolar_sharing, protocol_a, signed_feature_recovery
 
 TRAIN = 200_000
 

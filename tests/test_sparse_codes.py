@@ -1,10 +1,10 @@
-"""The TopK family's sparse products (sagsae/sparse_codes.py) against direct computations and autograd."""
+"""The TopK family's sparse products (sagsae/saes/sparse_codes.py) against direct computations and autograd."""
 
 from __future__ import annotations
 
 import torch
 
-from sagsae.sparse_codes import dense_codes, pair_sums, row_top_pairs, selected_pre_activations
+from sagsae.saes.sparse_codes import dense_codes, pair_sums, row_top_pairs, selected_pre_activations
 
 
 def test_pair_sums_is_the_weighted_sum_per_bag_including_empty_bags():

@@ -13,7 +13,7 @@ import yaml
 from datamodules import TensorActivationDataModule
 from lightning_modules import SAEModule, SweepModule
 from sagsae.__main__ import main
-from sagsae.commands.report import PAPER, paper_claim
+from sagsae.analysis.sweep_results import PAPER, paper_claim
 from sagsae.commands.sweep import build_sweep, expand_members, select
 
 DATA = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0))
@@ -195,7 +195,8 @@ def test_report_gives_the_paper_claim_only_for_sagsae_against_gated():
 
 def test_report_merges_same_named_cells_of_several_sweeps(tmp_path):
     """Series trained in separate sweeps on the same cell are compared as one cell."""
-    from sagsae.commands.report import load_cells, write_report
+    from sagsae.analysis.sweep_results import load_cells
+    from sagsae.commands.report import write_report
 
     def member(series, l0, r2, seed):
         return {"series": series, "point": {"sparsity_coefficient": l0, "init_seed": seed}, "width": 8,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sagsae.synthetic import pair_correlation, protocol_a, protocol_b, protocol_c
+from sagsae.analysis.synthetic import pair_correlation, protocol_a, protocol_b, protocol_c
 
 N, P = 200_000, 0.04
 

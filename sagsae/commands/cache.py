@@ -11,38 +11,33 @@ Activations are stored raw (unnormalized); metadata.json records the normalizati
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 
 import torch
-import yaml
 
 from datamodules.activation_cache import write_cache
 from datamodules.language_model import DTYPES
 from datamodules.lm_activations import LMActivationDataModule
 
 
-def datamodule_from_configs(configs: list[str], overrides: list[tuple[str, str]]) -> LMActivationDataModule:
-    data: dict = {}
-    for config in configs:
-        section = (yaml.safe_load(Path(config).read_text()) or {}).get("data")
-        if section:
-            data = {**data, **section, "init_args": {**data.get("init_args", {}), **section.get("init_args", {})}}
-    init_args = dict(data.get("init_args", {}))
-    for key, value in overrides:
-        init_args[key] = yaml.safe_load(value)
-    module_path, _, name = data.get("class_path", "datamodules.LMActivationDataModule").rpartition(".")
-    datamodule_class = getattr(importlib.import_module(module_path), name)
-    if not issubclass(datamodule_class, LMActivationDataModule):
+def datamodule_from_configs(training_args: list[str]) -> LMActivationDataModule:
+    """The datamodule that `fit` builds from the same `--config` files and dotted overrides: the training CLI's
+    own parser reads them, so one config serves every command."""
+    from sagsae.commands.train import SAGSAECLI
+
+    datamodule = SAGSAECLI(args=training_args, run=False).datamodule
+    if not isinstance(datamodule, LMActivationDataModule):
         raise ValueError(f"`cache` runs a language model: the config's data must be an LMActivationDataModule, "
-                         f"not {datamodule_class.__name__}")
-    return datamodule_class(**init_args)
+                         f"not {type(datamodule).__name__}")
+    return datamodule
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sagsae cache", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", required=True, help="a training config (repeatable)")
+    parser.add_argument("--config", action="append", required=True,
+                        help="a training config, or a shipped config's name (repeatable); any of fit's dotted "
+                             "overrides (--data.init_args.hookpoint attn_out, …) may follow")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--train_tokens", type=int, default=1_000_000)
     parser.add_argument("--val_tokens", type=int, default=32_768)
@@ -50,14 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="auto",
                         help="where the LM runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1, …")
-    args, rest = parser.parse_known_args(argv)
-    overrides = []
-    while rest:
-        key, *tail = rest
-        if not key.startswith("--data.init_args.") or not tail:
-            parser.error(f"unrecognized argument {key!r}: only --data.init_args.NAME VALUE overrides are accepted")
-        overrides.append((key.removeprefix("--data.init_args."), tail[0]))
-        rest = tail[1:]
+    args, overrides = parser.parse_known_args(argv)
     for name in ("train_tokens", "val_tokens", "shard_tokens"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive")
@@ -69,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     try:
-        metadata = write_cache(datamodule_from_configs(args.config, overrides), args.out, args.train_tokens,
+        datamodule = datamodule_from_configs([arg for config in args.config for arg in ("--config", config)] + overrides)
+        metadata = write_cache(datamodule, args.out, args.train_tokens,
                                args.val_tokens, args.shard_tokens, args.dtype, device)
     except FileExistsError as error:  # raised before the LM loads
         parser.error(f"--out {error}")

@@ -1,6 +1,6 @@
 """`python -m sagsae export --ckpt_path CKPT --out FOLDER`: a trained SAE in SAELens's v6 folder layout, with its
-run's metadata, firing frequencies and a model card (see sagsae.serialization). `--split_signs` writes a signed
-SAE (SA-GSAE, AbsTopK) as the exactly equivalent unsigned SAE of twice the width (sagsae.split_signs), for tools
+run's metadata, firing frequencies and a model card (see sagsae.formats.serialization). `--split_signs` writes a signed
+SAE (SA-GSAE, AbsTopK) as the exactly equivalent unsigned SAE of twice the width (sagsae.formats.split_signs), for tools
 that count only positive codes."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sagsae.serialization import export, read_checkpoint, sae_from_checkpoint
+from sagsae.formats.serialization import export, read_checkpoint, sae_from_checkpoint
 
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, split_signs: bool = False) -> Path:
@@ -43,7 +43,7 @@ def model_card(sae, metadata: dict, metrics: dict, split_signs: bool = False) ->
     shown = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())) or "| (none recorded) | |"
     split = (f" Split signs: written as an unsigned SAE of width {2 * sae.width} whose codes are all ≥ 0 (latent i "
              f"is signed latent i's positive part, latent {sae.width} + i its negative part), with the same "
-             f"reconstructions; `import sagsae.saelens` before SAELens loads it." if split_signs else "")
+             f"reconstructions; `import sagsae.formats.saelens` before SAELens loads it." if split_signs else "")
     return (f"# {sae.architecture} SAE, width {sae.width}, on {metadata.get('model_name')} "
             f"{metadata.get('hook_name')}\n\nTrained with sagsae.{split} Load with `sagsae.load(folder)` (torch only) or "
             f"`sae_lens.SAE.load_from_disk(folder)` (shared architectures). Inputs are raw activations: the "

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from sagsae.browser import latent_records, write_browser
-from sagsae.inspection import LatentStatistics, logit_effects
+from sagsae.analysis.browser import latent_records, write_browser
+from sagsae.analysis.inspection import LatentStatistics, logit_effects
 from sagsae.saes import SparseAutoencoder
-from sagsae.serialization import CONFIG, load, read_checkpoint, sae_from_checkpoint
+from sagsae.formats.serialization import CONFIG, load, read_checkpoint, sae_from_checkpoint
 
 
 def trained_sae(ckpt_path: str | None, sae_folder: str | None) -> tuple[SparseAutoencoder, dict[str, Any]]:

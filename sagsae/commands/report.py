@@ -1,6 +1,6 @@
 """`python -m sagsae report SWEEP_DIR [SWEEP_DIR …] --out FOLDER`: Markdown tables and PNG plots of sweeps.
 
-Per cell: R² against L0 and dead fraction against L0 for every series (seed means as lines, the seeds' range as
+Renders what sagsae/analysis/sweep_results.py reads. Per cell: R² against L0 and dead fraction against L0 for every series (seed means as lines, the seeds' range as
 a band), a table of every sweep point, the Pareto verdict of each compared pair over their L0 overlap (SPEC §6)
 with the sweep-geomean dead reduction, the bipolar census of signed SAEs, and what the paper reports for that
 kind of hookpoint. Compared pairs come from `--compare A B` or the sweep config's `compare: [[A, B], …]`.
@@ -15,116 +15,13 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean
 
 import yaml
 
-from sagsae.convergence import (L0_TOLERANCE, NOISE_MULTIPLE, R2_TOLERANCE, REFERENCE_POINTS, Plateau, converged_at,
-                                gain_at_matched_l0, plateau, settled_at_target, settling)
-from sagsae.pareto import Curve, compare
-
-RESULTS = "results.json"
-PAPER = {  # SPEC §1: the paper's half-width SA-GSAE vs full-width Gated, by hookpoint kind
-    "mlp_out": "dominates on both models; dead reduction ≈100–500×",
-    "attn_out": "matches (R² within 0.025); dead reduction ≈2–4×",
-    "resid_mid": "dominates on Pythia-1B (≈100–500×); matches on SmolLM3-3B (≈2–4×)",
-}
-
-
-def load_cells(sweeps: list[Path]) -> dict[str, dict]:
-    """cell name → results.json of every finished cell of the given sweep folders. Cells of the same name in
-    several sweeps (the same data) are merged, so that series from separate sweeps can be compared; their
-    step counts are listed, since a comparison is only fair at one budget. A member found in two folders is
-    refused: it would count twice as a seed."""
-    cells: dict[str, dict] = {}
-    origin: dict[tuple[str, str], Path] = {}
-    for sweep in sweeps:
-        files = sorted(sweep.glob(f"*/{RESULTS}"))
-        if not files:
-            raise FileNotFoundError(f"{sweep} holds no finished cell (no */{RESULTS}); run the sweep first")
-        for path in files:
-            cell = json.loads(path.read_text())
-            name = path.parent.name
-            for member in cell["members"]:
-                if (name, member) in origin:
-                    raise ValueError(f"{member} of cell {name} is in both {origin[name, member]} and {sweep}: the same "
-                                     f"SAE would count twice as a seed; give `report` only one of them")
-                origin[name, member] = sweep
-            if name not in cells:
-                cells[name] = {**cell, "steps": [cell["steps"]]}
-                continue
-            merged = cells[name]
-            merged["members"].update(cell["members"])
-            merged["steps"] = sorted(set(merged["steps"]) | {cell["steps"]})
-    return cells
-
-
-def at_budget(cells: dict[str, dict], tokens: int) -> dict[str, dict]:
-    """The cells as they stood after `tokens` training tokens: each member's last budget checkpoint within it
-    (its metrics, and its history cut there), so that a verdict can be read at several budgets."""
-    cut = {}
-    for label, cell in cells.items():
-        members = {}
-        for name, member in cell["members"].items():
-            rows = [row for row in member.get("history") or [] if row["tokens_seen"] <= tokens]
-            if not rows:
-                raise ValueError(f"{name} of cell {label} has no budget checkpoint at or below {tokens:,} tokens "
-                                 f"(--at_tokens): choose a budget its history reaches")
-            kept = {key: member[key] for key in ("series", "architecture", "point", "width") if key in member}
-            members[name] = {**kept, "history": rows, **rows[-1]}
-        cut[label] = {**cell, "members": members, "steps": [f"cut at {tokens:,} tokens"]}
-    return cut
-
-
-def sweep_points(cell: dict) -> dict[str, list[dict]]:
-    """series → its sweep points, each the seed mean (and range) of the members sharing a grid point."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for member in cell["members"].values():
-        groups[_grid_point(member)].append(member)
-    series: dict[str, list[dict]] = defaultdict(list)
-    for (name, point), members in groups.items():
-        row = {"point": dict(point), "seeds": len(members), "width": members[0]["width"]}
-        for key in members[0]:
-            values = [m[key] for m in members if isinstance(m.get(key), (int, float)) and not isinstance(m[key], bool)]
-            if len(values) == len(members) and key != "width":
-                finite = [v for v in values if math.isfinite(v)]
-                row[key] = mean(finite) if finite else math.nan
-                row[f"{key}_min"], row[f"{key}_max"] = (min(finite), max(finite)) if finite else (math.nan, math.nan)
-        series[name].append(row)
-    return {name: sorted(rows, key=lambda r: r["l0"]) for name, rows in series.items()}
-
-
-METRICS = {"r2": ("R²", 1), "ce_delta": ("ΔCE", -1)}  # key → (label, sign that makes higher better)
-
-
-def curve(rows: list[dict], metric: str = "r2") -> Curve:
-    """A series' curve of `metric` against L0 (ΔCE negated, so that higher is better for every metric)."""
-    sign = METRICS[metric][1]
-    return Curve.from_points([(r["l0"], sign * r[metric], r["dead_fraction"], r[f"{metric}_max"] - r[f"{metric}_min"])
-                              for r in rows if r["l0"] > 0], rows[0]["width"])
-
-
-def has_metric(rows: list[dict], metric: str) -> bool:
-    return all(isinstance(r.get(metric), float) and math.isfinite(r[metric]) for r in rows)
-
-
-def _hookpoint(cell: dict) -> str | None:
-    return (cell.get("activations") or {}).get("hookpoint")
-
-
-def member_architecture(member: dict) -> str | None:
-    """A member's registry name; results.json written before sweeps recorded it name the training class."""
-    legacy = {"SAGSAE": "sagsae", "GatedSAE": "gated"}
-    return member.get("architecture") or legacy.get(member.get("class_path", "").rpartition(".")[2])
-
-
-def paper_claim(cell: dict, a: str, b: str) -> str:
-    """What the paper reports for this kind of hookpoint, where the pair is the paper's own (an SA-GSAE series
-    against a Gated one); "–" for any other pair."""
-    kinds = {m["series"]: member_architecture(m) for m in cell["members"].values()}
-    if (kinds.get(a), kinds.get(b)) != ("sagsae", "gated"):
-        return "–"
-    return PAPER.get(_hookpoint(cell) or "", "–")
+from sagsae.analysis.convergence import (L0_TOLERANCE, NOISE_MULTIPLE, R2_TOLERANCE, REFERENCE_POINTS, Plateau,
+                                         converged_at, settled_at_target, settling)
+from sagsae.analysis.sweep_results import (at_budget, cell_verdicts, grid_point, has_metric, load_cells,
+                                           only_series, own_band_readings, sweep_points)
 
 
 def series_style(name: str, focus: list[str], index: int) -> dict:
@@ -279,7 +176,7 @@ def settling_lines(cell: dict) -> list[str]:
     seeds: dict[tuple, list[list[dict]]] = defaultdict(list)
     members = [(name, m) for name, m in sorted(cell["members"].items()) if len(m.get("history") or []) >= 2]
     for _, member in members:
-        seeds[_grid_point(member)].append(member["history"])
+        seeds[grid_point(member)].append(member["history"])
     lines = ["Settling (docs/method.md, \"When a run has converged\"): a jump is the largest check-to-check move past 2M tokens (R², L0 relative), "
              "against the range of the seeds' means there (never below 0.005 R², 5% L0); waste counts the ~1M-token "
              "spans past 2M over which L0 rose > 2% while R² fell > 0.002.", "",
@@ -287,7 +184,7 @@ def settling_lines(cell: dict) -> list[str]:
              "loss spikes | settled |", "|---|---|---|---|---|---|---|---|---|"]
     for name, member in members:
         history, target = member["history"], member["point"].get("target_l0")
-        runs = seeds[_grid_point(member)]
+        runs = seeds[grid_point(member)]
         reading = settling(history, runs)
         on_target = None if target is None else settled_at_target(history, target)
         settled = reading.settled if on_target is None else on_target
@@ -298,24 +195,6 @@ def settling_lines(cell: dict) -> list[str]:
                      f"{_number(history[-1].get('loss_spikes', math.nan), 0)} | "
                      f"{'yes' if settled else '**no**'} |")
     return lines + [""]
-
-
-def _grid_point(member: dict) -> tuple:
-    """A member's series and grid point, less its seed: the members that are seeds of one configuration."""
-    return member["series"], tuple(sorted((k, v) for k, v in member["point"].items() if k != "init_seed"))
-
-
-def own_band_readings(cell: dict, members: list[tuple[str, dict]]) -> dict[str, tuple[Plateau | None, float]]:
-    """member → (its own-band reading, its second-half R² gain at matched L0; NaN where either is missing)."""
-    curves = {series: curve(rows) for series, rows in sweep_points(cell).items() if has_metric(rows, "r2")}
-    readings = {}
-    for name, member in members:
-        reading = plateau(member["history"])
-        series_curve = curves.get(member["series"])
-        gain = (gain_at_matched_l0(reading, series_curve.slope_at(member["history"][-1]["l0"]))
-                if reading is not None and series_curve is not None else math.nan)
-        readings[name] = (reading, gain)
-    return readings
 
 
 def series_convergence_lines(members: list[tuple[str, dict]],
@@ -404,19 +283,7 @@ def cell_section(label: str, cell: dict, pairs: list[tuple[str, str]], image: st
     if budget_image:
         lines += ["### Convergence", "", f"![{label} against the budget]({budget_image})", "",
                   *convergence_lines(cell, pairs), *settling_lines(cell)]
-    verdicts = []
-    for a, b in pairs:
-        if a not in series or b not in series:
-            continue
-        for metric, (name, sign) in METRICS.items():
-            if not (has_metric(series[a], metric) and has_metric(series[b], metric)):
-                continue
-            v = compare(curve(series[a], metric), curve(series[b], metric))
-            verdicts.append({"cell": label, "a": a, "b": b, "metric": name, "verdict": v.verdict, "overlap": v.overlap,
-                             "min_gap": sign * (v.min_gap if sign > 0 else v.max_gap),
-                             "max_gap": sign * (v.max_gap if sign > 0 else v.min_gap),
-                             "dead_reduction": v.dead_reduction, "within_noise": v.within_noise,
-                             "paper": paper_claim(cell, a, b)})
+    verdicts = cell_verdicts(label, cell, pairs)
     return lines + [""], verdicts
 
 
@@ -429,17 +296,6 @@ def verdict_table(verdicts: list[dict]) -> list[str]:
                      f"{_number(v['min_gap'])} / {_number(v['max_gap'])} | {_percent(v.get('within_noise'))} | "
                      f"{_number(v['dead_reduction'], 2)}× | {v['paper']} |")
     return lines
-
-
-def only_series(cells: dict[str, dict], series: list[str]) -> dict[str, dict]:
-    """The cells with only the members of the named series (cells left with none are dropped)."""
-    known = {member["series"] for cell in cells.values() for member in cell["members"].values()}
-    unknown = sorted(set(series) - known)
-    if unknown:
-        raise ValueError(f"Unknown series {unknown} (--series); these sweeps hold: {sorted(known)}")
-    kept = {label: {**cell, "members": {name: member for name, member in cell["members"].items()
-                                        if member["series"] in series}} for label, cell in cells.items()}
-    return {label: cell for label, cell in kept.items() if cell["members"]}
 
 
 def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | None = None,

@@ -50,7 +50,7 @@ from callbacks.dashboard import SAETensorBoardLogger
 from callbacks.interrupt import InterruptCheckpoint
 from callbacks.run_info import StepProgressBar, environment
 from lightning_modules import SAEModule, SweepModule
-from sagsae.commands.report import RESULTS
+from sagsae.analysis.sweep_results import RESULTS
 from sagsae.saes import SparseAutoencoder
 Scorer = Callable[[str, SAEModule], dict[str, float]]  # (cell, trained member) → extra result columns
 CLIPPING = ("gradient_clip_val", "gradient_clip_algorithm")  # trainer settings that the SweepModule applies

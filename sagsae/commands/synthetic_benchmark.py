@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from datamodules.activation_cache import ShardWriter
 from datamodules.activation_files import METADATA
-from sagsae import synthetic
-from sagsae.staging import staged_folder
+from sagsae.analysis import synthetic
+from sagsae.formats.staging import staged_folder
 from sagsae.commands.sweep import run_sweep, sweep_command
 
 TRUTH = "truth.safetensors"

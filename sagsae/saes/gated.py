@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sagsae.saes.base import GatedPathsSAE, check_init_quantile, register
+from sagsae.saes.base import check_init_quantile, register
+from sagsae.saes.gated_paths import GatedPathsSAE
 
 
 @register("gated")

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from sagsae.saes.base import LinearEncoderSAE, SAELoss, check_init_quantile, register, squared_error
-from sagsae.saes.sa_gsae import default_jump_scale
-from sagsae.straight_through import bi_jump_relu, jump_relu_with_counts, two_sided_step
+from sagsae.saes.straight_through import bi_jump_relu, default_jump_scale, jump_relu_with_counts, two_sided_step
 
 
 @register("jumprelu")

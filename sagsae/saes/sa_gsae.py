@@ -14,21 +14,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from sagsae.saes.base import GatedPathsSAE, check_init_quantile, register
-from sagsae.straight_through import bi_jump_relu, open_gate, two_sided_soft_threshold, two_sided_step
+from sagsae.saes.base import check_init_quantile, register
+from sagsae.saes.gated_paths import GatedPathsSAE
+from sagsae.saes.straight_through import (bi_jump_relu, default_jump_scale, open_gate, two_sided_soft_threshold,
+                                          two_sided_step)
 
 GatePath = Literal["jump", "soft"]
-
-
-def default_jump_scale(d_in: int) -> float:
-    """JumpReLU's θ_init = ε = 1e-3 at E‖x‖² = 1 becomes 1e-3·√d at our E‖x‖² = d (SPEC §3)."""
-    return 1e-3 * math.sqrt(d_in)
 
 
 def signed_magnitude_path(u: Tensor, pi: Tensor, r_pos: Tensor, r_neg: Tensor | None, b_mag: Tensor,
                           sign_consistency: bool) -> Tensor:
     """m = exp(r^{sign π}) u + b_mag (r_neg None: tied, one rescale), zero where m opposes the gate's polarity
-    under `sign_consistency`. Shared with the SAELens plugin (sagsae.saelens), so the two encodes agree."""
+    under `sign_consistency`. Shared with the SAELens plugin (sagsae.formats.saelens), so the two encodes agree."""
     rescale = r_pos.exp() if r_neg is None else torch.where(pi > 0, r_pos, r_neg).exp()
     magnitude = rescale * u + b_mag
     if sign_consistency:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from sagsae.saes.base import LinearEncoderSAE, SAELoss, register, squared_error
-from sagsae.sparse_codes import dense_codes, pair_sums, row_top_pairs, selected_pre_activations
+from sagsae.saes.sparse_codes import dense_codes, pair_sums, row_top_pairs, selected_pre_activations
 
 
 @register("topk")
@@ -74,7 +74,7 @@ class TopKSparseAutoencoder(LinearEncoderSAE):
         """recon + aux_coefficient · AuxK; `sparsity_coefficient` is unused (k sets the sparsity).
 
         π is computed once without a graph; the selected pairs' codes are read from it with a sparse backward
-        (sagsae/sparse_codes.py), and x̂ is decoded from those pairs only. `codes` (for the metrics) is detached; the
+        (sagsae/saes/sparse_codes.py), and x̂ is decoded from those pairs only. `codes` (for the metrics) is detached; the
         firing counts come from the pairs too, 5× cheaper than counting the dense codes."""
         with torch.no_grad():
             pre = self.pre_activation(x)

@@ -3,7 +3,7 @@
 Tools built for unsigned SAEs count a latent as firing only when its code is > 0 (SAEBench does), so they miss
 every negative firing of a signed SAE. Split, latent i's positive part is latent i and its negative part latent
 H + i, both ≥ 0, with decoder columns W_i and −W_i: the reconstruction is unchanged, since at most one half of
-each pair is non-zero and (−f)(−W) = fW. `sagsae export --split_signs` writes this form; sagsae.saelens
+each pair is non-zero and (−f)(−W) = fW. `sagsae export --split_signs` writes this form; sagsae.formats.saelens
 registers it with SAELens.
 """
 

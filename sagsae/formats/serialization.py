@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sagsae.saes import SparseAutoencoder, build_sae, sae_class_for_saelens
-from sagsae.split_signs import SPLIT_SUFFIX, SplitSigns, split_decoder
-from sagsae.staging import staged_folder
+from sagsae.formats.split_signs import SPLIT_SUFFIX, SplitSigns, split_decoder
+from sagsae.formats.staging import staged_folder
 
 WEIGHTS, CONFIG, SPARSITY, CARD = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "README.md"
 
@@ -28,7 +28,7 @@ WEIGHTS, CONFIG, SPARSITY, CARD = "sae_weights.safetensors", "cfg.json", "sparsi
 def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None,
            firing_frequency: Tensor | None = None, card: str = "", split_signs: bool = False) -> Path:
     """Write the folder atomically: everything goes to a temporary folder that is renamed at the end. With
-    `split_signs`, a signed SAE is written as its unsigned form of twice the width (sagsae.split_signs); its
+    `split_signs`, a signed SAE is written as its unsigned form of twice the width (sagsae.formats.split_signs); its
     firing frequencies per sign are not known from training, so no sparsity file is written for it."""
     out = Path(out)
     if split_signs and not sae.signed_codes:

@@ -1,6 +1,6 @@
-"""A static feature browser: the figures of `sagsae.inspection` written as a folder that opens offline.
+"""A static feature browser: the figures of `sagsae.analysis.inspection` written as a folder that opens offline.
 
-    out/index.html          the app (sagsae/browser_app.html): an index of latents and one view per latent
+    out/index.html          the app (sagsae/analysis/browser_app.html): an index of latents and one view per latent
     out/data/index.js       one row per latent (the index sorts, filters and pages these)
     out/data/latents_N.js   the full records of latents N … N + chunk − 1, loaded only when one is opened
     out/data/*.json         the same data as JSON, for other tools
@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import Tensor
 
-from sagsae.inspection import SIDES, LatentStatistics, histogram_edges
-from sagsae.staging import staged_folder
+from sagsae.analysis.inspection import SIDES, LatentStatistics, histogram_edges
+from sagsae.formats.staging import staged_folder
 
 APP = Path(__file__).with_name("browser_app.html")
 CHUNK = 128  # latents per data file

@@ -11,7 +11,7 @@ L1 Σ_b |π_b| (open gates), from which the sparsity term is a product with the 
 no [B, H] pass of its own in either direction.
 
 Exactly the composed form's values and gradients (tests/test_gated_chain.py), including the thresholds'
-rectangle-kernel pseudo-derivatives of BiJump (sagsae/straight_through.py), or the soft path's ordinary ones. It
+rectangle-kernel pseudo-derivatives of BiJump (sagsae/saes/straight_through.py), or the soft path's ordinary ones. It
 needs r tied across the two signs and a gate path that does not train θ through the main reconstruction; the SAEs
 use the composed form otherwise.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sagsae.straight_through import bi_jump_threshold_grads, open_gate
+from sagsae.saes.straight_through import bi_jump_threshold_grads, open_gate
 
 
 class _GatedChain(torch.autograd.Function):
@@ -75,6 +75,6 @@ def gated_chain(u: Tensor, b_gate: Tensor, log_rescale: Tensor, b_mag: Tensor, t
                 theta_neg: Tensor, bandwidth: float, sign_consistency: bool = True,
                 soft: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(codes, gate codes, gate codes' per-latent L1) of the chain above; in fp32 whatever u's dtype, as BiJump
-    (sagsae/straight_through.py): the thresholds' kernel sums would be coarse in bf16."""
+    (sagsae/saes/straight_through.py): the thresholds' kernel sums would be coarse in bf16."""
     return _GatedChain.apply(u.float(), b_gate.float(), log_rescale.float(), b_mag.float(), theta_pos.float(),
                              theta_neg.float(), bandwidth, sign_consistency, soft)

@@ -3,7 +3,7 @@ exports of them too, and their split-sign forms ("sagsae_split", "abstopk_split"
 an unsigned SAE of twice the width whose codes are all ≥ 0). Importing this module registers them (it needs
 `sae-lens`: `pip install sagsae[saelens]`).
 
-    import sagsae.saelens  # noqa: F401
+    import sagsae.formats.saelens  # noqa: F401
     from sae_lens import SAE
     sae = SAE.load_from_disk("exported/")
 """
@@ -19,8 +19,8 @@ from sae_lens.saes.sae import SAE, SAEConfig
 from torch import Tensor, nn
 
 from sagsae.saes.sa_gsae import signed_magnitude_path
-from sagsae.sparse_codes import dense_codes, row_top_pairs
-from sagsae.straight_through import open_gate
+from sagsae.saes.sparse_codes import dense_codes, row_top_pairs
+from sagsae.saes.straight_through import open_gate
 
 
 class _SaeLensDecoder:

@@ -7,8 +7,15 @@ for the threshold; the input's gradient stays the exact one (the gate itself, or
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+
+def default_jump_scale(d_in: int) -> float:
+    """JumpReLU's θ_init = ε = 1e-3 at E‖x‖² = 1 becomes 1e-3·√d at our E‖x‖² = d (docs/method.md)."""
+    return 1e-3 * math.sqrt(d_in)
 
 
 def open_gate(z: Tensor, theta_pos: Tensor, theta_neg: Tensor) -> Tensor:
@@ -81,7 +88,7 @@ def bi_jump_threshold_grads(z: Tensor, grad: Tensor, theta_pos: Tensor, theta_ne
     """BiJump_θ(z)'s pseudo-derivatives for θ±, given the gradient `grad` of its output (also where the gate is
     closed): z > 0: ∂/∂θ⁺ = −(θ⁺/ε) K((z − θ⁺)/ε); z < 0: ∂/∂θ⁻ = +(θ⁻/ε) K((−z − θ⁻)/ε). θ/ε is per latent, so it
     multiplies after the batch sum. None for a side whose gradient is not needed. Shared with the fused gated
-    chain (sagsae/gated_chain.py)."""
+    chain (sagsae/saes/gated_chain.py)."""
     eps = bandwidth
     grad_pos = -theta_pos / eps * _kernel_sum(z, grad, theta_pos, eps, side=z > 0) if needs_pos else None
     grad_neg = theta_neg / eps * _kernel_sum(z, grad, -theta_neg, eps, side=z < 0) if needs_neg else None
