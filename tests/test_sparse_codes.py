@@ -1,10 +1,12 @@
-"""The TopK family's sparse products (sagsae/saes/sparse_codes.py) against direct computations and autograd."""
+"""The sparse products (sagsae/saes/sparse_codes.py) against direct computations and autograd."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from sagsae.saes.sparse_codes import dense_codes, pair_sums, row_top_pairs, selected_pre_activations
+from sagsae.saes import build_sae
+from sagsae.saes.sparse_codes import dense_codes, nonzero_decode, pair_sums, row_top_pairs, selected_pre_activations
 
 
 def test_pair_sums_is_the_weighted_sum_per_bag_including_empty_bags():
@@ -49,3 +51,93 @@ def test_selected_pre_activations_gradients_equal_autograd_of_the_dense_product(
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(sparse, (centered, W_enc, b_enc))
+
+
+def test_nonzero_decode_equals_the_dense_product_with_gradients_on_the_active_entries_only():
+    """A token with no active latent and a latent active nowhere: values, the codes' gradient (zero off the
+    support), W_dec's (zero for the silent latent) and gradcheck in float64."""
+    generator = torch.Generator().manual_seed(1)
+    codes = torch.randn(5, 6, dtype=torch.float64, generator=generator)
+    codes[codes.abs() < 0.8] = 0
+    codes[2] = 0  # a token with no active latent
+    codes[:, 4] = 0  # a latent active nowhere
+    codes.requires_grad_(True)
+    W_dec = torch.randn(3, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    rows, cols = codes.detach().nonzero(as_tuple=True)
+    upstream = torch.randn(5, 3, dtype=torch.float64, generator=generator)
+
+    sparse_grads = torch.autograd.grad((nonzero_decode(codes, rows, cols, W_dec) * upstream).sum(), (codes, W_dec))
+    dense = codes @ W_dec.T
+    dense_grads = torch.autograd.grad((dense * upstream).sum(), (codes, W_dec))
+    torch.testing.assert_close(nonzero_decode(codes, rows, cols, W_dec), dense)
+    support = codes.detach() != 0
+    torch.testing.assert_close(sparse_grads[0], dense_grads[0] * support)  # the active entries' gradients only
+    torch.testing.assert_close(sparse_grads[1], dense_grads[1])
+    assert torch.equal(sparse_grads[1][:, 4], torch.zeros(3, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda c, w: nonzero_decode(c, rows, cols, w), (codes, W_dec))
+
+
+def trained_gradients(architecture: str, switches: dict, below: float | None, autocast: bool) -> tuple:
+    """One loss and backward of a fixed SAE on a fixed batch, five of its latents started above all of their |π|
+    (silent): (the loss, every parameter's gradient)."""
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2)) * 4
+    torch.manual_seed(0)
+    sae = build_sae(architecture, d_in=16, width=40, **switches)
+    sae.initialize_from_batch(x)
+    with torch.no_grad():
+        for threshold in sae.threshold_parameters():
+            threshold[:5] = 1e3
+    sae.sparse_decode_below = below
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = sae.loss(x, sparsity_coefficient=2.0)
+    loss.total.backward()
+    return loss.total.detach().float(), {name: p.grad.clone() for name, p in sae.named_parameters()
+                                         if p.grad is not None}
+
+
+ARCHITECTURES = [("sagsae", {}), ("sagsae", {"gate_path": "jump"}), ("sagsae", {"unit_norm_decoder": True}),
+                 ("gated", {}), ("jumprelu", {}), ("relu", {})]
+
+
+@pytest.mark.parametrize("architecture, switches", ARCHITECTURES)
+def test_the_sparse_decode_trains_as_the_dense_one(architecture, switches):
+    """The whole loss and every parameter's gradient, thresholds' pseudo-derivatives included, with every decode
+    sparse (`sparse_decode_below` 1) against every decode dense (None), five latents silent."""
+    sparse_loss, sparse = trained_gradients(architecture, switches, 1.0, autocast=False)
+    dense_loss, dense = trained_gradients(architecture, switches, None, autocast=False)
+    torch.testing.assert_close(sparse_loss, dense_loss)
+    assert sparse.keys() == dense.keys()
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-4, atol=1e-5 * float(dense[name].abs().max()))
+
+
+@pytest.mark.parametrize("architecture, switches", ARCHITECTURES)
+def test_under_bf16_the_sparse_decode_is_as_close_to_fp32_as_the_dense_one(architecture, switches):
+    """Under bf16 autocast the dense decode runs in bf16 and the sparse one in fp32 (the embedding bag): against
+    the fp32 step, each gradient of the sparse one errs by no more than the dense one's (plus 1% of the larger of
+    the two gradients).
+    bf16's own error is large for the biases whose gradients cancel across the batch (SA-GSAE's b_mag: of the
+    order of the gradient itself), so the dense bf16 step, not fp32, sets what is tolerated."""
+    _, reference = trained_gradients(architecture, switches, None, autocast=False)
+    _, sparse = trained_gradients(architecture, switches, 1.0, autocast=True)
+    _, dense = trained_gradients(architecture, switches, None, autocast=True)
+    for name, exact in reference.items():
+        size = max(float(exact.abs().max()), float(dense[name].abs().max()))  # θ's: 0 in fp32, the band moves in bf16
+        sparse_error = float((sparse[name] - exact).abs().max())
+        dense_error = float((dense[name] - exact).abs().max())
+        assert sparse_error <= dense_error + 0.01 * size, (name, sparse_error, dense_error, size)
+
+
+def test_the_decode_is_sparse_only_at_or_below_the_density_threshold():
+    """Which path ran shows in the codes' gradient: the dense product's reaches the zero codes, the sparse one's
+    does not."""
+    sae = build_sae("relu", d_in=8, width=20)
+    codes = torch.relu(torch.randn(10, 20, generator=torch.Generator().manual_seed(3)))  # about half active
+    density = float((codes != 0).float().mean())
+    for below, sparse in ((density - 0.05, False), (density + 1e-6, True), (None, False)):
+        sae.sparse_decode_below = below
+        leaf = codes.clone().requires_grad_(True)
+        decoded = sae.decode(leaf)
+        decoded.sum().backward()
+        torch.testing.assert_close(decoded, codes @ sae.W_dec.T + sae.b_dec)
+        assert bool((leaf.grad[codes == 0] == 0).all()) == sparse, below

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sagsae.saes.sparse_codes import nonzero_decode
+
 
 SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 
@@ -134,6 +136,10 @@ class SparseAutoencoder(nn.Module):
     # and SA-GSAE: sagsae/saes/gated_chain.py; JumpReLU: `jump_relu_with_counts`); False composes it from torch ops,
     # the same values and gradients, as benchmarks/fused_chain.py does to measure the difference.
     use_fused_chain: bool = True
+    # Decode from the non-zero codes alone, a gather-sum over each token's active latents (`nonzero_decode`), when
+    # at most this share of the codes is non-zero; None decodes densely. The main reconstruction and the gate
+    # path's both go through `decode`, and the decoder's and the codes' gradients then touch the active entries only.
+    sparse_decode_below: float | None = None
 
     def __init__(self, d_in: int, width: int, unit_norm_decoder: bool = False) -> None:
         super().__init__()
@@ -151,6 +157,10 @@ class SparseAutoencoder(nn.Module):
         raise NotImplementedError
 
     def decode(self, codes: Tensor) -> Tensor:
+        if self.sparse_decode_below is not None and codes.dim() == 2:
+            rows, cols = codes.detach().nonzero(as_tuple=True)
+            if len(rows) <= self.sparse_decode_below * codes.numel():
+                return nonzero_decode(codes, rows, cols, self.W_dec) + self.b_dec
         return codes @ self.W_dec.T + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:

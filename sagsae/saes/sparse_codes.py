@@ -1,4 +1,5 @@
-"""Products over the selected (token, latent) pairs only, for the TopK family's training step.
+"""Products over the selected (token, latent) pairs only: the TopK family's training step, and the decode of codes
+with a varying number of active latents per token.
 
 A TopK code has k of H latents per token, so a dense backward (grad_π [B, H] times x or W_enc) spends H/k times
 the work it needs. As in sparsify's fused encoder, the encoder's and decoder's gradients here touch the selected
@@ -22,6 +23,14 @@ def pair_sums(table: Tensor, bags: Tensor, members: Tensor, weights: Tensor, bag
     offsets = counts.cumsum(0) - counts
     return F.embedding_bag(members, table.contiguous(), offsets, mode="sum",
                            per_sample_weights=weights.to(table.dtype))
+
+
+def nonzero_decode(codes: Tensor, rows: Tensor, cols: Tensor, W_dec: Tensor) -> Tensor:
+    """codes @ W_decᵀ from the non-zero entries alone (`rows`, `cols`: `codes.nonzero()`, rows ascending), for codes
+    whose number of active latents varies per token (Gated, SA-GSAE, JumpReLU, ReLU). Reading the entries by index
+    sends the codes' gradient to those entries only, and the embedding bag sends W_dec's to the active latents'
+    columns: B·L0·d multiply-adds each way instead of B·H·d."""
+    return pair_sums(W_dec.T, rows, cols, codes[rows, cols], len(codes))
 
 
 def row_top_pairs(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
