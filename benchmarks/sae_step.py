@@ -9,7 +9,9 @@ step, ours and the peers', is taken in turn for `--repeats` rounds and each figu
 machine's drift and a stray slow call reach them all alike.
 Where SAELens (`pip install sagsae[bench]`) or sparsify (eai-sparsify) import, their training steps for the
 same architecture, width and batch run too (forward with their losses, backward, Adam), and the last line
-gives our speed-up over each: SA-GSAE is set against SAELens's Gated step, TopK against sparsify's.
+gives our speed-up over each: SA-GSAE is set against SAELens's Gated step, TopK against sparsify's. SA-GSAE and
+Gated also run started at about 1% density (`name@1%`), decoded densely and from the non-zero codes alone
+(`name@1%:sparse`, `sparse_decode_below`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ def floor_step(x: torch.Tensor, width: int):
 def sae_step(name: str, x: torch.Tensor, width: int):
     sae = build_sae(name, d_in=x.shape[1], width=width, **({"k": K} if sae_class(name).k_sparse else {})).to(x.device)
     sae.initialize_from_batch(x)
+    return training_step(sae, x)
+
+
+# Starts at which about 1% of the codes are non-zero, the density of the default SA-GSAE at L0 ≈ 46 of 4,608
+SPARSE_STARTS = {"sagsae": {"theta_init_quantile": 0.99}, "gated": {"gate_init_quantile": 0.99}}
+
+
+def density_step(name: str, x: torch.Tensor, width: int, sparse_decode_below: float | None):
+    """A step of `name` started at about 1% density (SPARSE_STARTS), decoded densely (None) or from the non-zero
+    codes alone (1.0)."""
+    sae = build_sae(name, d_in=x.shape[1], width=width, **SPARSE_STARTS[name]).to(x.device)
+    sae.initialize_from_batch(x)
+    sae.sparse_decode_below = sparse_decode_below
     return training_step(sae, x)
 
 
@@ -117,6 +132,9 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in, device=DEVICE)
     steps = {"floor": floor_step(x, args.width)} | {name: sae_step(name, x, args.width) for name in SAE_REGISTRY}
+    for name in SPARSE_STARTS:
+        steps |= {f"{name}@1%": density_step(name, x, args.width, None),
+                  f"{name}@1%:sparse": density_step(name, x, args.width, 1.0)}
     steps |= {f"saelens:{name}": saelens_step(name, x, args.width) for name in SAELENS}
     steps["sparsify:topk"] = sparsify_step(x, args.width)
     rows = alternating_medians({name: step for name, step in steps.items() if step is not None}, args.repeats,
@@ -125,12 +143,14 @@ def main() -> None:
     device = device_name()
     print(f"d_in {args.d_in}, width {args.width}, batch {args.batch}, {torch.get_num_threads()} threads, {device}, "
           f"{'bf16 autocast' if args.autocast else 'fp32'}")
-    print(f"{'step':<12} {'ms':>10} {'tokens/s':>12} {'floor/step':>11}")
+    print(f"{'step':<18} {'ms':>10} {'tokens/s':>12} {'floor/step':>11}")
     for name, seconds in rows.items():
-        print(f"{name:<12} {seconds * 1e3:>10.1f} {args.batch / seconds:>12,.0f} {floor / seconds:>11.2f}")
+        print(f"{name:<18} {seconds * 1e3:>10.1f} {args.batch / seconds:>12,.0f} {floor / seconds:>11.2f}")
     ours = [name for name in rows if name != "floor" and ":" not in name]
     print("ratios vs floor: " + ", ".join(f"{name} {floor / rows[name]:.2f}" for name in ours))
     pairs = [(name, f"saelens:{name}") for name in SAELENS] + [("sagsae", "saelens:gated"), ("topk", "sparsify:topk")]
+    pairs += [(f"{name}@1%:sparse", f"{name}@1%") for name in SPARSE_STARTS]  # the sparse decode at 1% density
+    pairs += [("sagsae@1%:sparse", "saelens:gated")]
     speedups = [f"{ours_} vs {theirs} {rows[theirs] / rows[ours_]:.2f}×" for ours_, theirs in pairs if theirs in rows]
     if speedups:
         print("speed-up: " + ", ".join(speedups))

@@ -72,6 +72,9 @@ class SAEModule(L.LightningModule):
         target_l0_rate: the controller's gain: log λ grows by this times log(L0 / target) a step.
         init_seed: seed of the SAE's initial weights alone (None = the global generator), so that a sweep
             member and a stand-alone run with the same seed start from the same weights.
+        sparse_decode_below: decode from the non-zero codes alone when at most this share of them is non-zero
+            (the same values and gradients, fewer operations at low density; `SparseAutoencoder.decode`); None
+            decodes densely. The TopK family always decodes its k pairs sparsely.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class SAEModule(L.LightningModule):
         target_l0: float | None = None,
         target_l0_rate: float = 0.003,
         init_seed: int | None = None,
+        sparse_decode_below: float | None = None,
     ) -> None:
         super().__init__()
         for name, value in [("sparsity_coefficient", sparsity_coefficient), ("lr", lr),
@@ -103,6 +107,8 @@ class SAEModule(L.LightningModule):
         if target_l0 is not None and not (target_l0 > 0 and math.isfinite(target_l0)):
             raise ValueError(f"model.target_l0 must be a positive number of latents per token (or null), "
                              f"got {target_l0}")
+        if sparse_decode_below is not None and not 0 <= sparse_decode_below <= 1:
+            raise ValueError(f"model.sparse_decode_below must lie in [0, 1] (or null), got {sparse_decode_below}")
         if not (target_l0_rate > 0 and math.isfinite(target_l0_rate)):
             raise ValueError(f"model.target_l0_rate must be a positive number, got {target_l0_rate}")
         self.save_hyperparameters()
@@ -149,6 +155,7 @@ class SAEModule(L.LightningModule):
                 torch.manual_seed(self.hparams.init_seed)
             self.sae = self.make_sae(d_in)
         self._check_target_l0(self.sae)
+        self.sae.sparse_decode_below = self.hparams.sparse_decode_below
         width = self.sae.width
         self.sae.input_scale.fill_(math.nan)  # unset until estimated on the data (or restored)
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))

@@ -141,3 +141,12 @@ def test_the_decode_is_sparse_only_at_or_below_the_density_threshold():
         decoded.sum().backward()
         torch.testing.assert_close(decoded, codes @ sae.W_dec.T + sae.b_dec)
         assert bool((leaf.grad[codes == 0] == 0).all()) == sparse, below
+
+
+def test_the_training_module_sets_the_switch_and_refuses_a_share_outside_zero_to_one():
+    from lightning_modules import SAEModule
+
+    assert SAEModule.from_arguments("sagsae", d_in=8, width=16, sparse_decode_below=0.05).sae.sparse_decode_below == 0.05
+    assert SAEModule.from_arguments("sagsae", d_in=8, width=16).sae.sparse_decode_below is None
+    with pytest.raises(ValueError, match="sparse_decode_below must lie in"):
+        SAEModule.from_arguments("sagsae", d_in=8, width=16, sparse_decode_below=1.5)
