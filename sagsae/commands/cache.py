@@ -23,8 +23,10 @@ from datamodules.lm_activations import LMActivationDataModule
 def datamodule_from_configs(training_args: list[str]) -> LMActivationDataModule:
     """The datamodule that `fit` builds from the same `--config` files and dotted overrides: the training CLI's
     own parser reads them, so one config serves every command."""
+    from callbacks import hide_logger_advertisements
     from sagsae.commands.train import SAGSAECLI
 
+    hide_logger_advertisements()
     datamodule = SAGSAECLI(args=training_args, run=False).datamodule
     if not isinstance(datamodule, LMActivationDataModule):
         raise ValueError(f"`cache` runs a language model: the config's data must be an LMActivationDataModule, "
