@@ -19,6 +19,7 @@ from torch import Tensor
 from lightning_modules.checkpointing import rescue_checkpoint
 from sagsae.measures import deciles, step_summary
 from sagsae.saes import SparseAutoencoder, sae_class
+from sagsae.saes.gated_chain import compile_gated_chain
 
 SAEFactory = Callable[[int], SparseAutoencoder]  # d_in → the SAE, its other arguments already bound
 PROBE_D_IN = 64  # an activation size for checking an SAE's arguments before the data gives the real one
@@ -75,6 +76,8 @@ class SAEModule(L.LightningModule):
         sparse_decode_below: decode from the non-zero codes alone when at most this share of them is non-zero
             (the same values and gradients, fewer operations at low density; `SparseAutoencoder.decode`); None
             decodes densely. The TopK family always decodes its k pairs sparsely.
+        compile_chain: run the gated SAEs' fused elementwise chain through torch.compile (`compile_gated_chain`;
+            the first step compiles). A switch for the whole process.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class SAEModule(L.LightningModule):
         target_l0_rate: float = 0.003,
         init_seed: int | None = None,
         sparse_decode_below: float | None = None,
+        compile_chain: bool = False,
     ) -> None:
         super().__init__()
         for name, value in [("sparsity_coefficient", sparsity_coefficient), ("lr", lr),
@@ -156,6 +160,8 @@ class SAEModule(L.LightningModule):
             self.sae = self.make_sae(d_in)
         self._check_target_l0(self.sae)
         self.sae.sparse_decode_below = self.hparams.sparse_decode_below
+        if self.hparams.compile_chain:
+            compile_gated_chain()
         width = self.sae.width
         self.sae.input_scale.fill_(math.nan)  # unset until estimated on the data (or restored)
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))

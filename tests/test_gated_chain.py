@@ -146,3 +146,43 @@ def test_a_never_opening_side_costs_no_gradient_and_no_nan():
     assert (gate_codes >= 0).all() and (codes >= 0).all() and (gate_codes > 0).any()
     (codes.sum() + gate_codes.sum()).backward()
     assert torch.isfinite(u.grad).all()
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["jump-gate-path", "soft-gate-path"])
+def test_the_compiled_chain_equals_the_eager_one(soft):
+    """`compile_gated_chain` runs the same bodies through torch.compile (inductor, C++ on CPU): the same values and
+    every gradient, thresholds' included, on both gate paths."""
+    from sagsae.saes.gated_chain import CHAIN_BODIES, chain_forward, compile_gated_chain
+
+    upstream_generator = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(B, H, generator=upstream_generator), torch.randn(B, H, generator=upstream_generator),
+                torch.randn(H, generator=upstream_generator)]
+    results = {}
+    try:
+        for compiled in (False, True):
+            compile_gated_chain(compiled)
+            assert (CHAIN_BODIES["forward"] is chain_forward) != compiled  # the switch swapped the body in
+            inputs = leaves(torch.Generator().manual_seed(0), tied_theta=False)
+            args = [inputs[key] for key in ("u", "b_gate", "r", "b_mag", "theta_pos", "theta_neg")]
+            outputs = gated_chain(*args, 0.4, True, soft)
+            sum((out * grad).sum() for out, grad in zip(outputs, upstream)).backward()
+            results[compiled] = ([out.detach() for out in outputs], {key: value.grad for key, value in inputs.items()})
+    finally:
+        compile_gated_chain(False)
+    for compiled_out, eager_out in zip(results[True][0], results[False][0]):
+        torch.testing.assert_close(compiled_out, eager_out, rtol=1e-6, atol=1e-6)
+    for key, eager_grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][key], eager_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_training_modules_switch_compiles_the_chain_for_the_process():
+    from lightning_modules import SAEModule
+    from sagsae.saes.gated_chain import CHAIN_BODIES, chain_backward, chain_forward, compile_gated_chain
+
+    try:
+        SAEModule.from_arguments("sagsae", d_in=8, width=16)
+        assert CHAIN_BODIES == {"forward": chain_forward, "backward": chain_backward}
+        SAEModule.from_arguments("sagsae", d_in=8, width=16, compile_chain=True)
+        assert CHAIN_BODIES["forward"] is not chain_forward and CHAIN_BODIES["backward"] is not chain_backward
+    finally:
+        compile_gated_chain(False)

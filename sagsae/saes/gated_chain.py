@@ -24,19 +24,64 @@ from torch import Tensor
 from sagsae.saes.straight_through import bi_jump_threshold_grads, open_gate
 
 
+def chain_forward(u: Tensor, b_gate: Tensor, log_rescale: Tensor, b_mag: Tensor, theta_pos: Tensor,
+                  theta_neg: Tensor, sign_consistency: bool, soft: bool) -> tuple[Tensor, ...]:
+    """The chain's values: (codes, gate codes, gate L1, π, the kept mask, the gate), the last three for backward."""
+    pi = u + b_gate
+    gate = open_gate(pi, theta_pos, theta_neg)
+    codes = torch.addcmul(b_mag, u, log_rescale.exp())  # the magnitude, masked below
+    keep = gate & ((pi > 0) == (codes > 0)) if sign_consistency else gate
+    codes.mul_(keep)
+    # A closed side's θ may be infinite (Gated's θ⁻): `where` keeps π − (−∞) out of the closed entries.
+    gate_codes = torch.where(gate, pi - torch.where(pi > 0, theta_pos, -theta_neg), 0) if soft else pi * gate
+    return codes, gate_codes, gate_codes.abs().sum(0), pi, keep, gate
+
+
+def chain_backward(grad_codes: Tensor, grad_gate_codes: Tensor, grad_gate_l1: Tensor, pi: Tensor, codes: Tensor,
+                   gate_codes: Tensor, keep: Tensor, gate: Tensor, log_rescale: Tensor, b_mag: Tensor,
+                   theta_pos: Tensor, theta_neg: Tensor, bandwidth: float, soft: bool,
+                   needs_pos: bool, needs_neg: bool) -> tuple[Tensor, ...]:
+    """The chain's gradients for (u, b_gate, r, b_mag, θ⁺, θ⁻); a θ's gradient is per latent [H], None where not
+    needed."""
+    # The gate codes' whole gradient: the L1's part is sign(f)·g, zero where the gate is closed (f = 0, where |f|'s
+    # subgradient is 0); the thresholds' kernels read the sum where the gate is closed too, as BiJump's backward
+    # does, so the L1 reaches θ from the band's open side only (docs/method.md, "Loss and gradients").
+    gate_grad = torch.addcmul(grad_gate_codes, gate_codes.sgn(), grad_gate_l1)
+    grad_u = gate_grad * gate
+    grad_b_gate = grad_u.sum(0)
+    kept_grad = grad_codes * keep
+    grad_u.addcmul_(kept_grad, log_rescale.exp())
+    grad_b_mag = kept_grad.sum(0)
+    # ∂/∂r = Σ_b g · exp(r) u = Σ_b g · (m − b_mag) over kept entries, where m is the code itself.
+    grad_log_rescale = kept_grad.mul_(codes).sum(0) - b_mag * grad_b_mag
+    if soft:  # ∂(π − θ⁺)/∂θ⁺ = −1 where open above, ∂(π + θ⁻)/∂θ⁻ = +1 where open below
+        grad_pos = -torch.where(gate & (pi > 0), gate_grad, 0).sum(0) if needs_pos else None
+        grad_neg = torch.where(gate & (pi < 0), gate_grad, 0).sum(0) if needs_neg else None
+    else:
+        grad_pos, grad_neg = bi_jump_threshold_grads(pi, gate_grad, theta_pos, theta_neg, bandwidth,
+                                                     needs_pos, needs_neg)
+    return grad_u, grad_b_gate, grad_log_rescale, grad_b_mag, grad_pos, grad_neg
+
+
+# The bodies the autograd function runs: eager by default, compiled by `compile_gated_chain`.
+CHAIN_BODIES = {"forward": chain_forward, "backward": chain_backward}
+
+
+def compile_gated_chain(enabled: bool = True) -> None:
+    """Run the chain's forward and backward bodies through `torch.compile` (inductor fuses each into a few
+    kernels; the first call of each shape compiles, seconds to a minute), or eagerly again with `enabled=False`.
+    A process-wide switch: every Gated and SA-GSAE in the process uses it."""
+    CHAIN_BODIES["forward"] = torch.compile(chain_forward, dynamic=False) if enabled else chain_forward
+    CHAIN_BODIES["backward"] = torch.compile(chain_backward, dynamic=False) if enabled else chain_backward
+
+
 class _GatedChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, b_gate: Tensor, log_rescale: Tensor, b_mag: Tensor, theta_pos: Tensor,
                 theta_neg: Tensor, bandwidth: float, sign_consistency: bool,
                 soft: bool) -> tuple[Tensor, Tensor, Tensor]:
-        pi = u + b_gate
-        gate = open_gate(pi, theta_pos, theta_neg)
-        codes = torch.addcmul(b_mag, u, log_rescale.exp())  # the magnitude, masked in place below
-        keep = gate & ((pi > 0) == (codes > 0)) if sign_consistency else gate
-        codes.mul_(keep)
-        # A closed side's θ may be infinite (Gated's θ⁻): `where` keeps π − (−∞) out of the closed entries.
-        gate_codes = torch.where(gate, pi - torch.where(pi > 0, theta_pos, -theta_neg), 0) if soft else pi * gate
-        gate_l1 = gate_codes.abs().sum(0)
+        codes, gate_codes, gate_l1, pi, keep, gate = CHAIN_BODIES["forward"](
+            u, b_gate, log_rescale, b_mag, theta_pos, theta_neg, sign_consistency, soft)
         ctx.save_for_backward(pi, codes, gate_codes, keep, gate, log_rescale, b_mag, theta_pos, theta_neg)
         ctx.bandwidth, ctx.soft = bandwidth, soft
         return codes, gate_codes, gate_l1
@@ -44,27 +89,16 @@ class _GatedChain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_codes: Tensor, grad_gate_codes: Tensor, grad_gate_l1: Tensor):
         pi, codes, gate_codes, keep, gate, log_rescale, b_mag, theta_pos, theta_neg = ctx.saved_tensors
-        # The gate codes' whole gradient: the L1's part is sign(f)·g, zero where the gate is closed (f = 0, where
-        # |f|'s subgradient is 0); the thresholds' kernels read the sum where the gate is closed too, as BiJump's
-        # backward does, so the L1 reaches θ from the band's open side only (docs/method.md, "Loss and gradients").
-        gate_grad = torch.addcmul(grad_gate_codes, gate_codes.sgn(), grad_gate_l1)
-        grad_u = gate_grad * gate
-        grad_b_gate = grad_u.sum(0)
-        kept_grad = grad_codes * keep
-        grad_u.addcmul_(kept_grad, log_rescale.exp())
-        grad_b_mag = kept_grad.sum(0)
-        # ∂/∂r = Σ_b g · exp(r) u = Σ_b g · (m − b_mag) over kept entries, where m is the code itself.
-        grad_log_rescale = kept_grad.mul_(codes).sum(0) - b_mag * grad_b_mag
-        if ctx.soft:  # ∂(π − θ⁺)/∂θ⁺ = −1 where open above, ∂(π + θ⁻)/∂θ⁻ = +1 where open below
-            grad_pos = _sum_to(-torch.where(gate & (pi > 0), gate_grad, 0).sum(0), theta_pos, ctx.needs_input_grad[4])
-            grad_neg = _sum_to(torch.where(gate & (pi < 0), gate_grad, 0).sum(0), theta_neg, ctx.needs_input_grad[5])
-        else:
-            grad_pos, grad_neg = bi_jump_threshold_grads(pi, gate_grad, theta_pos, theta_neg, ctx.bandwidth,
-                                                         *ctx.needs_input_grad[4:6])
+        needs_pos, needs_neg = ctx.needs_input_grad[4:6]
+        grad_u, grad_b_gate, grad_log_rescale, grad_b_mag, grad_pos, grad_neg = CHAIN_BODIES["backward"](
+            grad_codes, grad_gate_codes, grad_gate_l1, pi, codes, gate_codes, keep, gate, log_rescale, b_mag,
+            theta_pos, theta_neg, ctx.bandwidth, ctx.soft, needs_pos, needs_neg)
+        if ctx.soft:  # a scalar threshold takes the per-latent gradients' sum
+            grad_pos, grad_neg = _sum_to(grad_pos, theta_pos, needs_pos), _sum_to(grad_neg, theta_neg, needs_neg)
         return grad_u, grad_b_gate, grad_log_rescale, grad_b_mag, grad_pos, grad_neg, None, None, None
 
 
-def _sum_to(grad: Tensor, like: Tensor, needed: bool) -> Tensor | None:
+def _sum_to(grad: Tensor | None, like: Tensor, needed: bool) -> Tensor | None:
     """A per-latent gradient [H] in `like`'s shape (a scalar threshold takes the sum); None where not needed."""
     if not needed:
         return None
