@@ -6,7 +6,8 @@ For Gated and SA-GSAE (the default config's θ start, the 0.9-quantile), in one 
 both paths' codes and the weighted L1, forward and backward with random upstream gradients), and one training
 step (loss, backward, Adam) with `use_fused_chain` on and off; for JumpReLU (θ from the 0.9-quantile too), whose
 codes and L0 come from one function (`jump_relu_with_counts`), the training step. The two forms alternate call by
-call, so that the machine's drift reaches both alike; each figure is the median of `--rounds` calls. sagsae/saes/gated_chain.py says why
+call, so that the machine's drift reaches both alike; each figure is the median of `--rounds` calls. With
+`--compile`, the fused chain through torch.compile joins them (`compile_gated_chain`). sagsae/saes/gated_chain.py says why
 the fused form exists; docs/performance.md records what this measured.
 """
 
@@ -20,7 +21,7 @@ import torch
 
 from benchmarks import DEVICE, alternating_medians, device_name
 from benchmarks.sae_step import training_step
-from sagsae.saes.gated_chain import gated_chain
+from sagsae.saes.gated_chain import CHAIN_BODIES, EAGER_BODIES, compiled_bodies, gated_chain
 from sagsae.saes import build_sae
 from sagsae.saes.gated_paths import GatedPathsSAE
 
@@ -45,6 +46,17 @@ def chain_call(sae: GatedPathsSAE, u: torch.Tensor, upstream: list[torch.Tensor]
     return call
 
 
+def with_bodies(bodies: dict, call):
+    """`call` with the gated chain's bodies swapped in for its duration (the compiled ones, `--compile`)."""
+    def swapped():
+        CHAIN_BODIES.update(bodies)
+        try:
+            call()
+        finally:
+            CHAIN_BODIES.update(EAGER_BODIES)
+    return swapped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d_in", type=int, default=576)
@@ -52,8 +64,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--autocast", choices=["bf16"], help="run under bf16 autocast")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the fused chain through torch.compile (compiled in the warm-up call)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    compiled = compiled_bodies() if args.compile else None
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in, device=DEVICE)
     upstream = [torch.randn(args.batch, args.width, device=DEVICE) for _ in range(2)]
@@ -72,12 +87,19 @@ def main() -> None:
             u = saes[True].projection(x).detach().float().requires_grad_()
             chain = {"fused": chain_call(saes[True], u, upstream, True),
                      "composed": chain_call(saes[False], u, upstream, False)}
+            if compiled and name != "jumprelu":
+                chain["compiled"] = with_bodies(compiled, chain_call(saes[True], u, upstream, True))
             results[name]["chain"] = alternating_medians(chain, args.rounds, bool(args.autocast))
         step = {"fused": training_step(saes[True], x), "composed": training_step(saes[False], x)}
+        if compiled and isinstance(saes[True], GatedPathsSAE):
+            step["compiled"] = with_bodies(compiled, training_step(saes[True], x))
         results[name]["step"] = alternating_medians(step, args.rounds, bool(args.autocast))
         for part, timing in results[name].items():
-            print(f"{name:<7} {part:<6} fused {timing['fused'] * 1e3:7.0f} ms   composed {timing['composed'] * 1e3:7.0f} ms"
-                  f"   fused/composed {timing['fused'] / timing['composed']:.2f}")
+            line = (f"{name:<7} {part:<6} fused {timing['fused'] * 1e3:7.0f} ms   composed {timing['composed'] * 1e3:7.0f}"
+                    f" ms   fused/composed {timing['fused'] / timing['composed']:.2f}")
+            if "compiled" in timing:
+                line += f"   compiled {timing['compiled'] * 1e3:7.0f} ms, compiled/fused {timing['compiled'] / timing['fused']:.2f}"
+            print(line)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -63,16 +63,20 @@ def chain_backward(grad_codes: Tensor, grad_gate_codes: Tensor, grad_gate_l1: Te
     return grad_u, grad_b_gate, grad_log_rescale, grad_b_mag, grad_pos, grad_neg
 
 
-# The bodies the autograd function runs: eager by default, compiled by `compile_gated_chain`.
-CHAIN_BODIES = {"forward": chain_forward, "backward": chain_backward}
+EAGER_BODIES = {"forward": chain_forward, "backward": chain_backward}
+CHAIN_BODIES = dict(EAGER_BODIES)  # the bodies the autograd function runs: eager, or compiled by the switch below
+
+
+def compiled_bodies() -> dict:
+    """The chain's forward and backward bodies through `torch.compile` (inductor fuses each into a few kernels;
+    the first call of each shape compiles, seconds to a minute)."""
+    return {name: torch.compile(body, dynamic=False) for name, body in EAGER_BODIES.items()}
 
 
 def compile_gated_chain(enabled: bool = True) -> None:
-    """Run the chain's forward and backward bodies through `torch.compile` (inductor fuses each into a few
-    kernels; the first call of each shape compiles, seconds to a minute), or eagerly again with `enabled=False`.
-    A process-wide switch: every Gated and SA-GSAE in the process uses it."""
-    CHAIN_BODIES["forward"] = torch.compile(chain_forward, dynamic=False) if enabled else chain_forward
-    CHAIN_BODIES["backward"] = torch.compile(chain_backward, dynamic=False) if enabled else chain_backward
+    """Run the chain compiled, or eagerly again with `enabled=False`: a switch for every Gated and SA-GSAE in the
+    process."""
+    CHAIN_BODIES.update(compiled_bodies() if enabled else EAGER_BODIES)
 
 
 class _GatedChain(torch.autograd.Function):
