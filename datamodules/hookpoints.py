@@ -14,8 +14,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-HOOKPOINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-_TRANSFORMER_LENS_ALIAS = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
+HOOKPOINTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_out")
+# TransformerLens's names: `blocks.L.hook_NAME`, except the MLP's normalized input, `blocks.L.ln2.hook_normalized`
+# (its `hook_mlp_in` is the residual before the norm), which transcoders read.
+_TRANSFORMER_LENS_ALIAS = re.compile(r"^blocks\.(\d+)\.(?:hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)"
+                                     r"|(ln2)\.hook_normalized)$")
+
+
+def transformer_lens_name(hookpoint: str, layer: int) -> str:
+    """The TransformerLens (and SAELens `hook_name`) name of one of our hookpoints at a layer."""
+    return f"blocks.{layer}.ln2.hook_normalized" if hookpoint == "mlp_in" else f"blocks.{layer}.hook_{hookpoint}"
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,7 @@ class Family:
     mlp: str  # module whose output is the MLP block's write to the residual
     mid_norm: str | None  # module whose input is resid_mid (the MLP's norm); None for a parallel residual
     final_norm: str = "model.norm"  # dotted path to the norm between the last block and the unembedding
+    mlp_in: str = "mlp"  # module whose input is the MLP's normalized input (mlp_in)
 
 
 _LLAMA_LIKE = Family("model.layers", "self_attn", "mlp", "post_attention_layernorm")
@@ -53,11 +62,12 @@ def parse_hookpoint(name: str, layer: int | None) -> tuple[str, int | None]:
         alias_layer = int(alias.group(1))
         if layer is not None and layer != alias_layer:
             raise UnknownHookpointError(f"Hookpoint {name!r} names layer {alias_layer} but layer={layer} was given")
-        return alias.group(2), alias_layer
+        return ("mlp_in" if alias.group(3) else alias.group(2)), alias_layer
     if name not in HOOKPOINTS:
         raise UnknownHookpointError(
             f"Unknown hookpoint {name!r}. Valid hookpoints: {', '.join(HOOKPOINTS)} "
-            f"(with a layer), or TransformerLens-style names such as 'blocks.15.hook_mlp_out'."
+            f"(with a layer), or TransformerLens names such as 'blocks.15.hook_mlp_out' or "
+            f"'blocks.15.ln2.hook_normalized' (mlp_in)."
         )
     return name, layer
 
@@ -101,6 +111,8 @@ def resolve_hookpoint(model: nn.Module, hookpoint: str, layer: int | None) -> tu
         terms = [(f"{block}.{family.attn}", "output")]
     elif name == "mlp_out":
         terms = [(f"{block}.{family.mlp}", "output")]
+    elif name == "mlp_in":
+        terms = [(f"{block}.{family.mlp_in}", "input")]
     elif family.mid_norm is None or _is_parallel_residual(model):
         terms = [(block, "input"), (f"{block}.{family.attn}", "output")]  # parallel residual: defined, SPEC §5
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules.hookpoints import ActivationReader, UnknownHookpointError, parse_hookpoint
+from datamodules.hookpoints import ActivationReader, UnknownHookpointError, parse_hookpoint, transformer_lens_name
 from tests.conftest import build_tiny_model
 
 
@@ -73,3 +73,21 @@ def test_several_hookpoints_from_one_forward(tiny_model):
     assert calls == [], "the forward stops after the deepest hookpoint"
     for reader, tensor in zip(readers, together):
         torch.testing.assert_close(tensor, reader(ids))
+
+
+def test_mlp_in_is_what_the_mlp_reads(tiny_model):
+    """The MLP applied to mlp_in gives mlp_out (through Gemma's post-MLP norm, which writes the residual there),
+    and mlp_in is the MLP's normalized input, not the residual: TransformerLens's ln2.hook_normalized."""
+    ids = torch.randint(3, 50, (2, 9))
+    reader = ActivationReader(tiny_model, "mlp_in", 1)
+    mlp_in, mlp_out = reader(ids), read(tiny_model, "mlp_out", 1, ids)
+    block = tiny_model.get_submodule(reader.terms[0][0].rsplit(".", 1)[0])
+    with torch.inference_mode():
+        written = block.mlp(mlp_in)
+        if hasattr(block, "post_feedforward_layernorm"):
+            written = block.post_feedforward_layernorm(written)
+    torch.testing.assert_close(written, mlp_out, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mlp_in, read(tiny_model, "resid_mid", 1, ids), atol=1e-3)
+    assert parse_hookpoint("blocks.1.ln2.hook_normalized", None) == ("mlp_in", 1)
+    assert transformer_lens_name("mlp_in", 1) == "blocks.1.ln2.hook_normalized"
+    assert transformer_lens_name("mlp_out", 1) == "blocks.1.hook_mlp_out"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from datamodules.hookpoints import transformer_lens_name
 from sagsae.formats.serialization import export, read_checkpoint, sae_from_checkpoint
 
 
@@ -21,7 +22,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, split_signs: bool 
     layer, hookpoint = activations.get("layer"), activations.get("hookpoint")
     metadata = {
         "model_name": activations.get("model"),
-        "hook_name": f"blocks.{layer}.hook_{hookpoint}" if hookpoint else None,
+        "hook_name": transformer_lens_name(hookpoint, layer) if hookpoint else None,
         "hook_layer": layer,
         "dataset_path": activations.get("dataset"),
         "context_size": activations.get("context_length"),
