@@ -35,10 +35,10 @@ class SAEMetrics(L.Callback):
         return existing
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs: dict[str, Any], batch, batch_idx) -> None:
-        if not outputs or "x" not in outputs:  # a skipped (non-finite) batch
+        if not outputs or "target" not in outputs:  # a skipped (non-finite) batch
             return
         # Averaged over the last steps: the shuffle buffer refills in bursts, so single steps mislead.
-        self._step_times.append((time.perf_counter(), len(outputs["x"]) * trainer.world_size))
+        self._step_times.append((time.perf_counter(), len(outputs["target"]) * trainer.world_size))
         if not is_logging_step(trainer):
             return
         values = outputs["summary"]
@@ -59,7 +59,8 @@ class SAEMetrics(L.Callback):
 
     def _evaluation_batch_end(self, pl_module, outputs: dict[str, Any]) -> None:
         self._eval = self._metric(self._eval, pl_module)
-        self._eval.update(outputs["x"], outputs["x_hat"], outputs["codes"], outputs.get("gate_squared_error"))
+        self._eval.update(outputs["target"], outputs["x_hat"], outputs["codes"], outputs.get("gate_squared_error"),
+                          outputs.get("skip_squared_error"))
 
     def _evaluation_epoch_end(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if self._eval is None:
@@ -69,8 +70,7 @@ class SAEMetrics(L.Callback):
         names = [("mse", "mse"), ("l0", "l0"), ("r2", "r2"), ("dead_fraction", "silent_fraction")]
         if pl_module.sae.signed_codes:
             names.append(("bipolar_fraction", "bipolar_fraction"))
-        if "aux_r2" in values:
-            names.append(("aux_r2", "aux_r2"))
+        names += [(name, name) for name in ("aux_r2", "skip_r2") if name in values]
         for name, key in names:
             pl_module.log(f"{stage}/{name}", values[key].float(), sync_dist=False, prog_bar=(name == "r2"))
         experiment = getattr(trainer.logger, "experiment", None)

@@ -1,4 +1,5 @@
-"""Writing activation caches: safetensors shards of raw activations (`activations`, [n, d]) and metadata.json,
+"""Writing activation caches: safetensors shards of raw activations (`activations`, [n, d], or a transcoder's
+(source, target) pairs [n, 2, d]) and metadata.json,
 the layout that `ActivationFileDataModule` reads. `python -m sagsae cache` and `synth` write through here."""
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ class ShardWriter:
         self.tokens += len(rows)
 
 
+def normalization_record(squares: float | Tensor, tokens: int, d_model: int) -> dict[str, float]:
+    """metadata.json's normalization scalar(s): the activations' (a transcoder's source), and its target's."""
+    sides = [normalization_scale(float(total), tokens, d_model) for total in torch.as_tensor(squares).reshape(-1)]
+    return {"normalization_scale": sides[0], **({"target_normalization_scale": sides[1]} if len(sides) > 1 else {})}
+
+
 def report_progress(done: int, total: int, seconds: float) -> None:
     """One line per shard on stderr: a cache of millions of tokens takes tens of minutes on a CPU."""
     rate = done / max(seconds, 1e-9)
@@ -72,12 +79,12 @@ def write_cache(data: LMActivationDataModule, out: Path, train_tokens: int, val_
     data.setup()
     with staged_folder(out) as staging:
         train = ShardWriter(staging / "train", shard_tokens, DTYPES[dtype])
-        squares, start = 0.0, time.perf_counter()
+        squares, start = 0.0, time.perf_counter()  # Σ‖x‖² over the tokens (per side of pairs)
         for chunk in data.activation_chunks(validation=False, passes=[0], guard=data.guard):
             chunk = chunk[: train_tokens - train.tokens - train.pending_tokens]
             if dtype == "float16" and chunk.abs().max() > 6e4:
                 raise ValueError("Activations exceed float16's range: cache with --dtype float32 or bfloat16")
-            squares += float(chunk.double().pow(2).sum())
+            squares = squares + chunk.double().pow(2).sum(-1).sum(0)
             shards = train.shards
             train.add(chunk)
             if train.shards > shards:
@@ -93,7 +100,7 @@ def write_cache(data: LMActivationDataModule, out: Path, train_tokens: int, val_
         arguments = {key: value for key, value in data.hparams.items() if not key.startswith("_")}
         metadata = {**data.describe(), "lm_data": arguments, "dtype": dtype, "train_tokens": train.tokens, "val_tokens": val.tokens,
                     "train_shards": train.shards, "val_shards": val.shards,
-                    "normalization_scale": normalization_scale(squares, train.tokens, data.d_model),
+                    **normalization_record(squares, train.tokens, data.d_model),
                     "requested_train_tokens": train_tokens}
         (staging / METADATA).write_text(json.dumps(metadata, indent=2))
     return metadata

@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 from datamodules.activation_stream import (IterableStream, held_out_loader, held_out_part, rank_and_world,
                                            stream_position)
 from datamodules.lm_activations import LMActivationDataModule
-from sagsae.measures import normalization_scale
+from sagsae.measures import normalization_scales
 
 KEY = "activations"
 METADATA = "metadata.json"
@@ -45,8 +46,15 @@ def shard_files(path: str | Path, split: str = "train") -> list[Path]:
     return shards
 
 
-def shard_shape(path: Path) -> tuple[int, int, str]:
-    """(rows, width, dtype) of a shard's activations, read from its header; a file that is not a whole
+class ShardShape(NamedTuple):
+    rows: int
+    width: int
+    dtype: str
+    pairs: bool  # (source, target) pairs [n, 2, d] rather than activations [n, d]
+
+
+def shard_shape(path: Path) -> ShardShape:
+    """(rows, width, dtype, pairs) of a shard's activations, read from its header; a file that is not a whole
     safetensors shard (truncated, corrupt, another tensor) fails naming it."""
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -60,9 +68,10 @@ def shard_shape(path: Path) -> tuple[int, int, str]:
     except Exception as error:  # safetensors' own error type: a truncated or corrupt file
         raise ValueError(f"{path} is not a readable safetensors shard ({error}): write the cache again with "
                          f"`sagsae cache`") from None
-    if len(shape) != 2:
-        raise ValueError(f"{path}: {KEY!r} must be [n, d], got shape {shape}")
-    return int(shape[0]), int(shape[1]), {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(dtype, dtype)
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[1] != 2):
+        raise ValueError(f"{path}: {KEY!r} must be [n, d] (or (source, target) pairs [n, 2, d]), got shape {shape}")
+    dtype = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(dtype, dtype)
+    return ShardShape(int(shape[0]), int(shape[-1]), dtype, len(shape) == 3)
 
 
 def check_shards(folder: Path, metadata: dict, split: str, shapes: dict[Path, tuple[int, int, str]]) -> None:
@@ -70,13 +79,13 @@ def check_shards(folder: Path, metadata: dict, split: str, shapes: dict[Path, tu
     dtype (a missing, truncated or foreign shard fails here, before training)."""
     expected = {"shards": metadata.get(f"{split}_shards"), "tokens": metadata.get(f"{split}_tokens"),
                 "width": metadata.get("d_model"), "dtype": metadata.get("dtype")}
-    found = {"shards": len(shapes), "tokens": sum(rows for rows, _, _ in shapes.values())}
+    found = {"shards": len(shapes), "tokens": sum(shape.rows for shape in shapes.values())}
     for name, value in found.items():
         if expected[name] is not None and value != expected[name]:
             raise ValueError(f"{folder / split} holds {value} {name} where {folder / METADATA} says "
                              f"{expected[name]}: the cache is incomplete; write it again with `sagsae cache`")
-    for shard, (_, width, dtype) in shapes.items():
-        for name, value in (("width", width), ("dtype", dtype)):
+    for shard, shape in shapes.items():
+        for name, value in (("width", shape.width), ("dtype", shape.dtype)):
             if expected[name] is not None and value != expected[name]:
                 raise ValueError(f"{shard} has activation {name} {value} where {folder / METADATA} says "
                                  f"{expected[name]}: it belongs to another cache")
@@ -110,11 +119,15 @@ class ActivationFileDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.shards = shard_files(path, "train")
         shapes = {shard: shard_shape(shard) for shard in self.shards}
-        dims = {d for _, d, _ in shapes.values()}
+        dims = {shape.width for shape in shapes.values()}
         if len(dims) != 1:
             raise ValueError(f"Shards of {path} disagree on the activation size: {sorted(dims)}")
+        kinds = {shape.pairs for shape in shapes.values()}
+        if len(kinds) != 1:
+            raise ValueError(f"Shards of {path} mix activations [n, d] with (source, target) pairs [n, 2, d]")
+        self.pairs = kinds.pop()
         self._d_model = dims.pop()
-        self._shard_rows = {shard: rows for shard, (rows, _, _) in shapes.items()}
+        self._shard_rows = {shard: shape.rows for shard, shape in shapes.items()}
         self._resume_batches = 0
         self.lm_data = None  # the live datamodule behind the cache, for the LM loss (language_model_data)
         folder = Path(path)
@@ -137,7 +150,8 @@ class ActivationFileDataModule(L.LightningDataModule):
 
     def describe(self) -> dict:
         return {"activations": self.hparams.path, "d_model": self.d_model,
-                **{k: self.metadata.get(k) for k in ("model", "hookpoint", "layer", "dataset", "context_length")}}
+                **{k: self.metadata.get(k) for k in ("model", "hookpoint", "target_hookpoint", "layer", "dataset",
+                                                     "context_length")}}
 
     def language_model_data(self) -> LMActivationDataModule:
         """The live datamodule that produced this cache (from metadata.json), for the LM's spliced loss on the
@@ -208,16 +222,16 @@ class ActivationFileDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_batches = int(state_dict.get("batches_consumed", 0))
 
-    def estimate_input_scale(self) -> float:
-        sums, count = 0.0, 0
+    def estimate_scales(self) -> list[float]:
+        """The normalization scalar of the first `normalization_tokens` rows (one per side of pairs)."""
+        taken, count = [], 0
         for shard in self.shards:
-            rows = load_file(str(shard))[KEY].double()[: self.hparams.normalization_tokens - count]
-            rows = rows[torch.isfinite(rows).all(1)]  # non-finite rows are skipped in training too
-            sums += float(rows.pow(2).sum())
-            count += len(rows)
+            rows = load_file(str(shard))[KEY].float()[: self.hparams.normalization_tokens - count]
+            taken.append(rows[torch.isfinite(rows.flatten(1)).all(1)])  # non-finite rows are skipped in training too
+            count += len(taken[-1])
             if count >= self.hparams.normalization_tokens:
                 break
-        return normalization_scale(sums, count, self.d_model)
+        return normalization_scales(torch.cat(taken))
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(IterableStream(self.batches), batch_size=None)

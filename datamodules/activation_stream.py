@@ -86,6 +86,7 @@ class NormGuard:
     """Drops tokens whose norm exceeds `multiple` × the running median norm, and non-finite tokens (SPEC §5).
 
     The median runs over the last `history` kept tokens; the very first chunk is judged against its own median.
+    A transcoder's (source, target) pair [2, d] is one token, judged by the norm of both together.
     """
 
     def __init__(self, multiple: float | None, history: int = 65_536) -> None:
@@ -98,12 +99,12 @@ class NormGuard:
         self.dropped_nonfinite = 0
 
     def __call__(self, x: Tensor) -> Tensor:
-        finite = torch.isfinite(x).all(-1)
+        finite = torch.isfinite(x.flatten(1)).all(-1)
         self.dropped_nonfinite += int((~finite).sum())
         x = x[finite]
         if self.multiple is None or len(x) == 0:
             return x
-        norms = x.norm(dim=-1).float().cpu()
+        norms = x.flatten(1).norm(dim=-1).float().cpu()
         reference = self._norms if len(self._norms) else norms
         keep = norms <= self.multiple * reference.median()
         self.dropped_massive += int((~keep).sum())
@@ -122,7 +123,7 @@ class NormGuard:
 
 
 def take_tokens(chunks: Iterable[Tensor], count: int) -> Tensor:
-    """The first `count` rows of a stream of [n, d] chunks (fewer if it ends first); reads no further."""
+    """The first `count` rows of a stream of [n, …] chunks (fewer if it ends first); reads no further."""
     taken: list[Tensor] = []
     remaining = count
     for chunk in chunks:
@@ -203,7 +204,7 @@ class ShuffledStream:
             order = torch.randperm(filled, generator=self.generator)
             row_of = torch.empty_like(order)
             row_of[order] = torch.arange(filled)  # the pool row of every pending token: pool = concatenated[order]
-            pool = chunk.new_empty((filled, chunk.shape[1]))
+            pool = chunk.new_empty((filled, *chunk.shape[1:]))
             offset = 0
             for piece in pending:
                 pool.index_copy_(0, row_of[offset : offset + len(piece)].to(pool.device), piece)

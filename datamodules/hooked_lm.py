@@ -7,20 +7,23 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from datamodules.hookpoints import ActivationReader
+from datamodules.hookpoints import ActivationReader, read_hookpoints
 from datamodules.language_model import load_language_model, resolve_dtype
 from datamodules.text import Document, pack_contexts, packed_contexts, tokenize_documents
 
 
 class HookedLanguageModel:
-    """The LM, its tokenizer and one hookpoint. Contexts start with BOS and documents are joined by EOS (or BOS);
-    the SAE trains on every position but BOS and special tokens (`trainable_positions`)."""
+    """The LM, its tokenizer and one hookpoint, or two (a transcoder's source and target, at one layer). Contexts
+    start with BOS and documents are joined by EOS (or BOS); the SAE trains on every position but BOS and special
+    tokens (`trainable_positions`)."""
 
     def __init__(self, model: str, gguf_file: str | None, hookpoint: str, layer: int | None, lm_dtype: str,
-                 device: torch.device, context_length: int) -> None:
+                 device: torch.device, context_length: int, target_hookpoint: str | None = None) -> None:
         lm, self.tokenizer = load_language_model(model, gguf_file, resolve_dtype(lm_dtype, device), device,
                                                  context_length)
         self.reader = ActivationReader(lm, hookpoint, layer)
+        self.target_reader = None if target_hookpoint is None else ActivationReader(lm, target_hookpoint,
+                                                                                     self.reader.layer)
         self.device = device
         self.context_length = context_length
         self.bos_id = self.tokenizer.bos_token_id
@@ -38,6 +41,10 @@ class HookedLanguageModel:
     @property
     def hookpoint(self) -> str:
         return self.reader.hookpoint
+
+    @property
+    def target_hookpoint(self) -> str | None:
+        return None if self.target_reader is None else self.target_reader.hookpoint
 
     @property
     def layer(self) -> int:
@@ -62,18 +69,28 @@ class HookedLanguageModel:
         return trainable
 
     def activations(self, input_ids: Tensor) -> Tensor:
-        """The hookpoint's activations at the trainable positions of `input_ids` (a forward that stops there)."""
+        """The hookpoint's activations at the trainable positions of `input_ids` [n, d], or a transcoder's
+        (source, target) pairs [n, 2, d]: one forward that stops at the deeper of the hookpoints."""
         input_ids = input_ids.to(self.device)
-        return self.reader(input_ids)[self.trainable_positions(input_ids)].float()
+        if self.target_reader is None:
+            values = self.reader(input_ids)
+        else:
+            values = torch.stack(read_hookpoints(self.reader.model, [self.reader, self.target_reader], input_ids), 2)
+        return values[self.trainable_positions(input_ids)].float()
 
     def context_activations(self, input_ids: Tensor) -> Tensor:
-        """The hookpoint's activations at every position [contexts, length, d] (for showing whole contexts)."""
+        """The (source) hookpoint's activations at every position [contexts, length, d] (for showing whole
+        contexts)."""
         return self.reader(input_ids.to(self.device)).float()
 
     def logits(self, input_ids: Tensor) -> Tensor:
         with torch.inference_mode():
             return self.reader.model(input_ids=input_ids.to(self.device), use_cache=False).logits
 
-    def logits_with_replacement(self, input_ids: Tensor, replace: Callable[[Tensor], Tensor]) -> Tensor:
-        """Logits with the hookpoint's tensor replaced by `replace(tensor)` in the forward."""
-        return self.reader.logits_with_replacement(input_ids.to(self.device), replace)
+    def logits_with_replacement(self, input_ids: Tensor, replace: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """Logits with the written hookpoint's tensor replaced by `replace(read, written)` in the forward: for an
+        autoencoder both are its hookpoint's tensor; for a transcoder `read` is the source and the target is
+        written (everything else as the model computes it)."""
+        if self.target_reader is None:
+            return self.reader.logits_with_replacement(input_ids.to(self.device), replace)
+        return self.target_reader.logits_with_replacement(input_ids.to(self.device), replace, source=self.reader)

@@ -124,10 +124,6 @@ class _StopForward(Exception):
     """Raised from a hook once every term is captured: nothing above the hook runs."""
 
 
-def _first_tensor(value) -> Tensor:
-    return value[0] if isinstance(value, (tuple, list)) else value
-
-
 class ActivationReader:
     """Runs a frozen LM up to a hookpoint and returns its activations [batch, seq, d]."""
 
@@ -150,32 +146,59 @@ class ActivationReader:
         weight = self.model.get_output_embeddings().weight
         return final_norm(directions.to(weight)) @ weight.T
 
-    def logits_with_replacement(self, input_ids: Tensor, replace) -> Tensor:
-        """The full forward with the hookpoint's tensor replaced by `replace(tensor)` (for spliced LM loss)."""
+    def single_term(self) -> Term:
         if len(self.terms) != 1:
             raise NotImplementedError(f"{self.hookpoint} is a sum of tensors in this model (a parallel residual): "
                                       f"it cannot be replaced in the forward")
-        path, kind = self.terms[0]
-        module = self.model.get_submodule(path)
-        if kind == "input":
-            def hook(_module, args, kwargs):
-                if args:
-                    return (replace(args[0]), *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
+        return self.terms[0]
 
-            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-        else:
-            def hook(_module, _args, output):
-                if isinstance(output, (tuple, list)):
-                    return (replace(output[0]), *output[1:])
-                return replace(output)
+    def logits_with_replacement(self, input_ids: Tensor, replace, source: ActivationReader | None = None) -> Tensor:
+        """The full forward with the hookpoint's tensor replaced by `replace(read, written)` (for spliced LM loss):
+        `written` is this hookpoint's tensor, `read` the same tensor, or with `source` (a transcoder's) the source
+        hookpoint's tensor of the same forward, which must come before this one."""
+        path, kind = self.single_term()
+        captured: list[Tensor] = []
+        handles = []
+        if source is not None:
+            source_path, source_kind = source.single_term()
 
-            handle = module.register_forward_hook(hook)
+            def keep(tensor: Tensor) -> Tensor:
+                captured.append(tensor)
+                return tensor
+
+            handles.append(hook_term(self.model.get_submodule(source_path), source_kind, keep))
+
+        def rewrite(written: Tensor) -> Tensor:
+            if source is not None and not captured:
+                raise RuntimeError(f"The source hookpoint {source.hookpoint} comes after the target {self.hookpoint} "
+                                   f"in the forward: a transcoder must read before it writes")
+            return replace(captured[-1] if source is not None else written, written)
+
+        handles.append(hook_term(self.model.get_submodule(path), kind, rewrite))
         try:
             with torch.inference_mode():
                 return self.model(input_ids=input_ids, use_cache=False).logits
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+
+
+def hook_term(module: nn.Module, kind: str, rewrite) -> torch.utils.hooks.RemovableHandle:
+    """A hook that passes a module's input or output tensor (its first, for a tuple) through `rewrite`."""
+    if kind == "input":
+        def pre_hook(_module, args, kwargs):
+            if args:
+                return (rewrite(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": rewrite(kwargs["hidden_states"])}
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(_module, _args, output):
+        if isinstance(output, (tuple, list)):
+            return (rewrite(output[0]), *output[1:])
+        return rewrite(output)
+
+    return module.register_forward_hook(hook)
 
 
 def read_hookpoints(model: nn.Module, readers: list[ActivationReader], input_ids: Tensor,
@@ -185,19 +208,14 @@ def read_hookpoints(model: nn.Module, readers: list[ActivationReader], input_ids
     captured: dict[int, Tensor] = {}
     handles = []
 
-    def store(index: int, value: Tensor) -> None:
+    def store(index: int, value: Tensor) -> Tensor:
         captured[index] = value
         if len(captured) == len(terms):
             raise _StopForward
+        return value
 
     for index, (_, (path, kind)) in enumerate(terms):
-        module = model.get_submodule(path)
-        if kind == "input":
-            hook = lambda _m, args, kwargs, i=index: store(i, args[0] if args else kwargs["hidden_states"])
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        else:
-            hook = lambda _m, _args, output, i=index: store(i, _first_tensor(output))
-            handles.append(module.register_forward_hook(hook))
+        handles.append(hook_term(model.get_submodule(path), kind, lambda value, i=index: store(i, value)))
     try:
         with torch.inference_mode():
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

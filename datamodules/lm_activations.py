@@ -23,12 +23,15 @@ from sagsae.measures import normalization_scale
 
 
 class LMActivationDataModule(L.LightningDataModule):
-    """Yields [batch_size, d_model] activation batches (raw: the SAE applies its normalization scalar).
+    """Yields [batch_size, d_model] activation batches (raw: the SAE applies its normalization scalar), or with
+    `target_hookpoint` [batch_size, 2, d_model] (source, target) pairs from one forward, which train a transcoder.
 
     Args:
         model: "embedded:smollm2-135m", any HF hub name, or a local folder.
         gguf_file: GGUF file inside `model` (embedded models set it themselves).
-        hookpoint: resid_pre, resid_mid, resid_post, attn_out, mlp_out, or "blocks.L.hook_…".
+        hookpoint: resid_pre, resid_mid, resid_post, attn_out, mlp_in, mlp_out, or "blocks.L.hook_…".
+        target_hookpoint: a second hookpoint of the same layer that a transcoder decodes (e.g. mlp_out, with
+            hookpoint mlp_in: the MLP's normalized input and its output); None = an autoencoder's data.
         layer: block index; None = mid-depth ⌊n_layers/2⌋.
         dataset: "embedded:wiki-summaries" or a `datasets` name/path/builder (with data_files).
         context_length: tokens per context, BOS included (the BOS position is never trained on).
@@ -48,6 +51,7 @@ class LMActivationDataModule(L.LightningDataModule):
         model: str = "embedded:smollm2-135m",
         gguf_file: str | None = None,
         hookpoint: str = "mlp_out",
+        target_hookpoint: str | None = None,
         layer: int | None = None,
         dataset: str = "embedded:wiki-summaries",
         dataset_config: str | None = None,
@@ -67,7 +71,9 @@ class LMActivationDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        parse_hookpoint(hookpoint, layer)  # an unknown name fails here, before anything loads
+        for name in (hookpoint, target_hookpoint):  # an unknown name fails here, before anything loads
+            if name is not None:
+                parse_hookpoint(name, layer)
         for name, value in [("context_length", context_length), ("lm_batch_size", lm_batch_size),
                             ("batch_size", batch_size), ("val_tokens", val_tokens),
                             ("normalization_tokens", normalization_tokens)]:
@@ -103,7 +109,7 @@ class LMActivationDataModule(L.LightningDataModule):
         """Load the LM on `device`; outside a Trainer (`sagsae cache`) this is how it reaches a GPU."""
         hp = self.hparams
         self.lm = HookedLanguageModel(hp.model, hp.gguf_file, hp.hookpoint, hp.layer, hp.lm_dtype, device,
-                                      hp.context_length)
+                                      hp.context_length, hp.target_hookpoint)
 
     @property
     def d_model(self) -> int:
@@ -111,9 +117,15 @@ class LMActivationDataModule(L.LightningDataModule):
             raise RuntimeError("The datamodule is not set up yet: call setup() first")
         return self.lm.d_model
 
+    @property
+    def pairs(self) -> bool:
+        """Whether batches are (source, target) pairs [B, 2, d] for a transcoder."""
+        return self.hparams.target_hookpoint is not None
+
     def describe(self) -> dict:
         """What a run records about its activations."""
-        return {"model": self.hparams.model, "hookpoint": self.lm.hookpoint, "layer": self.lm.layer,
+        return {"model": self.hparams.model, "hookpoint": self.lm.hookpoint,
+                "target_hookpoint": self.lm.target_hookpoint, "layer": self.lm.layer,
                 "d_model": self.d_model, "dataset": self.hparams.dataset,
                 "context_length": self.hparams.context_length, "dropped_massive": self.guard.dropped_massive,
                 "dropped_nonfinite": self.guard.dropped_nonfinite}
@@ -218,11 +230,13 @@ class LMActivationDataModule(L.LightningDataModule):
             self.resume_state, self.resume_batches = None, consumed
 
     @torch.no_grad()
-    def estimate_input_scale(self) -> float:
-        """The scalar s with E‖s·x‖² = d over the first `normalization_tokens` training tokens (SPEC §5)."""
+    def estimate_scales(self) -> list[float]:
+        """The scalar s with E‖s·x‖² = d over the first `normalization_tokens` training tokens (SPEC §5), over
+        every rank; one per side of (source, target) pairs."""
         sample = take_tokens(self.training_chunks(), self.hparams.normalization_tokens)  # its own guard
-        total, count = sum_over_processes([float(sample.double().pow(2).sum()), float(len(sample))], self.lm.device)
-        return normalization_scale(total, int(count), self.d_model)
+        sums = sample.double().pow(2).sum(-1).sum(0).reshape(-1).tolist()
+        *sums, count = sum_over_processes([*sums, float(len(sample))], self.lm.device)
+        return [normalization_scale(total, int(count), self.d_model) for total in sums]
 
     def spliced_cross_entropy(self, reconstruct: Callable[[Tensor], Tensor], contexts: int = 16,
                               part: str = "all") -> dict[str, float]:

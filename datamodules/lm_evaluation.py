@@ -10,7 +10,7 @@ from torch import Tensor
 from datamodules.activation_stream import process_rank_and_world, sum_over_processes
 from datamodules.hooked_lm import HookedLanguageModel
 
-Reconstruct = Callable[[Tensor], Tensor]
+Reconstruct = Callable[[Tensor], Tensor]  # raw activations read → what is written at the hookpoint
 
 
 class LMLossEvaluator:
@@ -36,9 +36,9 @@ class LMLossEvaluator:
             input_ids = input_ids.to(self.lm.device)
             trainable = self.lm.trainable_positions(input_ids)
 
-            def replace(activations: Tensor) -> Tensor:
-                replaced = activations.clone()
-                replaced[trainable] = make(activations[trainable].float()).to(activations.dtype)
+            def replace(read: Tensor, written: Tensor) -> Tensor:
+                replaced = written.clone()
+                replaced[trainable] = make(read[trainable].float()).to(written.dtype)
                 return replaced
 
             logits = self.lm.logits(input_ids) if make is None else self.lm.logits_with_replacement(input_ids, replace)

@@ -10,28 +10,33 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.activation_stream import IterableStream, held_out_loader, rank_and_world
-from sagsae.measures import normalization_scale
+from sagsae.measures import normalization_scales
 
 
 class TensorActivationDataModule(L.LightningDataModule):
-    """Shuffled [batch_size, d] batches drawn without replacement from `train`, reshuffled every pass."""
+    """Shuffled [batch_size, d] batches drawn without replacement from `train`, reshuffled every pass; a `train`
+    of (source, target) pairs [n, 2, d] trains a transcoder."""
 
     def __init__(self, train: Tensor, val: Tensor | None = None, batch_size: int = 4096,
                  normalization_tokens: int = 16_384, seed: int = 0) -> None:
         super().__init__()
-        if train.dim() != 2 or len(train) < batch_size:
-            raise ValueError(f"train must be [n ≥ batch_size, d]; got shape {tuple(train.shape)} and batch_size {batch_size}")
+        if train.dim() not in (2, 3) or (train.dim() == 3 and train.shape[1] != 2) or len(train) < batch_size:
+            raise ValueError(f"train must be [n ≥ batch_size, d] (or pairs [n, 2, d]); got shape {tuple(train.shape)} "
+                             f"and batch_size {batch_size}")
         self.train, self.val = train, val
         self.batch_size, self.normalization_tokens, self.seed = batch_size, normalization_tokens, seed
 
     @property
     def d_model(self) -> int:
-        return self.train.shape[1]
+        return self.train.shape[-1]
 
-    def estimate_input_scale(self) -> float:
-        sample = self.train[: self.normalization_tokens].double()
-        sample = sample[torch.isfinite(sample).all(1)]  # non-finite rows are skipped in training too
-        return normalization_scale(float(sample.pow(2).sum()), len(sample), self.d_model)
+    @property
+    def pairs(self) -> bool:
+        return self.train.dim() == 3
+
+    def estimate_scales(self) -> list[float]:
+        sample = self.train[: self.normalization_tokens]
+        return normalization_scales(sample[torch.isfinite(sample.flatten(1)).all(1)])  # as training skips them
 
     def batches(self) -> Iterator[Tensor]:
         """Every pass's shuffled batches (one permutation, the same on every rank), dealt to ranks in turn."""

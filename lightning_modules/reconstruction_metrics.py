@@ -26,11 +26,17 @@ class ReconstructionMetrics(Metric):
         self.add_state("positive", torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("negative", torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("gate_squared_error", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("skip_squared_error", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, x: Tensor, x_hat: Tensor, codes: Tensor, gate_squared_error: Tensor | None = None) -> None:
-        """`gate_squared_error`: the gate path's ‖x − x̂_gate‖² averaged over this batch, for SAEs that have one."""
+    def update(self, x: Tensor, x_hat: Tensor, codes: Tensor, gate_squared_error: Tensor | None = None,
+               skip_squared_error: Tensor | None = None) -> None:
+        """`x` is what x̂ reproduces (a transcoder's target). `gate_squared_error`: the gate path's ‖x − x̂_gate‖²
+        averaged over this batch, for SAEs that have one; `skip_squared_error` the same for a skip-transcoder's
+        skip path alone, ‖x − (W_skip x_source + b_dec)‖²."""
         if gate_squared_error is not None:
             self.gate_squared_error += gate_squared_error.double() * len(x)
+        if skip_squared_error is not None:
+            self.skip_squared_error += skip_squared_error.double() * len(x)
         x, x_hat = x.double(), x_hat.double()
         self.squared_error += (x - x_hat).pow(2).sum()
         self.sum_x += x.sum(0)
@@ -42,7 +48,7 @@ class ReconstructionMetrics(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         return window_summary(self.squared_error, self.sum_x, self.sum_squares, self.active, self.tokens,
-                              self.positive, self.negative, self.gate_squared_error)
+                              self.positive, self.negative, self.gate_squared_error, self.skip_squared_error)
 
 
 def is_logging_step(trainer: L.Trainer) -> bool:

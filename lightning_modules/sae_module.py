@@ -19,6 +19,7 @@ from torch import Tensor
 from lightning_modules.checkpointing import rescue_checkpoint
 from sagsae.measures import deciles, step_summary
 from sagsae.saes import SparseAutoencoder, sae_class
+from sagsae.saes.base import squared_error
 from sagsae.saes.gated_chain import compile_gated_chain
 
 SAEFactory = Callable[[int], SparseAutoencoder]  # d_in → the SAE, its other arguments already bound
@@ -27,6 +28,11 @@ PROBE_D_IN = 64  # an activation size for checking an SAE's arguments before the
 
 FIRING_ROWS = 1024  # rows per block of `firing_counts`
 LOSS_SPIKE_RATIO = 2.0  # a training loss this many times its recent average is a spike (docs/method.md, "The gate path")
+
+
+def split_pairs(batch: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(source, target) of a transcoder's batch of pairs [B, 2, d]; (batch, None) for an autoencoder's [B, d]."""
+    return (batch[:, 0], batch[:, 1]) if batch.dim() == 3 else (batch, None)
 
 
 def firing_counts(codes: Tensor) -> Tensor:
@@ -78,6 +84,9 @@ class SAEModule(L.LightningModule):
             decodes densely. The TopK family always decodes its k pairs sparsely.
         compile_chain: run the gated SAEs' fused elementwise chain through torch.compile (`compile_gated_chain`;
             the first step compiles). A switch for the whole process.
+        skip_connection: for a transcoder (data that pairs a source hookpoint with a target one, e.g.
+            `data.target_hookpoint: mlp_out` on `hookpoint: mlp_in`), add a learned linear map W_skip x of the
+            source to the decode (a skip-transcoder). The SAE becomes a transcoder whenever the data are pairs.
     """
 
     def __init__(
@@ -98,6 +107,7 @@ class SAEModule(L.LightningModule):
         init_seed: int | None = None,
         sparse_decode_below: float | None = None,
         compile_chain: bool = False,
+        skip_connection: bool = False,
     ) -> None:
         super().__init__()
         for name, value in [("sparsity_coefficient", sparsity_coefficient), ("lr", lr),
@@ -122,7 +132,7 @@ class SAEModule(L.LightningModule):
         self._known_initialized = False  # a Python copy of the `initialized` buffer once it is True
         self._known_steps_trained = -1  # a Python copy of the `steps_trained` buffer once read (-1: not yet)
         if d_in is not None:
-            self._build(d_in)
+            self._build(d_in, transcoder=skip_connection)
         else:  # the SAE's own checks (width, k, quantiles) now, on the meta device, not after the LM has loaded
             with torch.device("meta"):
                 self._check_target_l0(sae(PROBE_D_IN))
@@ -153,17 +163,21 @@ class SAEModule(L.LightningModule):
         return module
 
     # ----- construction -------------------------------------------------------------------------------
-    def _build(self, d_in: int) -> None:
+    def _build(self, d_in: int, transcoder: bool) -> None:
         with torch.random.fork_rng(devices=[]):
             if self.hparams.init_seed is not None:
                 torch.manual_seed(self.hparams.init_seed)
             self.sae = self.make_sae(d_in)
+            if transcoder:
+                self.sae.make_transcoder(skip=self.hparams.skip_connection)
         self._check_target_l0(self.sae)
         self.sae.sparse_decode_below = self.hparams.sparse_decode_below
         if self.hparams.compile_chain:
             compile_gated_chain()
         width = self.sae.width
         self.sae.input_scale.fill_(math.nan)  # unset until estimated on the data (or restored)
+        if self.sae.target_scale is not None:
+            self.sae.target_scale.fill_(math.nan)
         self.register_buffer("tokens_since_fired", torch.zeros(width, dtype=torch.long))
         window = self.hparams.dead_window_tokens
         self.register_buffer("tokens_since_reset", torch.full((width,), window, dtype=torch.long))
@@ -186,21 +200,38 @@ class SAEModule(L.LightningModule):
     def configure_model(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         data_d = getattr(datamodule, "d_model", None) if datamodule is not None else None
+        pairs = bool(getattr(datamodule, "pairs", False))
+        if self.hparams.skip_connection and datamodule is not None and not pairs:
+            raise ValueError("model.skip_connection is for transcoders: give the data a target hookpoint "
+                             "(data.init_args.target_hookpoint, e.g. mlp_out on hookpoint mlp_in), or drop it")
         if self.sae is None:
             if data_d is None:
                 raise ValueError("model.d_in is not set and the datamodule does not report an activation size")
-            self._build(data_d)
+            self._build(data_d, transcoder=pairs)
+        elif pairs != self.sae.is_transcoder and datamodule is not None:
+            raise ValueError(f"The SAE was built as {'a transcoder' if self.sae.is_transcoder else 'an autoencoder'} "
+                             f"but the data {'are' if pairs else 'are not'} (source, target) pairs: leave model.d_in "
+                             f"unset so that the data decide")
         elif data_d is not None and data_d != self.sae.d_in:
             raise ValueError(
                 f"The SAE has d_in={self.sae.d_in} but the hookpoint's activations have size {data_d}: set "
                 f"model.d_in to {data_d} (or leave it unset), or pick a matching model/hookpoint."
             )
 
+    def needs_scales(self) -> bool:
+        """Whether the normalization scalars are still to be estimated (not yet, and not restored)."""
+        return math.isnan(float(self.sae.input_scale))
+
+    def apply_scales(self, scales: Sequence[float]) -> None:
+        """Set the scalars that `estimate_scales` of the datamodule measured (one per side of the data)."""
+        self.sae.set_scales(scales)
+        sides = ("activations",) if len(scales) == 1 else ("source", "target")
+        self.print("Normalization: " + ", ".join(f"{side} × {scale:.5g}" for side, scale in zip(sides, scales))
+                   + f" so that E‖x‖² = d = {self.sae.d_in}")
+
     def _ensure_input_scale(self) -> None:
-        if math.isnan(float(self.sae.input_scale)):
-            scale = self.trainer.datamodule.estimate_input_scale()
-            self.sae.input_scale.fill_(scale)
-            self.print(f"Normalization: activations × {scale:.5g} so that E‖x‖² = d = {self.sae.d_in}")
+        if self.needs_scales():
+            self.apply_scales(self.trainer.datamodule.estimate_scales())
 
     def on_fit_start(self) -> None:
         self._ensure_input_scale()
@@ -273,15 +304,20 @@ class SAEModule(L.LightningModule):
     def evaluate_batch(self, batch: Tensor, train: bool = False) -> dict[str, Tensor]:
         """Loss terms, normalized input, reconstruction and codes of one batch (no logging, no bookkeeping); in
         training also each latent's firing count, which the dead-latent window needs."""
-        x = self.sae.normalize(batch)
-        out = self.sae.loss(x, self.sparsity_coefficient(), dead=self.dead_mask() if train else None)
-        result = {"loss": out.total, "x": x, "x_hat": out.reconstruction.detach(), "codes": out.codes.detach(),
+        source, target = split_pairs(batch)
+        x = self.sae.normalize(source)
+        y = x if target is None else self.sae.normalize_target(target)
+        out = self.sae.loss(x, self.sparsity_coefficient(), dead=self.dead_mask() if train else None, target=y)
+        result = {"loss": out.total, "target": y, "x_hat": out.reconstruction.detach(), "codes": out.codes.detach(),
                   **{f"loss_{name}": value for name, value in out.terms.items()}}
         if out.gate_squared_error is not None:
             result["gate_squared_error"] = out.gate_squared_error
         if train:
             result["firing"] = out.firing if out.firing is not None else firing_counts(result["codes"])
-            result["summary"] = step_summary(x, out.squared_error.detach(), result["firing"], out.gate_squared_error)
+            result["summary"] = step_summary(y, out.squared_error.detach(), result["firing"], out.gate_squared_error)
+        elif self.sae.W_skip is not None:  # how much the skip path alone explains (held out)
+            with torch.no_grad():
+                result["skip_squared_error"] = squared_error(y, self.sae.skip(x) + self.sae.b_dec)
         return result
 
     def _log_losses(self, result: dict[str, Tensor], stage: str) -> None:
@@ -326,7 +362,10 @@ class SAEModule(L.LightningModule):
     def train_forward(self, batch: Tensor) -> dict[str, Tensor]:
         """A training batch's loss and outputs (as `evaluate_batch`), after the data-driven starts on the first."""
         if not self.data_initialized():
-            self.sae.initialize_from_batch(self.sae.normalize(self.every_rank_batch(batch)))
+            source, target = split_pairs(self.every_rank_batch(batch))
+            self.sae.initialize_from_batch(self.sae.normalize(source))
+            if target is not None:
+                self.sae.initialize_target(self.sae.normalize_target(target))
             if self.initial_thresholds is not None:
                 self.initial_thresholds.copy_(self.sae.threshold_values())
             self.initialized.fill_(True)
@@ -457,7 +496,8 @@ class SAEModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """What `sagsae export` needs to rebuild the SAE with torch alone, and the run's latest metrics."""
-        checkpoint["sae"] = {"architecture": self.sae.architecture, "config": self.sae.config()}
+        checkpoint["sae"] = {"architecture": self.sae.architecture, "config": self.sae.config(),
+                             "transcoder": self.sae.transcoder_config()}
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "describe"):
             checkpoint["activations"] = datamodule.describe()

@@ -63,12 +63,11 @@ class SweepModule(L.LightningModule):
             member.configure_model()
 
     def on_fit_start(self) -> None:
-        unset = [m for m in self.members.values() if math.isnan(float(m.sae.input_scale))]
+        unset = [m for m in self.members.values() if m.needs_scales()]
         if unset:  # one estimate on the shared data serves every member
-            scale = self.trainer.datamodule.estimate_input_scale()
+            scales = self.trainer.datamodule.estimate_scales()
             for member in unset:
-                member.sae.input_scale.fill_(scale)
-            self.print(f"Normalization: activations × {scale:.5g} so that E‖x‖² = d")
+                member.apply_scales(scales)
 
     def configure_optimizers(self):
         groups = [(member, {**group, "name": f"{name}/{group['name']}"})
@@ -164,8 +163,8 @@ class SweepModule(L.LightningModule):
             if name not in self._evaluation:
                 self._evaluation[name] = ReconstructionMetrics(member.sae.d_in, member.sae.width).to(self.device)
             result = member.evaluate_batch(batch)
-            self._evaluation[name].update(result["x"], result["x_hat"], result["codes"],
-                                          result.get("gate_squared_error"))
+            self._evaluation[name].update(result["target"], result["x_hat"], result["codes"],
+                                          result.get("gate_squared_error"), result.get("skip_squared_error"))
 
     def _finish_evaluation(self, stage: str) -> None:
         if self.trainer.sanity_checking:
@@ -181,8 +180,7 @@ class SweepModule(L.LightningModule):
                    "dense_fraction": (values["firing_density"] > 0.1).double().mean()}
             if member.sae.signed_codes:
                 row["bipolar_fraction"] = values["bipolar_fraction"]
-            if "aux_r2" in values:
-                row["aux_r2"] = values["aux_r2"]
+            row |= {key: values[key] for key in ("aux_r2", "skip_r2") if key in values}
             for key, value in row.items():
                 self.log(f"{stage}/{name}/{key}", value.float(), sync_dist=False)
             if not all(math.isfinite(float(v)) for v in row.values()):
@@ -229,6 +227,7 @@ class SweepModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sweep_members"] = {name: {"architecture": m.sae.architecture, "config": m.sae.config(),
+                                              "transcoder": m.sae.transcoder_config(),
                                               "training": {k: v for k, v in m.hparams.items() if k != "sae"}}
                                        for name, m in self.members.items()}
         checkpoint["latest_validation"] = self.latest_validation

@@ -10,6 +10,13 @@ import torch
 from torch import Tensor
 
 
+def normalization_scales(rows: Tensor) -> list[float]:
+    """`normalization_scale` of activations [n, d] (one scalar), or of each side of (source, target) pairs
+    [n, 2, d] (two), from these rows alone."""
+    sums = rows.double().pow(2).sum(-1).sum(0).reshape(-1)
+    return [normalization_scale(float(total), len(rows), rows.shape[-1]) for total in sums]
+
+
 def normalization_scale(sum_of_squares: float, tokens: int, d_in: int) -> float:
     """The scalar s with E‖s·x‖² = d, from Σ‖x‖² over `tokens` activations (SPEC §5)."""
     if tokens <= 0 or not sum_of_squares > 0:
@@ -38,10 +45,12 @@ def step_summary(x: Tensor, squared_error: Tensor, firing: Tensor,
 
 
 def window_summary(squared_error: Tensor, sum_x: Tensor, sum_squares: Tensor, active: Tensor, tokens: Tensor,
-                   positive: Tensor, negative: Tensor, gate_squared_error: Tensor | None = None) -> dict[str, Tensor]:
+                   positive: Tensor, negative: Tensor, gate_squared_error: Tensor | None = None,
+                   skip_squared_error: Tensor | None = None) -> dict[str, Tensor]:
     """R², MSE, L0, silent and bipolar fractions and per-latent firing density from a window's sums: R² divides
     summed errors by summed variance (never a mean of per-batch ratios); a latent is bipolar when its minority
-    sign is ≥ 10% of its firings (SPEC §6). With the gate path's summed squared error (non-zero), its R² too."""
+    sign is ≥ 10% of its firings (SPEC §6). With the gate path's summed squared error (non-zero), its R² too,
+    and the same for a skip-transcoder's skip path (`skip_r2`: its share of the explained variance is skip_r2 / r2)."""
     total_variance = sum_squares - sum_x.pow(2).sum() / tokens
     firings = positive + negative
     alive = firings > 0
@@ -56,6 +65,8 @@ def window_summary(squared_error: Tensor, sum_x: Tensor, sum_squares: Tensor, ac
     }
     if gate_squared_error is not None and gate_squared_error > 0:
         summary["aux_r2"] = 1 - gate_squared_error / total_variance
+    if skip_squared_error is not None and skip_squared_error > 0:
+        summary["skip_r2"] = 1 - skip_squared_error / total_variance
     return summary
 
 

@@ -42,8 +42,8 @@ def test_file_datamodule_batches_normalization_and_ddp_shards(cache_dir):
     assert data.d_model == 32 and len(data.val_shards) == 1
     batches = [b for _, b in zip(range(12), data.batches())]
     assert all(b.shape == (250, 32) for b in batches)
-    assert data.estimate_input_scale() == pytest.approx(
-        json.loads((cache_dir / "metadata.json").read_text())["normalization_scale"], rel=1e-3)
+    assert data.estimate_scales() == pytest.approx(
+        [json.loads((cache_dir / "metadata.json").read_text())["normalization_scale"]], rel=1e-3)
 
     class FakeTrainer:
         world_size = 2

@@ -83,7 +83,7 @@ def test_embedded_datamodule_drops_bos_and_specials(tiny_llama, text_file):
     chunk = next(data.training_chunks())
     # 4 contexts of 16 tokens: BOS never trained on, separators (EOS) dropped
     assert chunk.shape[1] == 32 and len(chunk) <= 4 * 15
-    scale = data.estimate_input_scale()
+    scale, = data.estimate_scales()
     sample = torch.cat([c for _, c in zip(range(3), data.training_chunks())])
     assert abs(float((sample * scale).pow(2).sum(-1).mean()) / 32 - 1) < 0.2
     assert len(data.held_out_rows()) == 100

@@ -96,7 +96,7 @@ def test_every_shipped_config_trains_under_ddp_and_starts_from_every_ranks_batch
     for name, arguments in QUANTILE_STARTS.items():
         arguments = dict(arguments)
         reference = SAEModule.from_arguments(arguments.pop("sae"), d_in=STEP_DATA.shape[1], **arguments)
-        reference.sae.input_scale.fill_(data.estimate_input_scale())
+        reference.sae.set_scales(data.estimate_scales())
         reference.sae.initialize_from_batch(reference.sae.normalize(first_batches))
         state = ranks[0]["state"]
         assert torch.equal(state[f"members.{name}.sae.b_dec"], reference.sae.b_dec.detach()), name

@@ -42,10 +42,10 @@ class ToySAE(LinearEncoderSAE):
     def activation(self, pre: Tensor) -> Tensor:
         return self.gain * torch.relu(pre)
 
-    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
+    def coding_loss(self, x: Tensor, target: Tensor, sparsity_coefficient: float, dead: Tensor | None) -> SAELoss:
         codes = self.encode(x)
         x_hat = self.decode(codes)
-        terms = {"recon": squared_error(x, x_hat), "sparsity": sparsity_coefficient * self.weighted_l1(codes)}
+        terms = {"recon": squared_error(target, x_hat), "sparsity": sparsity_coefficient * self.weighted_l1(codes)}
         return SAELoss(sum(terms.values()), terms, codes, x_hat)
 
 
@@ -59,7 +59,8 @@ def test_a_toy_architecture_trains_exports_reloads_and_counts_with_no_other_file
          "--model.sae.width", "24", "--model.sae.gain_init", "0.5"])
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    assert state["sae"] == {"architecture": "toy", "config": {"d_in": 32, "width": 24, "gain_init": 0.5}}
+    assert state["sae"] == {"architecture": "toy", "config": {"d_in": 32, "width": 24, "gain_init": 0.5},
+                            "transcoder": None}
     trained_gain = state["state_dict"]["sae.gain"]
     assert not torch.equal(trained_gain, torch.full((24,), 0.5)), "the toy's own parameter trained"
     loaded = sagsae.load(export_checkpoint(checkpoint, tmp_path / "export"))

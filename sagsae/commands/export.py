@@ -19,16 +19,18 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, split_signs: bool 
     state = read_checkpoint(ckpt_path)
     sae = sae_from_checkpoint(state)
     activations = state.get("activations") or {}
-    layer, hookpoint = activations.get("layer"), activations.get("hookpoint")
+    layer, hookpoint, target = (activations.get(key) for key in ("layer", "hookpoint", "target_hookpoint"))
     metadata = {
         "model_name": activations.get("model"),
         "hook_name": transformer_lens_name(hookpoint, layer) if hookpoint else None,
+        **({"hook_name_out": transformer_lens_name(target, layer)} if target else {}),
         "hook_layer": layer,
         "dataset_path": activations.get("dataset"),
         "context_size": activations.get("context_length"),
         "training_tokens": int(state["state_dict"].get("tokens_seen", torch.tensor(0))),
         "global_step": state.get("global_step"),
         "normalization_scalar_folded": float(sae.input_scale),
+        **({"target_normalization_scalar_folded": float(sae.output_scale)} if sae.is_transcoder else {}),
         "sagsae_architecture": sae.architecture,
         "sagsae_config": sae.config(),
     }
@@ -45,8 +47,10 @@ def model_card(sae, metadata: dict, metrics: dict, split_signs: bool = False) ->
     split = (f" Split signs: written as an unsigned SAE of width {2 * sae.width} whose codes are all ≥ 0 (latent i "
              f"is signed latent i's positive part, latent {sae.width} + i its negative part), with the same "
              f"reconstructions; `import sagsae.formats.saelens` before SAELens loads it." if split_signs else "")
-    return (f"# {sae.architecture} SAE, width {sae.width}, on {metadata.get('model_name')} "
-            f"{metadata.get('hook_name')}\n\nTrained with sagsae.{split} Load with `sagsae.load(folder)` (torch only) or "
+    kind = (f"{'skip-' if sae.W_skip is not None else ''}transcoder, width {sae.width}, on "
+            f"{metadata.get('model_name')} {metadata.get('hook_name')} → {metadata.get('hook_name_out')}"
+            if sae.is_transcoder else f"SAE, width {sae.width}, on {metadata.get('model_name')} {metadata.get('hook_name')}")
+    return (f"# {sae.architecture} {kind}\n\nTrained with sagsae.{split} Load with `sagsae.load(folder)` (torch only) or "
             f"`sae_lens.SAE.load_from_disk(folder)` (shared architectures). Inputs are raw activations: the "
             f"normalization scalar is folded into the weights.\n\n| field | value |\n|---|---|\n{rows}\n\n"
             f"## Latest metrics at export\n\n| metric | value |\n|---|---|\n{shown}\n")

@@ -28,15 +28,15 @@ from sagsae.formats.serialization import CONFIG, load, read_checkpoint, sae_from
 
 
 def trained_sae(ckpt_path: str | None, sae_folder: str | None) -> tuple[SparseAutoencoder, dict[str, Any]]:
-    """The SAE and what it was trained on ({model, hookpoint, layer, dataset, context_length}; None where the
-    source does not record it)."""
+    """The SAE and what it was trained on ({model, hookpoint, target_hookpoint, layer, dataset, context_length};
+    None where the source does not record it). A transcoder's hookpoint is its source, which inspect reads."""
     if ckpt_path:
         state = read_checkpoint(ckpt_path)
         return sae_from_checkpoint(state), dict(state.get("activations") or {})
     sae = load(sae_folder)
     metadata = json.loads((Path(sae_folder) / CONFIG).read_text()).get("metadata") or {}
     return sae, {"model": metadata.get("model_name"), "hookpoint": metadata.get("hook_name"),
-                 "layer": metadata.get("hook_layer"), "dataset": metadata.get("dataset_path"),
+                 "target_hookpoint": metadata.get("hook_name_out"), "layer": metadata.get("hook_layer"), "dataset": metadata.get("dataset_path"),
                  "context_length": metadata.get("context_size")}
 
 
@@ -133,11 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     stats = LatentStatistics(sae.width, args.top_k, args.random_k, args.before, args.after, args.seed)
     seconds = inspect_sae(sae, lm, text.documents(), args.tokens, stats, args.lm_batch_size)
 
-    directions = (sae.W_dec.detach().T / sae.input_scale).to(device)
+    # the decoder's directions in the space it writes, raw units: a transcoder's target (an MLP's write to the
+    # residual, which the logit lens reads as any residual direction)
+    directions = (sae.W_dec.detach().T / sae.output_scale).to(device)
     logits = tuple(t.cpu() for t in logit_effects(directions, lm.reader.direct_logits, args.logit_k))
     token_text = token_decoder(lm.tokenizer)
     about = {"architecture": sae.architecture, "signed": sae.signed_codes, "model": settings["model"],
              "hookpoint": lm.hookpoint, "layer": lm.layer, "dataset": settings["dataset"],
+             **({"target_hookpoint": trained_on.get("target_hookpoint")} if sae.is_transcoder else {}),
              "tokens": stats.tokens_counted, "source": str(args.ckpt_path or args.sae),
              "seconds_lm": round(seconds["lm"], 1), "seconds_total": round(seconds["total"], 1)}
     folder = write_browser(args.out, latent_records(stats, token_text, logits), about)

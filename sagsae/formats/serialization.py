@@ -21,6 +21,7 @@ from torch import Tensor
 from sagsae.saes import SparseAutoencoder, build_sae, sae_class_for_saelens
 from sagsae.formats.split_signs import SPLIT_SUFFIX, SplitSigns, split_decoder
 from sagsae.formats.staging import staged_folder
+from sagsae.formats.transcoders import load_transcoder_tensors, transcoder_architecture, transcoder_layout
 
 WEIGHTS, CONFIG, SPARSITY, CARD = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "README.md"
 
@@ -31,6 +32,9 @@ def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None
     `split_signs`, a signed SAE is written as its unsigned form of twice the width (sagsae.formats.split_signs); its
     firing frequencies per sign are not known from training, so no sparsity file is written for it."""
     out = Path(out)
+    if split_signs and sae.is_transcoder:
+        raise ValueError("--split_signs writes an autoencoder's unsigned form; a transcoder is exported signed "
+                         "(load it with sagsae.load)")
     if split_signs and not sae.signed_codes:
         raise ValueError(f"--split_signs needs a signed SAE (SA-GSAE, AbsTopK); {sae.architecture}'s codes are "
                          f"already ≥ 0")
@@ -40,6 +44,8 @@ def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None
     if not math.isfinite(float(sae.input_scale)):
         raise ValueError("Refusing to export: the normalization scalar was never estimated (input_scale is NaN)")
     tensors, architecture_cfg = sae.to_saelens()
+    if sae.is_transcoder:
+        tensors, architecture_cfg = transcoder_layout(sae, tensors, architecture_cfg)
     width = sae.width
     if split_signs:
         tensors["W_dec"] = split_decoder(tensors["W_dec"], dim=0)
@@ -60,7 +66,8 @@ def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None
 
 def load(folder: str | Path) -> SparseAutoencoder | SplitSigns:
     """A torch `nn.Module` with encode/decode/forward on raw activations, from a folder written by `export`
-    (a split-sign export gives the SplitSigns form) or saved by SAELens (standard, gated, jumprelu, topk)."""
+    (a split-sign export gives the SplitSigns form) or saved by SAELens (standard, gated, jumprelu, topk, and
+    the transcoder, skip_transcoder, jumprelu_transcoder and jumprelu_skip_transcoder)."""
     folder = Path(folder)
     for required in (CONFIG, WEIGHTS):
         if not (folder / required).is_file():
@@ -76,7 +83,15 @@ def load(folder: str | Path) -> SparseAutoencoder | SplitSigns:
 
 
 def sae_from_saelens_layout(cfg: dict[str, Any], tensors: dict[str, Tensor]) -> SparseAutoencoder:
-    return sae_class_for_saelens(str(cfg.get("architecture"))).from_saelens(cfg, tensors)
+    architecture, transcoder = transcoder_architecture(str(cfg.get("architecture")))
+    if transcoder is not None and int(cfg.get("d_out", cfg["d_in"])) != int(cfg["d_in"]):
+        raise ValueError(f"A transcoder from d_in={cfg['d_in']} to d_out={cfg['d_out']}: sagsae's transcoders map "
+                         f"between hookpoints of one size")
+    sae = sae_class_for_saelens(architecture).from_saelens({**cfg, "architecture": architecture}, tensors)
+    if transcoder is not None:
+        sae.make_transcoder(**transcoder)
+        load_transcoder_tensors(sae, tensors)
+    return sae
 
 
 def unsafe_checkpoint_message(error: pickle.UnpicklingError, name: str = "the checkpoint") -> str | None:
@@ -114,5 +129,7 @@ def sae_from_checkpoint(state: dict[str, Any]) -> SparseAutoencoder:
     """The trained SAE of a checkpoint read by `read_checkpoint`, with its normalization scalar."""
     spec = state["sae"]
     sae = build_sae(spec["architecture"], **spec["config"])
+    if spec.get("transcoder") is not None:
+        sae.make_transcoder(**spec["transcoder"])
     sae.load_state_dict({k.removeprefix("sae."): v for k, v in state["state_dict"].items() if k.startswith("sae.")})
     return sae

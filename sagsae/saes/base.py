@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -103,13 +104,13 @@ def random_unit_columns(d_in: int, width: int) -> Tensor:
     return decoder / decoder.norm(dim=0, keepdim=True)
 
 
-def fold_normalization(saelens_key: str, value: Tensor, input_scale: float) -> Tensor:
-    """A tensor in SAELens's raw-activation terms: x_norm = s·x_raw, so W_enc ← s·W_enc, W_dec and b_dec ← /s;
-    biases and thresholds live in code space and stay."""
+def fold_normalization(saelens_key: str, value: Tensor, input_scale: float, output_scale: float) -> Tensor:
+    """A tensor in SAELens's raw-activation terms: x_norm = s·x_raw, so W_enc ← s·W_enc, W_dec and b_dec ← /s'
+    (s' = s, or a transcoder's target scalar); biases and thresholds live in code space and stay."""
     if saelens_key == "W_enc":
         return value * input_scale
     if saelens_key in ("W_dec", "b_dec"):
-        return value / input_scale
+        return value / output_scale
     return value
 
 
@@ -124,6 +125,12 @@ class SparseAutoencoder(nn.Module):
 
     `input_scale` is the scalar that maps raw activations to E‖x‖² = d (SPEC §5); it is stored with the SAE
     and applied by `normalize`, so that exports can fold it into the weights.
+
+    Any architecture becomes a transcoder with `make_transcoder` (docs/method.md, "Transcoders"): it then encodes
+    one hookpoint (the source) and decodes another (the target). The machinery lives here, so no architecture
+    knows of it: the encoder centers the source by its own mean (`source_mean`) instead of b_dec, b_dec and the
+    decoder live in the target's space, the target has its own normalization scalar (`target_scale`), and an
+    optional skip connection W_skip (zeros at the start) adds W_skip x to the decode.
     """
 
     architecture: str = ""  # registry name, set by `register`
@@ -152,6 +159,56 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.W_dec = nn.Parameter(random_unit_columns(d_in, width))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        # a transcoder's (make_transcoder); None, and absent from the state dict, for an autoencoder
+        self.register_buffer("source_mean", None)
+        self.register_buffer("target_scale", None)
+        self.register_parameter("W_skip", None)
+
+    # ----- transcoders -----------------------------------------------------------------------------------
+    def make_transcoder(self, skip: bool = False) -> SparseAutoencoder:
+        """Make this SAE a transcoder (before training; it adds the source mean, the target scale and W_skip and
+        changes nothing else): source and target have the same size d_in, as every hookpoint of one LM does.
+        Returns the SAE."""
+        reference = self.b_dec
+        self.source_mean = torch.zeros_like(reference.detach())
+        self.target_scale = torch.ones((), dtype=self.input_scale.dtype, device=self.input_scale.device)
+        if skip:
+            self.W_skip = nn.Parameter(torch.zeros(self.d_in, self.d_in, dtype=reference.dtype,
+                                                   device=reference.device))
+        return self
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.target_scale is not None
+
+    def transcoder_config(self) -> dict[str, bool] | None:
+        """`make_transcoder`'s arguments (None for an autoencoder): checkpoints record them beside `config()`."""
+        return {"skip": self.W_skip is not None} if self.is_transcoder else None
+
+    def encoder_center(self) -> Tensor:
+        """What the encoder subtracts from its input: b_dec for an autoencoder, the source's mean for a
+        transcoder (whose b_dec lives in the target's space)."""
+        return self.b_dec if self.source_mean is None else self.source_mean
+
+    def skip(self, x: Tensor) -> Tensor | None:
+        """The skip connection's W_skip x (None without one)."""
+        return None if self.W_skip is None else x @ self.W_skip.T
+
+    def set_scales(self, scales: Sequence[float]) -> None:
+        """The normalization scalars estimated on the data: one for an autoencoder's activations, (source,
+        target) for a transcoder's pairs."""
+        if len(scales) != (2 if self.is_transcoder else 1):
+            kind = "a transcoder needs (source, target) pairs" if self.is_transcoder else \
+                "an autoencoder reads one hookpoint"
+            raise ValueError(f"Got {len(scales)} normalization scalar(s) for this SAE: {kind}")
+        self.input_scale.fill_(scales[0])
+        if self.is_transcoder:
+            self.target_scale.fill_(scales[1])
+
+    @property
+    def output_scale(self) -> Tensor:
+        """The scalar that normalized the decode's space: the target's for a transcoder, else input_scale."""
+        return self.input_scale if self.target_scale is None else self.target_scale
 
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -164,10 +221,30 @@ class SparseAutoencoder(nn.Module):
         return codes @ self.W_dec.T + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        decoded = self.decode(self.encode(x))
+        skip = self.skip(x)
+        return decoded if skip is None else decoded + skip
 
-    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
-        """`dead` (bool [H]) marks latents silent for the module's window, for losses that use them (AuxK)."""
+    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None,
+             target: Tensor | None = None) -> SAELoss:
+        """The training loss on input `x` whose decode must reproduce `target` (None: x itself, an autoencoder).
+        `dead` (bool [H]) marks latents silent for the module's window, for losses that use them (AuxK).
+
+        With a skip connection the codes reproduce target − W_skip x: every term of `coding_loss` sees that
+        residual with W_skip x detached, and the reconstruction term is then taken again on the whole output, so
+        W_skip learns from the reconstruction alone (as in sparsify) and the auxiliary terms leave it be."""
+        target = x if target is None else target
+        skip = self.skip(x)
+        if skip is None:
+            return self.coding_loss(x, target, sparsity_coefficient, dead)
+        out = self.coding_loss(x, target - skip.detach(), sparsity_coefficient, dead)
+        reconstruction = out.reconstruction + skip
+        recon = squared_error(target, reconstruction)
+        return replace(out, total=out.total + (recon - out.terms["recon"]), terms={**out.terms, "recon": recon},
+                       reconstruction=reconstruction)
+
+    def coding_loss(self, x: Tensor, target: Tensor, sparsity_coefficient: float, dead: Tensor | None) -> SAELoss:
+        """The architecture's loss: encode `x`, and measure every reconstruction against `target`."""
         raise NotImplementedError
 
     def weighted_l1(self, codes: Tensor) -> Tensor:
@@ -183,8 +260,16 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def initialize_from_batch(self, x: Tensor) -> None:
-        """Data-dependent initialization on the first (normalized) batch: b_dec = its mean."""
+        """Data-dependent initialization on the first (normalized) batch: b_dec = its mean (a transcoder's
+        source_mean too; `initialize_target` then sets its b_dec)."""
         self.b_dec.copy_(x.mean(0))
+        if self.source_mean is not None:
+            self.source_mean.copy_(x.mean(0))
+
+    @torch.no_grad()
+    def initialize_target(self, target: Tensor) -> None:
+        """A transcoder's start in the target's space, after `initialize_from_batch`: b_dec = the target's mean."""
+        self.b_dec.copy_(target.mean(0))
 
     @staticmethod
     def column_quantile(values: Tensor, quantile: float) -> Tensor:
@@ -227,9 +312,13 @@ class SparseAutoencoder(nn.Module):
     def normalize(self, raw: Tensor) -> Tensor:
         return raw * self.input_scale
 
+    def normalize_target(self, raw: Tensor) -> Tensor:
+        return raw * self.output_scale
+
     def reconstruct_raw(self, raw: Tensor) -> Tensor:
-        """x̂ in the activations' own scale: normalize, encode, decode, undo the normalization."""
-        return self(self.normalize(raw)) / self.input_scale
+        """x̂ in the activations' own scale (a transcoder's: the target's): normalize, encode, decode, undo the
+        normalization."""
+        return self(self.normalize(raw)) / self.output_scale
 
     # ----- what rebuilds, exports and counts it --------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -251,7 +340,8 @@ class SparseAutoencoder(nn.Module):
     def saelens_tensor(self, key: str, attribute: str) -> Tensor:
         """Our `attribute` as SAELens's `key`: float32 on CPU, normalization folded in, W_enc/W_dec transposed
         ([d_in, d_sae] and [d_sae, d_in] there)."""
-        value = fold_normalization(key, getattr(self, attribute).detach().float().cpu(), float(self.input_scale))
+        value = fold_normalization(key, getattr(self, attribute).detach().float().cpu(), float(self.input_scale),
+                                   float(self.output_scale))
         return value.T.contiguous() if key in ("W_enc", "W_dec") else value.clone()
 
     def to_saelens(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -302,7 +392,7 @@ class LinearEncoderSAE(SparseAutoencoder):
 
     def pre_activation(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        return centered_projection(x, self.b_dec, self.W_enc, self.b_enc)
+        return centered_projection(x, self.encoder_center(), self.W_enc, self.b_enc)
 
     def encode(self, x: Tensor) -> Tensor:
         return self.activation(self.pre_activation(x))

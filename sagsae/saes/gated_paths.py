@@ -28,9 +28,9 @@ class GatedPathsSAE(SparseAutoencoder):
         self.b_mag = nn.Parameter(torch.zeros(width))
 
     def projection(self, x: Tensor) -> Tensor:
-        """u = W_gate (x − b_dec), which both paths share."""
+        """u = W_gate (x − b_dec), which both paths share (a transcoder centers by its source mean instead)."""
         self.check_input(x)
-        return centered_projection(x, self.b_dec, self.W_gate)
+        return centered_projection(x, self.encoder_center(), self.W_gate)
 
     def paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """u = W_gate (x − b_dec) and π = u + b_gate."""
@@ -57,15 +57,15 @@ class GatedPathsSAE(SparseAutoencoder):
         """`gated_chain`'s arguments past u and b_gate for this SAE's form; None where the chain does not cover it."""
         raise NotImplementedError
 
-    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
+    def coding_loss(self, x: Tensor, target: Tensor, sparsity_coefficient: float, dead: Tensor | None) -> SAELoss:
         chain = self.fused_chain_arguments() if self.use_fused_chain else None
         if chain is not None:
             codes, gate_codes, gate_l1 = gated_chain(self.projection(x), self.b_gate, **chain)
-            return self.gated_loss(x, codes, gate_codes, sparsity_coefficient, gate_l1)
+            return self.gated_loss(target, codes, gate_codes, sparsity_coefficient, gate_l1)
         u, pi = self.paths(x)
-        return self.gated_loss(x, self.codes_from_paths(u, pi), self.gate_activation(pi), sparsity_coefficient)
+        return self.gated_loss(target, self.codes_from_paths(u, pi), self.gate_activation(pi), sparsity_coefficient)
 
-    def gated_loss(self, x: Tensor, codes: Tensor, gate_codes: Tensor, sparsity_coefficient: float,
+    def gated_loss(self, target: Tensor, codes: Tensor, gate_codes: Tensor, sparsity_coefficient: float,
                    gate_l1: Tensor | None = None) -> SAELoss:
         """recon + λ·(weighted) L1 of the gate path + α_aux · gate-path reconstruction. `gate_l1`: the gate codes'
         per-latent L1 Σ_b |f_bi| where the caller has it (the gated chain), else computed here."""
@@ -74,9 +74,9 @@ class GatedPathsSAE(SparseAutoencoder):
             gate_x_hat = gate_codes @ self.W_dec.detach().T + self.b_dec.detach()
         else:
             gate_x_hat = self.decode(gate_codes)
-        gate_error = squared_error(x, gate_x_hat)
+        gate_error = squared_error(target, gate_x_hat)
         terms = {
-            "recon": squared_error(x, x_hat),
+            "recon": squared_error(target, x_hat),
             "sparsity": sparsity_coefficient * (self.weighted_l1(gate_codes) if gate_l1 is None
                                                 else self.weighted_latent_l1(gate_l1, len(gate_codes))),
             "aux": self.aux_weight * gate_error,

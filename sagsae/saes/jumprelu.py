@@ -59,7 +59,7 @@ class JumpReLUSparseAutoencoder(LinearEncoderSAE):
     def activation(self, pre: Tensor) -> Tensor:
         return bi_jump_relu(pre, self.threshold, self._never(), self.bandwidth)
 
-    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
+    def coding_loss(self, x: Tensor, target: Tensor, sparsity_coefficient: float, dead: Tensor | None) -> SAELoss:
         pre = self.pre_activation(x)
         if self.use_fused_chain:
             codes, firing = jump_relu_with_counts(pre, self.threshold, self.bandwidth)
@@ -67,7 +67,7 @@ class JumpReLUSparseAutoencoder(LinearEncoderSAE):
             codes = self.activation(pre)
             firing = two_sided_step(pre, self.threshold, self._never(), self.bandwidth).sum(0)
         x_hat = self.decode(codes)
-        terms = {"recon": squared_error(x, x_hat), "sparsity": sparsity_coefficient * firing.sum() / len(x)}
+        terms = {"recon": squared_error(target, x_hat), "sparsity": sparsity_coefficient * firing.sum() / len(x)}
         return SAELoss(sum(terms.values()), terms, codes, x_hat, firing=firing.detach())
 
     def threshold_values(self) -> Tensor:

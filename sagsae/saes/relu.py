@@ -22,8 +22,8 @@ class ReLUSparseAutoencoder(LinearEncoderSAE):
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
 
-    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
+    def coding_loss(self, x: Tensor, target: Tensor, sparsity_coefficient: float, dead: Tensor | None) -> SAELoss:
         codes = self.encode(x)
         x_hat = self.decode(codes)
-        terms = {"recon": squared_error(x, x_hat), "sparsity": sparsity_coefficient * self.weighted_l1(codes)}
+        terms = {"recon": squared_error(target, x_hat), "sparsity": sparsity_coefficient * self.weighted_l1(codes)}
         return SAELoss(sum(terms.values()), terms, codes, x_hat)

@@ -70,7 +70,7 @@ class TopKSparseAutoencoder(LinearEncoderSAE):
     def activation(self, pre: Tensor) -> Tensor:
         return self.select(*self.values_and_scores(pre))
 
-    def loss(self, x: Tensor, sparsity_coefficient: float, dead: Tensor | None = None) -> SAELoss:
+    def coding_loss(self, x: Tensor, target: Tensor, sparsity_coefficient: float, dead: Tensor | None) -> SAELoss:
         """recon + aux_coefficient · AuxK; `sparsity_coefficient` is unused (k sets the sparsity).
 
         π is computed once without a graph; the selected pairs' codes are read from it with a sparse backward
@@ -79,15 +79,15 @@ class TopKSparseAutoencoder(LinearEncoderSAE):
         with torch.no_grad():
             pre = self.pre_activation(x)
             values, scores = self.values_and_scores(pre)
-        centered = x - self.b_dec
+        centered = x - self.encoder_center()
         rows, cols = self.selected_pairs(values, scores)
         active = self.code_values(selected_pre_activations(centered, self.W_enc, self.b_enc, pre, rows, cols))
         x_hat = pair_sums(self.W_dec.T, rows, cols, active, len(x)) + self.b_dec
         codes = dense_codes(active.detach(), rows, cols, values)
         firing = torch.bincount(cols, weights=(active.detach() != 0).float(), minlength=self.width)
-        terms = {"recon": squared_error(x, x_hat)}
+        terms = {"recon": squared_error(target, x_hat)}
         if dead is not None and self.aux_coefficient > 0:
-            terms["auxk"] = self.aux_coefficient * self.auxk(x - x_hat.detach(), centered, pre, scores, dead)
+            terms["auxk"] = self.aux_coefficient * self.auxk(target - x_hat.detach(), centered, pre, scores, dead)
         return SAELoss(sum(terms.values()), terms, codes, x_hat, firing=firing)
 
     def auxk(self, residual: Tensor, centered: Tensor, pre: Tensor, scores: Tensor, dead: Tensor) -> Tensor:

@@ -1,0 +1,281 @@
+"""Transcoders: every architecture encodes a source hookpoint and decodes a target one, with an optional skip
+connection (docs/method.md, "Transcoders"). Pairs, gradients, the spliced LM loss, export and training."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+import sagsae
+from datamodules.activation_files import ActivationFileDataModule
+from datamodules.hookpoints import ActivationReader
+from datamodules.lm_activations import LMActivationDataModule
+from datamodules.tensor_data import TensorActivationDataModule
+from lightning_modules.sae_module import SAEModule
+from sagsae.formats.serialization import export
+from sagsae.saes import SAE_REGISTRY, build_sae
+from sagsae.saes.base import squared_error
+from tests.conftest import REPO, perturbed_sae
+
+SWITCHES = {"topk": {"k": 3}, "abstopk": {"k": 3}, "batchtopk": {"k": 3}}
+
+
+def transcoder(architecture: str, skip: bool, d: int = 8, width: int = 16):
+    """A perturbed `architecture` made a transcoder, with a random source mean, skip and scales."""
+    sae = perturbed_sae(architecture, d, width, **SWITCHES.get(architecture, {})).make_transcoder(skip=skip)
+    with torch.no_grad():
+        sae.source_mean.normal_()
+        if skip:
+            sae.W_skip.normal_(std=0.3)
+        sae.input_scale.fill_(1.7)
+        sae.target_scale.fill_(0.6)
+    return sae
+
+
+def tiny_pairs_data(tiny_llama, text_file, **overrides) -> LMActivationDataModule:
+    arguments = dict(model=str(tiny_llama), dataset="json", data_files=str(text_file), hookpoint="mlp_in",
+                     target_hookpoint="mlp_out", layer=1, context_length=16, lm_batch_size=4, batch_size=32,
+                     shuffle_buffer_tokens=160, val_tokens=100, normalization_tokens=200, val_fraction=0.2)
+    data = LMActivationDataModule(**(arguments | overrides))
+    data.setup()
+    return data
+
+
+def test_pairs_are_aligned_token_by_token(tiny_llama, text_file):
+    """Each row of a chunk is (mlp_in, mlp_out) of one token: each side equals its hookpoint read alone at the
+    same positions, and the MLP applied to the source gives the target."""
+    data = tiny_pairs_data(tiny_llama, text_file)
+    contexts = torch.tensor(list(itertools.islice(data.lm.contexts(data.documents(validation=False)), 4)))
+    pairs = data.lm.activations(contexts)
+    assert pairs.shape[1:] == (2, 32) and data.pairs and data.describe()["target_hookpoint"] == "mlp_out"
+    trainable = data.lm.trainable_positions(contexts)
+    for side, hookpoint in enumerate(("mlp_in", "mlp_out")):
+        alone = ActivationReader(data.lm.reader.model, hookpoint, 1)(contexts)[trainable]
+        torch.testing.assert_close(pairs[:, side], alone)
+    mlp = data.lm.reader.model.model.layers[1].mlp
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(pairs[:, 0]), pairs[:, 1], rtol=1e-5, atol=1e-5)
+    source_scale, target_scale = data.estimate_scales()
+    sample = torch.cat([chunk for _, chunk in zip(range(4), data.training_chunks())])
+    for side, scale in enumerate((source_scale, target_scale)):
+        assert abs(float((sample[:, side] * scale).pow(2).sum(-1).mean()) / 32 - 1) < 0.2
+
+
+def test_pairs_stay_aligned_after_a_resume(tiny_llama, text_file):
+    """The live stream of pairs resumes bit for bit from a checkpointed state, and every pair still satisfies
+    target = MLP(source)."""
+    data = tiny_pairs_data(tiny_llama, text_file)
+    straight = list(itertools.islice(data.training_batches(), 12))
+    first = tiny_pairs_data(tiny_llama, text_file)
+    batches = first.training_batches()
+    for _ in range(6):
+        next(batches)
+    saved = io.BytesIO()
+    torch.save(first.stream.state(5), saved)
+    resumed = tiny_pairs_data(tiny_llama, text_file)
+    resumed.resume_state = torch.load(io.BytesIO(saved.getvalue()), weights_only=False)
+    rest = list(itertools.islice(resumed.training_batches(), 7))
+    assert all(torch.equal(a, b) for a, b in zip(rest, straight[5:])) and len(rest) == 7
+    mlp = data.lm.reader.model.model.layers[1].mlp
+    with torch.no_grad():
+        for batch in rest:
+            torch.testing.assert_close(mlp(batch[:, 0]), batch[:, 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", sorted(SAE_REGISTRY))
+def test_a_transcoder_reconstructs_the_target_and_its_skip_learns_from_the_reconstruction(architecture):
+    """loss(x, target=y): the reconstruction term is ‖y − (decode(encode(x)) + W_skip x)‖², computed directly;
+    W_skip's gradient is that term's, 2/B Σ (ŷ − y) xᵀ, by hand; every other gradient is that of the
+    architecture's own loss on the residual y − W_skip x (its auxiliary terms leave W_skip be)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(64, 8), torch.randn(64, 8)
+    sae = transcoder(architecture, skip=True)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[:5] = True
+    out = sae.loss(x, 0.3, dead=dead, target=y)
+    y_hat = sae(x)
+    assert float(out.terms["recon"]) == pytest.approx(float(((y - y_hat) ** 2).sum(-1).mean()), rel=1e-5)
+    torch.testing.assert_close(out.reconstruction, y_hat)
+    out.total.backward()
+    by_hand = 2 / len(x) * (y_hat - y).detach().T @ x
+    torch.testing.assert_close(sae.W_skip.grad, by_hand, rtol=1e-4, atol=1e-5)
+    gradients = {name: p.grad.clone() for name, p in sae.named_parameters() if name != "W_skip"}
+    sae.zero_grad()
+    residual = y - sae.skip(x).detach()
+    sae.coding_loss(x, residual, 0.3, dead).total.backward()
+    for name, parameter in sae.named_parameters():
+        if name != "W_skip":
+            torch.testing.assert_close(gradients[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_autoencoder_is_a_transcoder_whose_target_is_its_input():
+    """Without a target the loss is the autoencoder's (the same terms, values and gradients as target = x)."""
+    x = torch.randn(32, 8)
+    sae = perturbed_sae("sagsae", 8, 16)
+    plain, explicit = sae.loss(x, 0.5), sae.loss(x, 0.5, target=x)
+    for name in plain.terms:
+        assert torch.equal(plain.terms[name], explicit.terms[name])
+    assert sae.transcoder_config() is None and "W_skip" not in dict(sae.named_parameters())
+
+
+def test_the_encoder_centers_the_source_by_its_own_mean():
+    """A transcoder's codes read x − source_mean (not x − b_dec, which lives in the target's space)."""
+    sae = transcoder("relu", skip=False)
+    x = torch.randn(16, 8)
+    direct = torch.relu((x - sae.source_mean) @ sae.W_enc.T + sae.b_enc)
+    torch.testing.assert_close(sae.encode(x), direct)
+    sae.initialize_from_batch(x)
+    sae.initialize_target(x + 5)
+    torch.testing.assert_close(sae.source_mean, x.mean(0))
+    torch.testing.assert_close(sae.b_dec.detach(), (x + 5).mean(0))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("architecture", sorted(SAE_REGISTRY))
+def test_export_round_trip(architecture, skip, tmp_path):
+    """`sagsae.load` of the export maps raw source activations to what the trained transcoder gives in the
+    target's raw units (both normalization scalars and the source mean folded)."""
+    sae = transcoder(architecture, skip).eval()
+    raw = torch.randn(32, 8) * 3
+    loaded = sagsae.load(export(sae, tmp_path / "tc"))
+    assert loaded.is_transcoder and (loaded.W_skip is not None) == skip
+    torch.testing.assert_close(loaded(raw), sae.reconstruct_raw(raw), rtol=1e-4, atol=1e-4)
+    cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    assert cfg["apply_b_dec_to_input"] is False and cfg["d_out"] == 8
+
+
+SAELENS_CLASSES = {("relu", False): "Transcoder", ("relu", True): "SkipTranscoder",
+                   ("jumprelu", False): "JumpReLUTranscoder", ("jumprelu", True): "JumpReLUSkipTranscoder",
+                   ("batchtopk", False): "JumpReLUTranscoder", ("batchtopk", True): "JumpReLUSkipTranscoder"}
+
+
+@pytest.mark.parametrize(("architecture", "skip"), sorted(SAELENS_CLASSES))
+def test_saelens_loads_the_transcoders_it_has_classes_for(architecture, skip, tmp_path):
+    sae_lens = pytest.importorskip("sae_lens", reason="SAELens is not installed: its transcoder loading is untested")
+    sae = transcoder(architecture, skip).eval()
+    if architecture == "batchtopk":  # its inference form: a global threshold, as exported
+        sae.threshold.fill_(0.4)
+    folder = export(sae, tmp_path / "tc", {"hook_name": "blocks.1.ln2.hook_normalized",
+                                             "hook_name_out": "blocks.1.hook_mlp_out"})
+    theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
+    assert type(theirs).__name__ == SAELENS_CLASSES[architecture, skip]
+    raw = torch.randn(32, 8) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(raw), sae.reconstruct_raw(raw), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", sorted(SAE_REGISTRY))
+def test_every_architecture_trains_as_a_transcoder_from_pairs(architecture, tmp_path):
+    """Pairs in, a transcoder out: the SAE becomes one because the data are pairs, fits y = A x + noise better
+    than the mean does, and its checkpoint rebuilds it (with its skip) through `sae_from_checkpoint`."""
+    from sagsae.formats.serialization import read_checkpoint, sae_from_checkpoint
+
+    torch.manual_seed(0)
+    source = torch.randn(4096, 8) @ torch.randn(8, 8)
+    target = source @ torch.randn(8, 8) + 0.1 * torch.randn(4096, 8) + 2.0
+    data = TensorActivationDataModule(torch.stack([source, target], 1), batch_size=256)
+    module = SAEModule.from_arguments(architecture, width=32, sparsity_coefficient=0.01, skip_connection=True,
+                                      lr=3e-3, sparsity_warmup_steps=5, lr_warmup_steps=5, init_seed=0,
+                                      **SWITCHES.get(architecture, {}))
+    trainer = L.Trainer(max_steps=400, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(module, data)
+    sae = module.sae
+    assert sae.is_transcoder and sae.W_skip is not None and float(sae.W_skip.abs().sum()) > 0
+    assert float(sae.target_scale) != float(sae.input_scale)
+    with torch.no_grad():
+        error = squared_error(target, sae.reconstruct_raw(source))
+    assert float(error) < 0.5 * float(squared_error(target, target.mean(0)))
+    trainer.save_checkpoint(tmp_path / "tc.ckpt")
+    rebuilt = sae_from_checkpoint(read_checkpoint(tmp_path / "tc.ckpt")).eval()
+    torch.testing.assert_close(rebuilt.reconstruct_raw(source[:64]), sae.eval().reconstruct_raw(source[:64]))
+
+
+def test_a_transcoders_spliced_loss_is_the_hand_computed_one(tiny_llama, text_file):
+    """ΔCE with the MLP's output replaced by the transcoder's map of the MLP's input, at the trained positions,
+    and everything else as the model computes it: the same number as a forward hooked by hand."""
+    import transformers
+
+    data = tiny_pairs_data(tiny_llama, text_file)
+    sae = transcoder("sagsae", skip=True, d=32, width=48).eval()
+    values = data.spliced_cross_entropy(sae.reconstruct_raw, contexts=4)
+    contexts = data.evaluators[4, "all"].input_ids
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    mlp = model.model.layers[1].mlp
+    trainable = data.lm.trainable_positions(contexts)
+
+    def splice(_module, args, output):
+        replaced = output.clone()
+        replaced[trainable] = sae.reconstruct_raw(args[0][trainable])
+        return replaced
+
+    handle = mlp.register_forward_hook(splice)
+    with torch.no_grad():
+        logits = model(contexts).logits
+    handle.remove()
+    scored = trainable[:, 1:]
+    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1][scored], contexts[:, 1:][scored])
+    assert values["ce_sae"] == pytest.approx(float(by_hand), rel=1e-5)
+    handle = mlp.register_forward_hook(lambda _m, _a, output: output.masked_fill(trainable[..., None], 0.0))
+    with torch.no_grad():
+        zeroed = model(contexts).logits
+    handle.remove()
+    assert values["ce_zero"] == pytest.approx(float(torch.nn.functional.cross_entropy(
+        zeroed[:, :-1][scored], contexts[:, 1:][scored])), rel=1e-5)
+
+
+def test_a_source_after_its_target_is_refused(tiny_llama, text_file):
+    data = tiny_pairs_data(tiny_llama, text_file, hookpoint="resid_post", target_hookpoint="mlp_out")
+    with pytest.raises(RuntimeError, match="must read before it writes"):
+        data.spliced_cross_entropy(lambda x: x, contexts=2)
+
+
+def test_fit_cache_export_and_inspect_a_skip_transcoder_from_the_command_line(tiny_llama, text_file, tmp_path):
+    """The user's path: cache pairs, fit a skip-transcoder from the cache (held-out R² against the target, the
+    skip path's R², ΔCE), export it with both hook names, and inspect it (contexts from the source)."""
+    common = ["--data.init_args.hookpoint", "mlp_in", "--data.init_args.target_hookpoint", "mlp_out",
+              "--data.init_args.model", str(tiny_llama), "--data.init_args.dataset", "json",
+              "--data.init_args.data_files", str(text_file), "--data.init_args.layer", "2",
+              "--data.init_args.context_length", "32", "--data.init_args.lm_batch_size", "16",
+              "--data.init_args.val_fraction", "0.1"]
+    cache = tmp_path / "cache"
+    run = lambda *args: subprocess.run([sys.executable, "-m", "sagsae", *args], cwd=REPO, capture_output=True,  # noqa: E731
+                                       text=True, timeout=600)
+    result = run("cache", "--config", "configs/transcoder.yaml", "--out", str(cache), "--train_tokens", "3000",
+                 "--val_tokens", "400", "--shard_tokens", "1000", *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = json.loads((cache / "metadata.json").read_text())
+    assert metadata["target_hookpoint"] == "mlp_out" and "target_normalization_scale" in metadata
+    cached = ActivationFileDataModule(str(cache), batch_size=100)
+    assert cached.pairs and next(iter(cached.batches())).shape == (100, 2, 32)
+    result = run("fit", "--config", "configs/transcoder.yaml", "--data", "datamodules.ActivationFileDataModule",
+                 "--data.init_args.path", str(cache), "--data.init_args.batch_size", "256",
+                 "--data.init_args.shuffle_buffer_tokens", "1024", "--data.init_args.val_tokens", "400",
+                 "--data.init_args.normalization_tokens", "512", "--model.sae.width", "64",
+                 "--model.skip_connection", "true", "--model.sparsity_warmup_steps", "5",
+                 "--model.lr_warmup_steps", "5", "--trainer.max_steps", "20",
+                 "--trainer.val_check_interval", "20", "--trainer.default_root_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = next(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["sae"]["transcoder"] == {"skip": True}
+    metrics = state["sae_metrics"]
+    assert {"val/r2", "val/skip_r2", "val/ce_delta"} <= set(metrics), sorted(metrics)
+    out = tmp_path / "export"
+    assert run("export", "--ckpt_path", str(checkpoint), "--out", str(out)).returncode == 0
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "sagsae_skip_transcoder"
+    assert (cfg["metadata"]["hook_name"], cfg["metadata"]["hook_name_out"]) == (
+        "blocks.2.ln2.hook_normalized", "blocks.2.hook_mlp_out")
+    result = run("inspect", "--sae", str(out), "--out", str(tmp_path / "browser"), "--dataset", "json",
+                 "--data_files", str(text_file), "--tokens", "500")
+    assert result.returncode == 0, result.stderr[-3000:]
+    index = (tmp_path / "browser" / "data" / "index.js").read_text()
+    assert '"target_hookpoint":"blocks.2.hook_mlp_out"' in index and '"hookpoint":"mlp_in"' in index
