@@ -20,7 +20,7 @@ from datamodules.lm_activations import LMActivationDataModule
 from datamodules.tensor_data import TensorActivationDataModule
 from lightning_modules.sae_module import SAEModule
 from sagsae.formats.serialization import export
-from sagsae.saes import SAE_REGISTRY, build_sae
+from sagsae.saes import SAE_REGISTRY
 from sagsae.saes.base import squared_error
 from tests.conftest import REPO, perturbed_sae
 
@@ -279,3 +279,25 @@ def test_fit_cache_export_and_inspect_a_skip_transcoder_from_the_command_line(ti
     assert result.returncode == 0, result.stderr[-3000:]
     index = (tmp_path / "browser" / "data" / "index.js").read_text()
     assert '"target_hookpoint":"blocks.2.hook_mlp_out"' in index and '"hookpoint":"mlp_in"' in index
+
+
+def test_a_sweep_trains_transcoders_side_by_side_and_reports_the_skip_paths_share(tmp_path):
+    """Sweep members on pairs are transcoders; the skip member's held-out rows carry skip_r2, which lies below its
+    R² (the codes add to what the linear skip explains) and well above 0 on a mostly linear map."""
+    from lightning_modules import SweepModule
+
+    torch.manual_seed(0)
+    source = torch.randn(4096, 8)
+    target = source @ torch.randn(8, 8) + torch.relu(source @ torch.randn(8, 8))
+    members = {name: SAEModule.from_arguments("gated", width=32, sparsity_coefficient=0.01, lr=3e-3, init_seed=0,
+                                              sparsity_warmup_steps=5, lr_warmup_steps=5, skip_connection=skip)
+               for name, skip in (("plain", False), ("skip", True))}
+    sweep = SweepModule(members)
+    trainer = L.Trainer(max_steps=300, val_check_interval=300, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(sweep, TensorActivationDataModule(torch.stack([source, target], 1)[:3584],
+                                                  torch.stack([source, target], 1)[3584:], batch_size=256))
+    rows = sweep.latest_validation
+    assert all(member.sae.is_transcoder for member in members.values())
+    assert "skip_r2" not in rows["plain"] and 0.3 < rows["skip"]["skip_r2"] < rows["skip"]["r2"]
+    assert rows["skip"]["r2"] > 0.8 and rows["plain"]["r2"] > 0.5
