@@ -14,6 +14,11 @@ Exactly the composed form's values and gradients (tests/test_gated_chain.py), in
 rectangle-kernel pseudo-derivatives of BiJump (sagsae/saes/straight_through.py), or the soft path's ordinary ones. It
 needs r tied across the two signs and a gate path that does not train θ through the main reconstruction; the SAEs
 use the composed form otherwise.
+
+bf16 in, bf16 out: given u in bf16 (an autocast matmul's output), the codes and gate codes come out in bf16, the
+dtype the decode's matmul takes, and are kept in bf16 for the backward, with the same values as an fp32 chain whose
+outputs autocast rounds. π, the gate, the thresholds' kernel band and every per-latent sum stay in fp32, so the
+thresholds' gradients are the fp32 chain's, bit for bit (tests/test_gated_chain.py).
 """
 
 from __future__ import annotations
@@ -26,15 +31,17 @@ from sagsae.saes.straight_through import bi_jump_threshold_grads, open_gate
 
 def chain_forward(u: Tensor, b_gate: Tensor, log_rescale: Tensor, b_mag: Tensor, theta_pos: Tensor,
                   theta_neg: Tensor, sign_consistency: bool, soft: bool) -> tuple[Tensor, ...]:
-    """The chain's values: (codes, gate codes, gate L1, π, the kept mask, the gate), the last three for backward."""
-    pi = u + b_gate
+    """The chain's values: (codes, gate codes, gate L1, π, the kept mask, the gate), the last three for backward.
+    The codes are in u's dtype, computed in fp32 (the parameters') and rounded once; π and the L1 in fp32."""
+    pi = u + b_gate  # fp32: b_gate is
     gate = open_gate(pi, theta_pos, theta_neg)
     codes = torch.addcmul(b_mag, u, log_rescale.exp())  # the magnitude, masked below
     keep = gate & ((pi > 0) == (codes > 0)) if sign_consistency else gate
-    codes.mul_(keep)
+    codes = codes.mul_(keep).to(u.dtype)
     # A closed side's θ may be infinite (Gated's θ⁻): `where` keeps π − (−∞) out of the closed entries.
     gate_codes = torch.where(gate, pi - torch.where(pi > 0, theta_pos, -theta_neg), 0) if soft else pi * gate
-    return codes, gate_codes, gate_codes.abs().sum(0), pi, keep, gate
+    gate_l1 = gate_codes.abs().sum(0)
+    return codes, gate_codes.to(u.dtype), gate_l1, pi, keep, gate
 
 
 def chain_backward(grad_codes: Tensor, grad_gate_codes: Tensor, grad_gate_l1: Tensor, pi: Tensor, codes: Tensor,
@@ -42,18 +49,20 @@ def chain_backward(grad_codes: Tensor, grad_gate_codes: Tensor, grad_gate_l1: Te
                    theta_pos: Tensor, theta_neg: Tensor, bandwidth: float, soft: bool,
                    needs_pos: bool, needs_neg: bool) -> tuple[Tensor, ...]:
     """The chain's gradients for (u, b_gate, r, b_mag, θ⁺, θ⁻); a θ's gradient is per latent [H], None where not
-    needed."""
+    needed. u's gradient comes out in the codes' dtype; everything else is computed in fp32, as autocast would
+    give an fp32 chain: incoming gradients widened, the one for u rounded at the end."""
     # The gate codes' whole gradient: the L1's part is sign(f)·g, zero where the gate is closed (f = 0, where |f|'s
     # subgradient is 0); the thresholds' kernels read the sum where the gate is closed too, as BiJump's backward
     # does, so the L1 reaches θ from the band's open side only (docs/method.md, "Loss and gradients").
-    gate_grad = torch.addcmul(grad_gate_codes, gate_codes.sgn(), grad_gate_l1)
+    gate_grad = torch.addcmul(grad_gate_codes.float(), gate_codes.sgn(), grad_gate_l1)
     grad_u = gate_grad * gate
     grad_b_gate = grad_u.sum(0)
-    kept_grad = grad_codes * keep
+    kept_grad = grad_codes.float() * keep
     grad_u.addcmul_(kept_grad, log_rescale.exp())
     grad_b_mag = kept_grad.sum(0)
     # ∂/∂r = Σ_b g · exp(r) u = Σ_b g · (m − b_mag) over kept entries, where m is the code itself.
     grad_log_rescale = kept_grad.mul_(codes).sum(0) - b_mag * grad_b_mag
+    grad_u = grad_u.to(codes.dtype)
     if soft:  # ∂(π − θ⁺)/∂θ⁺ = −1 where open above, ∂(π + θ⁻)/∂θ⁻ = +1 where open below
         grad_pos = -torch.where(gate & (pi > 0), gate_grad, 0).sum(0) if needs_pos else None
         grad_neg = torch.where(gate & (pi < 0), gate_grad, 0).sum(0) if needs_neg else None
@@ -112,7 +121,10 @@ def _sum_to(grad: Tensor | None, like: Tensor, needed: bool) -> Tensor | None:
 def gated_chain(u: Tensor, b_gate: Tensor, log_rescale: Tensor, b_mag: Tensor, theta_pos: Tensor,
                 theta_neg: Tensor, bandwidth: float, sign_consistency: bool = True,
                 soft: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(codes, gate codes, gate codes' per-latent L1) of the chain above; in fp32 whatever u's dtype, as BiJump
+    """(codes, gate codes, gate codes' per-latent L1) of the chain above. The codes come out in u's dtype if that is
+    bf16 or fp16 (else fp32); π, the thresholds' kernel band and the L1 are fp32 whatever u's dtype, as BiJump's
     (sagsae/saes/straight_through.py): the thresholds' kernel sums would be coarse in bf16."""
-    return _GatedChain.apply(u.float(), b_gate.float(), log_rescale.float(), b_mag.float(), theta_pos.float(),
+    if u.dtype not in (torch.bfloat16, torch.float16):
+        u = u.float()
+    return _GatedChain.apply(u, b_gate.float(), log_rescale.float(), b_mag.float(), theta_pos.float(),
                              theta_neg.float(), bandwidth, sign_consistency, soft)
