@@ -173,3 +173,15 @@ def test_help_lists_an_architectures_switches_with_their_docstrings():
     for switch, words in [("theta_init_quantile", "quantile of its |π|"), ("one_sided_gate", "ablation"),
                           ("tie_r", "one magnitude rescale")]:
         assert f"--model.sae.{switch}" in result.stdout and words in result.stdout, switch
+
+
+def test_no_architecture_file_knows_about_transcoders():
+    """Transcoding is the shared machinery's (base.py: make_transcoder, the loss's target and skip): an
+    architecture file reconstructs the target it is handed and names neither the skip nor the source mean."""
+    words = re.compile(r"transcod|W_skip|skip_connection|source_mean|target_scale", re.IGNORECASE)
+    machinery = {"base.py", "__init__.py", "gated_chain.py", "sparse_codes.py", "straight_through.py"}
+    architectures = [p for p in (REPO / "sagsae" / "saes").glob("*.py") if p.name not in machinery]
+    assert len(architectures) >= 7
+    found = [f"{p.name}:{n}" for p in architectures for n, line in enumerate(p.read_text().splitlines(), 1)
+             if words.search(line)]
+    assert not found, found

@@ -28,7 +28,7 @@ class GatedPathsSAE(SparseAutoencoder):
         self.b_mag = nn.Parameter(torch.zeros(width))
 
     def projection(self, x: Tensor) -> Tensor:
-        """u = W_gate (x − b_dec), which both paths share (a transcoder centers by its source mean instead)."""
+        """u = W_gate (x − c), c = `encoder_center()` (b_dec for an autoencoder), which both paths share."""
         self.check_input(x)
         return centered_projection(x, self.encoder_center(), self.W_gate)
 
