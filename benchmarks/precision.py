@@ -3,12 +3,15 @@ from the same seed, once in fp32 and once in bf16-mixed; the held-out R² and L0
 
     python -m benchmarks.precision --cache cache/smollm2_l15_attn_out_v10 [--steps 500 --width 1152 --batch 2048]
     python -m benchmarks.precision --cache … --architectures default gated --steps 2000 --validate_every 250
+    python -m benchmarks.precision --cache … --architectures default gated --compare sparse_decode
 
 The goal's 500 steps are shorter than SA-GSAE's and Gated's own seed spread can resolve (docs/performance.md,
 "Mixed precision"); a longer budget with `--validate_every` shows whether the two precisions part as training
 goes on, and `--seed` gives the fp32 runs' spread to read a gap against.
 
-The goal (issue "Speed"): |ΔR²| ≤ 0.003 and |ΔL0| ≤ 3% for every architecture. Each architecture trains with its
+The goal (issue "Speed"): |ΔR²| ≤ 0.003 and |ΔL0| ≤ 3% for every architecture. `--compare sparse_decode` trains
+the same pairs in fp32, decoded densely and from the non-zero codes alone (`sparse_decode_below` 1.0): the same
+math, so their held-out R² and L0 should agree within float rounding. Each architecture trains with its
 own config (configs/<name>.yaml, warmups shortened to the budget). Runs on the GPU where there is one; on CPU,
 bf16-mixed is what `--trainer.precision bf16-mixed` gives (autocast to bf16 where the CPU supports it).
 """
@@ -28,7 +31,10 @@ from callbacks import SAEMetrics
 from datamodules import ActivationFileDataModule
 from lightning_modules import SAEModule
 
-PRECISIONS = ("32-true", "bf16-mixed")
+# what each comparison trains twice: variant → (Lightning precision, the SAE module's overrides)
+COMPARISONS = {"precision": {"32-true": ("32-true", {}), "bf16-mixed": ("bf16-mixed", {})},
+               "sparse_decode": {"dense": ("32-true", {"sparse_decode_below": None}),
+                                 "sparse": ("32-true", {"sparse_decode_below": 1.0})}}
 R2_TOLERANCE, L0_TOLERANCE = 0.003, 0.03
 
 
@@ -55,10 +61,10 @@ def late_mean(trace: list[dict[str, float]]) -> dict[str, float] | None:
     return {key: sum(point[key] for point in late) / len(late) for key in ("r2", "l0")}
 
 
-def train_and_validate(name: str, precision: str, args: argparse.Namespace) -> dict:
+def train_and_validate(name: str, precision: str, args: argparse.Namespace, overrides: dict | None = None) -> dict:
     sae_class, init_args = short_run_config(name, args.steps, args.width)
     L.seed_everything(args.seed)
-    module = SAEModule.from_arguments(sae_class, **init_args)
+    module = SAEModule.from_arguments(sae_class, **init_args, **(overrides or {}))
     data = ActivationFileDataModule(args.cache, batch_size=args.batch, val_tokens=args.val_tokens, seed=args.seed)
     trace = HeldOutTrace()
     validation = ({"val_check_interval": args.validate_every, "check_val_every_n_epoch": None}
@@ -74,7 +80,8 @@ def train_and_validate(name: str, precision: str, args: argparse.Namespace) -> d
                           enable_progress_bar=False, enable_model_summary=False, callbacks=[SAEMetrics()])
     metrics = validator.validate(module, data, verbose=False)[0]
     for point in trace.points:
-        print(f"  {name} {precision} step {point['step']}: R² {point['r2']:.4f}, L0 {point['l0']:.2f}", flush=True)
+        print(f"  {name} {precision} {overrides or ''} step {point['step']}: R² {point['r2']:.4f}, "
+              f"L0 {point['l0']:.2f}", flush=True)
     return {"r2": metrics["val/r2"], "l0": metrics["val/l0"], "fit_seconds": seconds, "trace": trace.points}
 
 
@@ -90,14 +97,17 @@ def main() -> None:
                                                             "fp32 runs' own spread, against which to read a gap)")
     parser.add_argument("--validate_every", type=int, default=0,
                         help="also validate every N steps during fit and print the trace (0: only at the end)")
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="precision",
+                        help="fp32 against bf16-mixed, or the dense decode against the sparse one")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     print(f"{device_name()}: seed {args.seed}, {args.steps} steps of {args.batch} tokens, width {args.width}, "
           f"{args.cache}", flush=True)
     results, passed = {}, True
     for name in args.architectures:
-        runs = {precision: train_and_validate(name, precision, args) for precision in PRECISIONS}
-        full, mixed = runs["32-true"], runs["bf16-mixed"]
+        runs = {variant: train_and_validate(name, precision, args, overrides)
+                for variant, (precision, overrides) in COMPARISONS[args.compare].items()}
+        full, mixed = runs.values()  # the reference, then the variant under test
         r2_gap = mixed["r2"] - full["r2"]
         l0_gap = (mixed["l0"] - full["l0"]) / max(full["l0"], 1e-9)
         ok = abs(r2_gap) <= R2_TOLERANCE and abs(l0_gap) <= L0_TOLERANCE
@@ -106,9 +116,9 @@ def main() -> None:
         print(f"{name:<10} R² {full['r2']:.4f} → {mixed['r2']:.4f} ({r2_gap:+.4f})  L0 {full['l0']:.2f} → "
               f"{mixed['l0']:.2f} ({l0_gap:+.1%})  fit {full['fit_seconds']:.0f} s → {mixed['fit_seconds']:.0f} s  "
               f"{'within' if ok else 'OUTSIDE'} the goal", flush=True)
-        late = {precision: late_mean(run["trace"]) for precision, run in runs.items()}
-        if late["32-true"] and late["bf16-mixed"]:
-            late_full, late_mixed = late["32-true"], late["bf16-mixed"]
+        late = {variant: late_mean(run["trace"]) for variant, run in runs.items()}
+        late_full, late_mixed = late.values()
+        if late_full and late_mixed:
             results[name]["late_mean"] = late
             print(f"{'':<10} the trace's second half, mean: R² {late_full['r2']:.4f} → {late_mixed['r2']:.4f} "
                   f"({late_mixed['r2'] - late_full['r2']:+.4f})  L0 {late_full['l0']:.2f} → {late_mixed['l0']:.2f} "
