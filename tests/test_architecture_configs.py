@@ -21,7 +21,9 @@ SWEEP_CONFIGS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c) for c in CONFIGS])
 def test_config_fits_and_validates(config: Path, tiny_llama, text_file, tmp_path):
     overlay = [] if config.name == "default.yaml" else ["--config", str(REPO / "configs" / config)]  # tiny_args has it
-    args = [*tiny_args(tiny_llama, text_file, tmp_path, steps=6), *overlay, "--model.sae.width", "64"]
+    tiny = tiny_args(tiny_llama, text_file, tmp_path, steps=6)
+    # the tiny model, data and budget again after the overlay, which may be a whole config (transcoder.yaml)
+    args = [*tiny, *overlay, *tiny[2:], "--model.sae.width", "64"]
     run(["fit", *args])
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -40,12 +42,12 @@ def assert_export_reloads_bit_for_bit(checkpoint: Path, folder: Path) -> None:
 
     import sagsae
     from sagsae.commands.export import export_checkpoint
-    from sagsae.formats.serialization import read_checkpoint, sae_from_checkpoint
+    from sagsae.formats.serialization import read_checkpoint, sae_from_checkpoint, saelens_layout
 
     export_checkpoint(checkpoint, folder)
     loaded = sagsae.load(folder)
     saved = load_file(str(folder / "sae_weights.safetensors"))
-    tensors, architecture_cfg = loaded.to_saelens()
+    tensors, architecture_cfg = saelens_layout(loaded)
     assert tensors.keys() == saved.keys() and all(torch.equal(tensors[k], saved[k]) for k in saved)
     cfg = json.loads((folder / "cfg.json").read_text())
     assert {k: cfg[k] for k in architecture_cfg} == architecture_cfg

@@ -43,9 +43,7 @@ def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None
             raise ValueError(f"Refusing to export: parameter {name!r} has non-finite values")
     if not math.isfinite(float(sae.input_scale)):
         raise ValueError("Refusing to export: the normalization scalar was never estimated (input_scale is NaN)")
-    tensors, architecture_cfg = sae.to_saelens()
-    if sae.is_transcoder:
-        tensors, architecture_cfg = transcoder_layout(sae, tensors, architecture_cfg)
+    tensors, architecture_cfg = saelens_layout(sae)
     width = sae.width
     if split_signs:
         tensors["W_dec"] = split_decoder(tensors["W_dec"], dim=0)
@@ -62,6 +60,15 @@ def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None
             save_file({"sparsity": log_density}, str(staging / SPARSITY))
         (staging / CARD).write_text(card)
     return out
+
+
+def saelens_layout(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and architecture cfg fields an export writes: the architecture's SAELens layout, and a
+    transcoder's additions (sagsae.formats.transcoders)."""
+    tensors, architecture_cfg = sae.to_saelens()
+    if sae.is_transcoder:
+        tensors, architecture_cfg = transcoder_layout(sae, tensors, architecture_cfg)
+    return tensors, architecture_cfg
 
 
 def load(folder: str | Path) -> SparseAutoencoder | SplitSigns:
