@@ -59,7 +59,7 @@ class GateCollapseMonitor(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Every step adds to the histories on the device; they are read and judged at logging steps only
         (is_logging_step), so a GPU step does not wait on them, and a collapse is seen within one log interval."""
-        if not outputs or "x" not in outputs:  # a skipped (non-finite) batch
+        if not outputs or "target" not in outputs:  # a skipped (non-finite) batch
             return
         self._alive.append(1.0 - pl_module.dead_mask().float().mean())
         summary = outputs["summary"]
