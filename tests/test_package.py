@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 from tests.conftest import REPO
@@ -33,7 +32,10 @@ def test_the_wheel_runs_help_configs_and_inspect_from_site_packages(tiny_llama, 
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
     site = Path(run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                     cwd=tmp_path).stdout.strip())
-    (site / "test_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch & co., not sagsae
+    # torch & co., not sagsae: every site-packages folder the tests import from (a venv's own, and the system's or
+    # another environment's that it layers over), never the checkout
+    package_folders = [path for path in sys.path if Path(path).name in ("site-packages", "dist-packages")]
+    (site / "test_environment.pth").write_text("\n".join(package_folders) + "\n")
     run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index",
          "--quiet", wheel], cwd=tmp_path)
     sagsae = venv / "bin" / "sagsae"
