@@ -4,6 +4,7 @@ from the same seed, once in fp32 and once in bf16-mixed; the held-out R² and L0
     python -m benchmarks.precision --cache cache/smollm2_l15_attn_out_v10 [--steps 500 --width 1152 --batch 2048]
     python -m benchmarks.precision --cache … --architectures default gated --steps 2000 --validate_every 250
     python -m benchmarks.precision --cache … --architectures default gated --compare sparse_decode
+    python -m benchmarks.precision --cache … --architectures default --steps 4000 --validate_every 500 --target_l0 40
 
 The goal's 500 steps are shorter than SA-GSAE's and Gated's own seed spread can resolve (docs/performance.md,
 "Mixed precision"); a longer budget with `--validate_every` shows whether the two precisions part as training
@@ -12,8 +13,10 @@ goes on, and `--seed` gives the fp32 runs' spread to read a gap against.
 The goal (issue "Speed"): |ΔR²| ≤ 0.003 and |ΔL0| ≤ 3% for every architecture. `--compare sparse_decode` trains
 the same pairs in fp32, decoded densely and from the non-zero codes alone (`sparse_decode_below` 1.0): the same
 math, so their held-out R² and L0 should agree within float rounding. Each architecture trains with its
-own config (configs/<name>.yaml, warmups shortened to the budget). Runs on the GPU where there is one; on CPU,
-bf16-mixed is what `--trainer.precision bf16-mixed` gives (autocast to bf16 where the CPU supports it).
+own config (configs/<name>.yaml, warmups shortened to the budget); `--target_l0` steers λ to an L0, so that
+the comparison is made at the end of a run that settles there (docs/method.md, "Asking for an L0"). Runs on the
+GPU where there is one; on CPU, bf16-mixed is what `--trainer.precision bf16-mixed` gives (autocast to bf16 where
+the CPU supports it).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def late_mean(trace: list[dict[str, float]]) -> dict[str, float] | None:
 
 def train_and_validate(name: str, precision: str, args: argparse.Namespace, overrides: dict | None = None) -> dict:
     sae_class, init_args = short_run_config(name, args.steps, args.width)
+    if args.target_l0:
+        init_args["target_l0"] = args.target_l0
     L.seed_everything(args.seed)
     module = SAEModule.from_arguments(sae_class, **init_args, **(overrides or {}))
     data = ActivationFileDataModule(args.cache, batch_size=args.batch, val_tokens=args.val_tokens, seed=args.seed)
@@ -97,6 +102,8 @@ def main() -> None:
                                                             "fp32 runs' own spread, against which to read a gap)")
     parser.add_argument("--validate_every", type=int, default=0,
                         help="also validate every N steps during fit and print the trace (0: only at the end)")
+    parser.add_argument("--target_l0", type=float, help="steer λ to this L0 (`model.target_l0`; λ-sparse "
+                                                          "architectures only): a run that settles, to compare at its end")
     parser.add_argument("--compare", choices=sorted(COMPARISONS), default="precision",
                         help="fp32 against bf16-mixed, or the dense decode against the sparse one")
     parser.add_argument("--json", type=Path)
