@@ -22,8 +22,9 @@ SWEEP_CONFIGS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 def test_config_fits_and_validates(config: Path, tiny_llama, text_file, tmp_path):
     overlay = [] if config.name == "default.yaml" else ["--config", str(REPO / "configs" / config)]  # tiny_args has it
     tiny = tiny_args(tiny_llama, text_file, tmp_path, steps=6)
-    # the tiny model, data and budget again after the overlay, which may be a whole config (transcoder.yaml)
-    args = [*tiny, *overlay, *tiny[2:], "--model.sae.width", "64"]
+    tiny_overrides = tiny[2:]  # all but its leading --config default.yaml
+    # the tiny model, data, budget and width again after the overlay, which may be a whole config (transcoder.yaml)
+    args = [*tiny, *overlay, *tiny_overrides]
     run(["fit", *args])
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
