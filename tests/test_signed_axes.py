@@ -72,7 +72,7 @@ def test_sagsae_recovers_signed_axes_with_one_latent_each(protocol_a_data, sagsa
 
 def shipped_default_switches() -> dict:
     """The SA-GSAE switches and training recipe of configs/default.yaml, less what is set per benchmark here
-    (width, λ and its warmup, LR warmup, dead window)."""
+    (width, λ and its warmup, the target L0, LR warmup, dead window)."""
     import yaml
 
     from tests.test_cli import REPO
@@ -80,7 +80,8 @@ def shipped_default_switches() -> dict:
     model = dict(yaml.safe_load((REPO / "configs" / "default.yaml").read_text())["model"])
     sae = model.pop("sae")
     assert sae["class_path"] == "sagsae.saes.SignAwareGatedSAE"
-    per_benchmark = {"width", "sparsity_coefficient", "sparsity_warmup_steps", "lr_warmup_steps", "dead_window_tokens"}
+    per_benchmark = {"width", "sparsity_coefficient", "sparsity_warmup_steps", "target_l0", "lr_warmup_steps",
+                     "dead_window_tokens"}
     return {k: v for k, v in {**sae["init_args"], **model}.items() if k not in per_benchmark}
 
 
