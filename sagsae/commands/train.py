@@ -3,6 +3,7 @@ datamodule."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from lightning.fabric.plugins import TorchCheckpointIO
@@ -70,4 +71,6 @@ class SAGSAECLI(LightningCLI):
 def run(args: list[str] | None = None) -> None:
     """Run the CLI on `args`, or on the command line when None."""
     hide_logger_advertisements()  # the Trainer prints it before its default logger becomes ours
+    # mixed precision keeps the weights in fp32, so the model summary's size, counted at 32 bits, is right
+    warnings.filterwarnings("ignore", message="Precision .* is not supported by the model summary")
     SAGSAECLI(args=args)
