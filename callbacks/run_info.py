@@ -67,6 +67,7 @@ class RunInfo(L.Callback):
             "input_scale": float(pl_module.sae.input_scale),
             "data": datamodule.describe() if hasattr(datamodule, "describe") else None,
             "world_size": trainer.world_size,
+            "precision": str(trainer.precision),
         }
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "run_metadata.json").write_text(json.dumps(info, indent=2))
