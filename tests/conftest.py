@@ -16,6 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def pytest_terminal_summary(terminalreporter):
+    """The machine the suite ran on, under its timings: CI's duration depends on it, and so does the precision that
+    every `fit` in the suite takes (sagsae/precision.py)."""
+    from sagsae.precision import automatic_precision
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    precision, reason = automatic_precision("cpu")
+    terminalreporter.write_line(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with "
+                                f"{torch.get_num_threads()} threads; fit on cpu takes {precision} ({reason})")
+
+
 WORDS = ("the of and a to in is was for on as with by he at from his an were are which this be or had not "
          "first one their its new after who they have her she two been other when there all during into "
          "school time may years more most only over city some world would where later up such used many "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import yaml
 
 from sagsae.commands.train import run
 from sagsae.precision import CPU_BF16_FEATURES, accelerator_device_type, automatic_precision, fast_bf16
+from tests.conftest import REPO
 from tests.test_cli import tiny_args
 
 
@@ -55,3 +58,14 @@ def test_fit_records_the_automatic_choice_and_keeps_an_explicit_one(fast, monkey
     run(["fit", *tiny_args(tiny_llama, text_file, tmp_path / "set", steps=3), "--trainer.precision", "32-true"])
     version = tmp_path / "set" / "lightning_logs" / "version_0"
     assert json.loads((version / "run_metadata.json").read_text())["precision"] == "32-true"
+
+
+def test_the_cpu_bf16_benchmark_times_both_precisions_under_each_onednn_cap(tmp_path):
+    out = tmp_path / "cpu_bf16.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.cpu_bf16", "--d_in", "8", "--width", "16", "--batch", "16",
+                    "--rounds", "1", "--isa", "ALL", "AVX512_CORE", "--json", str(out)], check=True, cwd=REPO)
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["ALL", "AVX512_CORE"]
+    for seconds in results.values():
+        assert seconds["fp32"] > 0 and seconds["bf16"] > 0
+        assert seconds["bf16_speedup"] == pytest.approx(seconds["fp32"] / seconds["bf16"])

@@ -1,10 +1,10 @@
 """Is bf16-mixed harmless? Every architecture trained twice through `fit` on the same cached activations and
 from the same seed, once in fp32 and once in bf16-mixed; the held-out R² and L0 of `validate` side by side.
 
-    python -m benchmarks.precision --cache cache/smollm2_l15_attn_out_v10 [--steps 500 --width 1152 --batch 2048]
-    python -m benchmarks.precision --cache … --architectures default gated --steps 2000 --validate_every 250
-    python -m benchmarks.precision --cache … --architectures default gated --compare sparse_decode
-    python -m benchmarks.precision --cache … --architectures default --steps 4000 --validate_every 500 --target_l0 40
+    python -m benchmarks.precision_compare --cache cache/smollm2_l15_attn_out_v10 [--steps 500 --width 1152 --batch 2048]
+    python -m benchmarks.precision_compare --cache … --architectures default gated --steps 2000 --validate_every 250
+    python -m benchmarks.precision_compare --cache … --architectures default gated --compare sparse_decode
+    python -m benchmarks.precision_compare --cache … --architectures default --steps 4000 --validate_every 500 --target_l0 40
 
 The goal's 500 steps are shorter than SA-GSAE's and Gated's own seed spread can resolve (docs/performance.md,
 "Mixed precision"); a longer budget with `--validate_every` shows whether the two precisions part as training
