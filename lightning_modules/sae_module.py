@@ -73,9 +73,9 @@ class SAEModule(L.LightningModule):
             one that the dead-latent reset revived within that many tokens (`dead_fraction`).
         reset_dead_latents: let the architecture react to dead latents (SA-GSAE: threshold reset).
         target_l0: steer λ so that training settles at this L0 (None: λ stays at `sparsity_coefficient`). λ warms
-            up to `sparsity_coefficient` as usual, then an integral controller on log λ (`steer_sparsity`) follows
-            the training L0 over all ranks (the idea of SAELens's and Gemma Scope 2's target L0). Not for k-sparse
-            SAEs, whose k sets L0.
+            up toward `sparsity_coefficient` while the training L0 is above the target and not yet heading there,
+            and an integral controller on log λ (`steer_sparsity`) follows the training L0 over all ranks (the idea of SAELens's and
+            Gemma Scope 2's target L0). Not for k-sparse SAEs, whose k sets L0.
         target_l0_rate: the controller's gain: log λ grows by this times log(L0 / target) a step.
         init_seed: seed of the SAE's initial weights alone (None = the global generator), so that a sweep
             member and a stand-alone run with the same seed start from the same weights.
@@ -246,11 +246,15 @@ class SAEModule(L.LightningModule):
     def sparsity_coefficient(self) -> float | Tensor:
         """λ on its linear warmup, by training steps taken (so a stand-alone validate uses the trained λ); with
         `target_l0`, times the controller's factor (a tensor, so that a GPU step need not read it back)."""
-        warmup = self.hparams.sparsity_warmup_steps
-        ramp = min(1.0, (self.known_steps_trained() + 1) / warmup) if warmup > 0 else 1.0
+        ramp = self.sparsity_ramp(self.known_steps_trained())
         if self.hparams.target_l0 is None:
             return self.hparams.sparsity_coefficient * ramp
         return self.hparams.sparsity_coefficient * ramp * self.lambda_scale
+
+    def sparsity_ramp(self, steps_trained: int) -> float:
+        """The warmup's share of λ for the step after `steps_trained` steps."""
+        warmup = self.hparams.sparsity_warmup_steps
+        return min(1.0, (steps_trained + 1) / warmup) if warmup > 0 else 1.0
 
     def steer_sparsity(self, l0: Tensor) -> None:
         """The target-L0 controller's step: an integral controller on log λ. Its error is e = log(L̄0 / target),
@@ -258,19 +262,25 @@ class SAEModule(L.LightningModule):
         a step, so that L0 can only rest at the target. The sum holds while L0 already heads for the target fast
         enough to reach it within ~200 steps (from L̄0 against its ~100-step average): Adam moves thresholds at a
         bounded speed whatever λ is, so a sum that kept growing while the SAE catches up would overshoot by as
-        much (anti-windup)."""
+        much (anti-windup). During λ's warmup the ramp advances only while L̄0 is above the target and not already
+        heading there as fast: L0 follows λ late, and a ramp that went on to a λ far above the target's pushed L0
+        to a third of the target first. At or below the target the controller acts as it does after the warmup
+        (docs/method.md, "Asking for an L0")."""
         if self.hparams.target_l0 is None:
             return
         for average, rate in ((self.l0_average, 1 / 20), (self.l0_trend_base, 1 / 100)):
             average.copy_(torch.where(average == 0, l0, average.lerp(l0, rate)))
-        if self.known_steps_trained() < self.hparams.sparsity_warmup_steps:
-            return
         error = (self.l0_average.clamp(min=1e-3) / self.hparams.target_l0).log().clamp(-1, 1)
         # The two averages lag each other by ~80 steps, so their log ratio is the trend of log L0 over 80 steps:
         # at that speed the error closes within 200 steps when the ratio is at least 80/200 of it.
         heading = (self.l0_average.clamp(min=1e-3) / self.l0_trend_base.clamp(min=1e-3)).log()
         closing = -heading * error.sign() * (200 / 80) >= error.abs()
-        self.lambda_scale.mul_(torch.where(closing, 0.0, self.hparams.target_l0_rate * error).exp())
+        log_step = torch.where(closing, 0.0, self.hparams.target_l0_rate * error)
+        steps = self.known_steps_trained()
+        if steps < self.hparams.sparsity_warmup_steps:
+            hold = math.log(self.sparsity_ramp(steps) / self.sparsity_ramp(steps + 1))  # cancels the ramp's growth
+            log_step = torch.where(error <= 0, log_step + hold, torch.where(closing, hold, 0.0))
+        self.lambda_scale.mul_(log_step.exp())
 
     def lr_factor(self, step: int) -> float:
         """Linear warmup, then constant, then (with `lr_decay_fraction`) linear decay to 0 at max_steps."""

@@ -49,14 +49,14 @@ def test_target_l0_lands_within_five_percent_of_its_target(denser_signed_axes, a
     assert abs(math.log(float(module.sparsity_coefficient()) / 4.0)) > 0.05, "λ must have been steered"
 
 
-def controlled_module(target: float) -> SAEModule:
-    return SAEModule.from_arguments("relu", d_in=8, width=16, sparsity_coefficient=1.0, sparsity_warmup_steps=0,
-                                    target_l0=target)
+def controlled_module(target: float, sparsity_coefficient: float = 1.0, warmup: int = 0) -> SAEModule:
+    return SAEModule.from_arguments("relu", d_in=8, width=16, sparsity_coefficient=sparsity_coefficient,
+                                    sparsity_warmup_steps=warmup, target_l0=target)
 
 
-def run_controller(module: SAEModule, plant, steps: int) -> list[tuple[float, float]]:
+def run_controller(module: SAEModule, plant, steps: int, l0: float = 40.0) -> list[tuple[float, float]]:
     """The controller against a model of how an SAE's L0 answers λ: `plant(l0, λ)` → the next step's L0."""
-    l0, trace = 40.0, []
+    trace = []
     for _ in range(steps):
         module.steer_sparsity(torch.tensor(l0))
         module.steps_trained += 1
@@ -82,6 +82,29 @@ def test_controller_still_lands_when_the_sae_is_slow_to_follow():
     trace = run_controller(controlled_module(10.0), slow, steps=4000)
     assert max(lam for _, lam in trace) < 4 * 4.0, max(lam for _, lam in trace)
     assert trace[-1][0] == pytest.approx(10.0, rel=0.03) and trace[-1][1] == pytest.approx(4.0, rel=0.05)
+
+
+def test_during_warmup_lambda_ramps_above_the_target_and_holds_below_it():
+    """λ 2 over a warmup of 10 steps, target 10. With L0 above the target λ follows the plain ramp; with L0 held at
+    half the target from the start, the ramp's growth is cancelled and the controller lowers λ from its first
+    value: λ_n = 2 · (1/10) · 0.5^(0.003 n)."""
+    above = run_controller(controlled_module(10.0, 2.0, warmup=10), lambda l0, lam: 40.0, steps=9)
+    assert [lam for _, lam in above] == pytest.approx([2.0 * (n + 2) / 10 for n in range(9)])
+    below = run_controller(controlled_module(10.0, 2.0, warmup=10), lambda l0, lam: 5.0, steps=9, l0=5.0)
+    assert [lam for _, lam in below] == pytest.approx([0.2 * 0.5 ** (0.003 * (n + 1)) for n in range(9)])
+
+
+def test_the_warmup_stops_where_l0_heads_for_the_target():
+    """An SAE whose L0 follows 40/λ at most 2% a step, with λ warming up to 16 over 200 steps (L0 2.5 there) and a
+    target of 10 (λ 4). A ramp that went on would take λ to 16 and L0 to 2.5 (so it did before the hold); with the
+    hold, λ stops within 1.5× of 4 and L0 stays above 0.75 of the target."""
+    def lagging(l0: float, lam: float) -> float:
+        return max(l0 * 0.98, min(l0 * 1.02, 40 / lam))
+
+    trace = run_controller(controlled_module(10.0, 16.0, warmup=200), lagging, steps=3000)
+    assert max(lam for _, lam in trace) < 1.5 * 4.0, max(lam for _, lam in trace)
+    assert min(l0 for l0, _ in trace) > 0.75 * 10.0, min(l0 for l0, _ in trace)
+    assert trace[-1][0] == pytest.approx(10.0, rel=0.03)
 
 
 def test_target_l0_is_refused_for_k_sparse_saes():
