@@ -55,6 +55,11 @@ def keep_fresh_bookkeeping(module: L.LightningModule, state_dict: dict[str, Tens
         state_dict.setdefault(prefix + name, getattr(module, name).clone())
 
 
+def linear_warmup(step: int, warmup_steps: int) -> float:
+    """The share of a warmed-up quantity (λ, the learning rate) at 0-based `step`: (step + 1) / warmup_steps, then 1."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
 class SAEModule(L.LightningModule):
     """Trains one SAE on normalized activations.
 
@@ -74,8 +79,8 @@ class SAEModule(L.LightningModule):
         reset_dead_latents: let the architecture react to dead latents (SA-GSAE: threshold reset).
         target_l0: steer λ so that training settles at this L0 (None: λ stays at `sparsity_coefficient`). λ warms
             up toward `sparsity_coefficient` while the training L0 is above the target and not yet heading there,
-            and an integral controller on log λ (`steer_sparsity`) follows the training L0 over all ranks (the idea of SAELens's and
-            Gemma Scope 2's target L0). Not for k-sparse SAEs, whose k sets L0.
+            and an integral controller on log λ (`steer_sparsity`) follows the training L0 over all ranks (the
+            idea of SAELens's and Gemma Scope 2's target L0). Not for k-sparse SAEs, whose k sets L0.
         target_l0_rate: the controller's gain: log λ grows by this times log(L0 / target) a step.
         init_seed: seed of the SAE's initial weights alone (None = the global generator), so that a sweep
             member and a stand-alone run with the same seed start from the same weights.
@@ -253,8 +258,7 @@ class SAEModule(L.LightningModule):
 
     def sparsity_ramp(self, steps_trained: int) -> float:
         """The warmup's share of λ for the step after `steps_trained` steps."""
-        warmup = self.hparams.sparsity_warmup_steps
-        return min(1.0, (steps_trained + 1) / warmup) if warmup > 0 else 1.0
+        return linear_warmup(steps_trained, self.hparams.sparsity_warmup_steps)
 
     def steer_sparsity(self, l0: Tensor) -> None:
         """The target-L0 controller's step: an integral controller on log λ. Its error is e = log(L̄0 / target),
@@ -284,8 +288,7 @@ class SAEModule(L.LightningModule):
 
     def lr_factor(self, step: int) -> float:
         """Linear warmup, then constant, then (with `lr_decay_fraction`) linear decay to 0 at max_steps."""
-        warmup = self.hparams.lr_warmup_steps
-        factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        factor = linear_warmup(step, self.hparams.lr_warmup_steps)
         total = self.trainer.max_steps
         decay_steps = int(self.hparams.lr_decay_fraction * total)
         if decay_steps > 0:
