@@ -14,7 +14,7 @@ import re
 import sys
 
 from sagsae.allocator import keep_freed_memory
-from sagsae.commands import COMMANDS, TRAIN
+from sagsae.commands import COMMANDS, TRAIN, end_process_group
 from sagsae.shipped_configs import with_shipped_configs
 
 
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             module.run(argv)  # None: LightningCLI reads the command line itself (and DDP re-launches it unchanged)
         else:
             module.main(args[1:])
+        end_process_group()  # after a run that ended normally; a failing rank's exit code says enough
     except USER_ERRORS as error:
         if os.environ.get(DEBUG) == "1":
             raise

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from callbacks import GateCollapseMonitor, SAEMetrics, SplicedLMLoss
 from lightning_modules import SAEModule, SweepModule
+from sagsae.commands import end_process_group
 from sagsae.commands.sweep import import_class
 from sagsae.saes import sae_class
 
@@ -179,3 +180,4 @@ SCENARIOS = {"train_sweep": train_sweep, "live_fit": live_fit, "collapse_on_one_
 if __name__ == "__main__":
     scenario_spec = json.loads(Path(sys.argv[1]).read_text())
     SCENARIOS[scenario_spec["scenario"]](scenario_spec)
+    end_process_group()

@@ -79,7 +79,7 @@ def test_paper_configs_parse(config: Path):
     assert resolved["trainer"]["log_every_n_steps"] == 50
     assert resolved["trainer"]["precision"] == "bf16-mixed"
     callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in resolved["trainer"]["callbacks"]}
-    assert callbacks["ModelCheckpoint"]["every_n_train_steps"] == 2000
+    assert callbacks["LastCheckpoint"]["every_n_train_steps"] == 2000
     default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())["trainer"]["callbacks"]
     assert set(callbacks) == {c["class_path"].rsplit(".", 1)[1] for c in default}
 

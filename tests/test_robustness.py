@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks import SAEMetrics
+from callbacks import LastCheckpoint, SAEMetrics
 from datamodules import TensorActivationDataModule
 from lightning_modules import SAEModule
 from sagsae.commands.train import run
@@ -50,6 +50,17 @@ def test_nonfinite_loss_saves_a_checkpoint_and_names_the_step(tmp_path):
     saved = list(tmp_path.rglob("nonfinite-step3.ckpt"))
     assert len(saved) == 1
     assert torch.load(saved[0], weights_only=False)["global_step"] == 3
+
+
+@pytest.mark.parametrize("steps", [6, 8])
+def test_last_checkpoint_holds_the_final_step_between_periodic_saves(steps, tmp_path):
+    """Saving every 4 steps, a run that ends at step 6 still leaves last.ckpt at step 6 (Lightning's own class
+    keeps step 4); one that ends on a save writes it once."""
+    module = SAEModule.from_arguments("sagsae", d_in=8, width=16)
+    checkpoint = LastCheckpoint(dirpath=tmp_path, every_n_train_steps=4)
+    trainer_for(tmp_path, steps, [checkpoint]).fit(module, TensorActivationDataModule(torch.randn(4096, 8), batch_size=256))
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == steps
+    assert checkpoint.step_saved == steps and checkpoint.last_model_path == str(tmp_path / "last.ckpt")
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.5, 1.5, 3.0])  # before the first step, then before, around and after the first validation

@@ -18,3 +18,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("sagsae.commands.params", "parameter counts per architecture and the widths that match"),
     "configs": ("sagsae.commands.configs", "list the shipped configs (--config NAME takes them), or copy them out"),
 }
+
+
+def end_process_group() -> None:
+    """Destroy the process group a DDP run left behind (Lightning's teardown keeps it). Left to the interpreter's
+    exit, gloo's worker threads can be torn down while still joinable, and a run that succeeded then dies with
+    SIGABRT ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
