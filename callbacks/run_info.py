@@ -13,8 +13,10 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks.dashboard import SAETensorBoardLogger
+from sagsae.analysis.convergence import TARGET_L0_BAND, TARGET_R2_SLOPE, at_target
 
 _PACKAGES = ("sagsae", "torch", "lightning", "torchmetrics", "transformers", "datasets", "gguf")
 
@@ -42,9 +44,26 @@ def _git_commit() -> str | None:
 
 
 class RunInfo(L.Callback):
-    """Writes run_metadata.json (versions, seed, data, SAE) into the log folder and prints where to look.
+    """Writes run_metadata.json (versions, seed, data, SAE) into the log folder and prints where to look, and at
+    the end of a run with a target L0 whether it settled there, from its held-out checks (kept in checkpoints, so
+    a resumed run judges its whole history).
 
     `trainer.log_dir` is a collective under DDP, so every rank asks for it and only rank zero writes."""
+
+    def __init__(self) -> None:
+        self.checks: list[dict[str, float]] = []  # held-out L0 and R² at each validation of `fit`
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and "val/l0" in metrics:
+            self.checks.append({"tokens_seen": int(pl_module.tokens_seen), "l0": float(metrics["val/l0"]),
+                                "r2": float(metrics["val/r2"])})
+
+    def state_dict(self) -> dict:
+        return {"checks": self.checks}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.checks = list(state_dict.get("checks", []))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         folder = Path(trainer.log_dir or trainer.default_root_dir)
@@ -78,20 +97,35 @@ class RunInfo(L.Callback):
             if isinstance(trainer.logger, SAETensorBoardLogger):  # hparams beside the final metrics (HPARAMS tab)
                 tags = sorted(k for k in trainer.callback_metrics if k.startswith(("train/", "val/")))
                 trainer.logger.log_final_metrics(dict(pl_module.hparams), tags)
-            self._print_summary(trainer, log_dir)
+            self._print_summary(trainer, pl_module, log_dir)
 
-    def _print_summary(self, trainer: L.Trainer, log_dir: str | None) -> None:
+    def _print_summary(self, trainer: L.Trainer, pl_module, log_dir: str | None) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in
                           ("train/l0", "train/r2", "train/dead_fraction", "train/tokens_per_s",
-                           "val/l0", "val/r2", "val/dead_fraction") if k in metrics)
+                           "val/l0", "val/r2", "val/dead_fraction", "val/ce_delta", "val/ce_recovered") if k in metrics)
         checkpoint = trainer.checkpoint_callback
         log_root = Path(trainer.logger.save_dir) if trainer.logger is not None else Path(trainer.default_root_dir)
         print(f"\nFinished at step {trainer.global_step}: {shown}")
+        target = pl_module.hparams.get("target_l0")
+        if target is not None and self.checks:
+            print(settle_line(self.checks, target))
         print(f"Logs, config and metadata: {log_dir}")
         if checkpoint is not None and checkpoint.dirpath:
             print(f"Checkpoints (last.ckpt resumes with --ckpt_path): {checkpoint.dirpath}")
         print(f"Open the dashboards with: tensorboard --logdir {log_root}")
+
+
+def settle_line(checks: list[dict[str, float]], target_l0: float) -> str:
+    """Whether a target-L0 run settled, in one line with its numbers (docs/method.md, "Asking for an L0")."""
+    reading = at_target(checks, target_l0)
+    if reading.checks < 2:
+        return (f"Settled at target L0 {target_l0:g}: not judged (the last third of the run holds {reading.checks} "
+                "held-out check; validate more often, --trainer.val_check_interval)")
+    return (f"Settled at target L0 {target_l0:g}: {'yes' if reading.settled else 'no'}; over the last third "
+            f"({reading.checks} held-out checks) L0 stays within {reading.l0_off:.1%} of it and R² moves "
+            f"{reading.r2_trend:+.4f} per 1M tokens (settled: within {TARGET_L0_BAND:.0%} and "
+            f"{TARGET_R2_SLOPE} per 1M)")
 
 
 def _seed() -> int | None:

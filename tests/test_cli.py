@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from callbacks.run_info import settle_line
 from sagsae.commands.train import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,16 +103,30 @@ def test_resume_replays_the_live_stream_exactly(tiny_llama, text_file, tmp_path)
         torch.testing.assert_close(resumed["state_dict"][name], value, rtol=0, atol=0, msg=name)
 
 
-def test_resume_from_last_checkpoint_continues_the_step_count(fitted_run, tiny_llama, text_file):
+def test_resume_from_last_checkpoint_continues_the_step_count(fitted_run, tiny_llama, text_file, capsys):
+    """The step count, the normalization and the held-out checks that the settle reading judges all carry on."""
     import torch
 
     last = fitted_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
     run(["fit", *tiny_args(tiny_llama, text_file, fitted_run, steps=40), "--ckpt_path", str(last)])
     resumed = fitted_run / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
     state = torch.load(resumed, map_location="cpu", weights_only=False)
     assert state["global_step"] == 40
     original = torch.load(last, map_location="cpu", weights_only=False)
     assert float(state["state_dict"]["sae.input_scale"]) == float(original["state_dict"]["sae.input_scale"])
+    checks = state["callbacks"]["RunInfo"]["checks"]
+    assert [check["tokens_seen"] for check in checks] == [256 * step for step in (10, 20, 30, 40)]
+    assert settle_line(checks, 64) in capsys.readouterr().out.splitlines()
+
+
+def test_the_settle_line_reads_the_last_third_against_the_target():
+    checks = [{"tokens_seen": 1_000_000 * i, "l0": 64 * (1.03 if i % 2 else 0.99), "r2": 0.7} for i in range(1, 10)]
+    line = settle_line(checks, 64)
+    assert line.startswith("Settled at target L0 64: yes;") and "(4 held-out checks)" in line and "within 3.0%" in line
+    checks[-1]["l0"] = 70  # 9.4% above the target
+    assert settle_line(checks, 64).startswith("Settled at target L0 64: no;")
+    assert "not judged" in settle_line(checks[:1], 64)
 
 
 @pytest.mark.parametrize("stage", ["validate", "test"])

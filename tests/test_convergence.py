@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from sagsae.analysis.convergence import (L0_TOLERANCE, R2_TOLERANCE, converged_at, gain_at_matched_l0, plateau, settled_at_target,
-                                 settling)
+from sagsae.analysis.convergence import (L0_TOLERANCE, R2_TOLERANCE, at_target, converged_at, gain_at_matched_l0,
+                                        plateau, settling)
 
 
 def history(*points: tuple[float, float]) -> list[dict[str, float]]:
@@ -145,12 +145,18 @@ def test_a_jump_larger_than_the_seeds_spread_is_not_settled():
 
 def test_settled_at_a_target_l0_means_on_target_and_flat_over_the_last_third():
     on_target = budget_history([(0.60 + 0.01 * min(i, 6), 40 * (1.02 if i % 2 else 0.98)) for i in range(12)])
-    assert settled_at_target(on_target, 40)
+    reading = at_target(on_target, 40)
+    last_third = [row for row in on_target if row["tokens_seen"] >= on_target[-1]["tokens_seen"] * 2 / 3]
+    assert reading.checks == len(last_third) and reading.l0_off == pytest.approx(0.02)
+    assert reading.r2_trend == pytest.approx(0.0) and reading.settled
     off = [dict(row) for row in on_target]
     off[-2]["l0"] = 43  # 7.5% above the target in the last third
-    assert not settled_at_target(off, 40)
-    still_rising = budget_history([(0.60 + 0.003 * i, 40) for i in range(12)])  # 0.0059 per 1M tokens
-    assert not settled_at_target(still_rising, 40)
+    assert at_target(off, 40).l0_off == pytest.approx(0.075) and not at_target(off, 40).settled
+    still_rising = budget_history([(0.60 + 0.003 * i, 40) for i in range(12)])
+    tokens_per_check = still_rising[1]["tokens_seen"] - still_rising[0]["tokens_seen"]
+    assert at_target(still_rising, 40).r2_trend == pytest.approx(0.003 / (tokens_per_check / 1e6))
+    assert not at_target(still_rising, 40).settled
+    assert not at_target(on_target[-1:], 40).settled  # one check cannot show a trend
 
 
 def test_a_run_too_short_to_pass_two_million_tokens_is_read_not_settled():

@@ -168,15 +168,27 @@ def settling(history: list[dict[str, float]], seeds: list[list[dict[str, float]]
     return Settling(largest_jump, seed_spread, wasteful, reading.converged_at if reading else None)
 
 
-def settled_at_target(history: list[dict[str, float]], target_l0: float) -> bool:
-    """A target-L0 run has settled when, over the last third of its budget, every check's L0 is within ±5% of the
-    target and the least-squares trend of held-out R² is at most 0.003 per 1M tokens."""
-    last = [row for row in history if row["tokens_seen"] >= history[-1]["tokens_seen"] * 2 / 3]
-    if len(last) < 2:
-        return False
-    on_target = all(abs(row["l0"] - target_l0) <= TARGET_L0_BAND * target_l0 for row in last)
-    span = (last[-1]["tokens_seen"] - last[0]["tokens_seen"]) / 1e6
-    return on_target and abs(_fitted_change(last, "r2")) / span <= TARGET_R2_SLOPE
+@dataclass(frozen=True)
+class TargetSettling:
+    """A target-L0 run over the last third of its budget: how many checks fall there, the largest distance of
+    their held-out L0 from the target (relative), and the least-squares trend of held-out R² per 1M tokens."""
+    checks: int
+    l0_off: float
+    r2_trend: float
+
+    @property
+    def settled(self) -> bool:
+        """Every check's L0 within ±5% of the target and an R² trend of at most 0.003 per 1M tokens."""
+        return self.checks >= 2 and self.l0_off <= TARGET_L0_BAND and abs(self.r2_trend) <= TARGET_R2_SLOPE
+
+
+def at_target(history: list[dict[str, float]], target_l0: float) -> TargetSettling:
+    """`history` (budget checkpoints, oldest first) read against the target-L0 settle criteria."""
+    last = [row for row in history if row["tokens_seen"] >= history[-1]["tokens_seen"] * 2 / 3] if history else []
+    span = (last[-1]["tokens_seen"] - last[0]["tokens_seen"]) / 1e6 if len(last) >= 2 else 0.0
+    return TargetSettling(checks=len(last),
+                          l0_off=max((abs(row["l0"] - target_l0) / target_l0 for row in last), default=math.nan),
+                          r2_trend=_fitted_change(last, "r2") / span if span else math.nan)
 
 
 def _range(values: list[float]) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from sagsae.analysis.convergence import (L0_TOLERANCE, NOISE_MULTIPLE, R2_TOLERANCE, REFERENCE_POINTS, Plateau,
-                                         converged_at, settled_at_target, settling)
+                                         at_target, converged_at, settling)
 from sagsae.analysis.sweep_results import (at_budget, cell_verdicts, grid_point, has_metric, load_cells,
                                            only_series, own_band_readings, sweep_points)
 
@@ -186,7 +186,7 @@ def settling_lines(cell: dict) -> list[str]:
         history, target = member["history"], member["point"].get("target_l0")
         runs = seeds[grid_point(member)]
         reading = settling(history, runs)
-        on_target = None if target is None else settled_at_target(history, target)
+        on_target = None if target is None else at_target(history, target).settled
         settled = reading.settled if on_target is None else on_target
         own = "–" if reading.converged_at is None else f"{reading.converged_at:,.0f}"
         lines.append(f"| {name} | {len(runs)} | {reading.largest_jump[0]:.4f}, {reading.largest_jump[1]:.1%} | "
