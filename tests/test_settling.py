@@ -84,6 +84,21 @@ def test_controller_still_lands_when_the_sae_is_slow_to_follow():
     assert trace[-1][0] == pytest.approx(10.0, rel=0.03) and trace[-1][1] == pytest.approx(4.0, rel=0.05)
 
 
+def test_against_a_drifting_sae_the_controller_keeps_a_standing_error_of_drift_over_gain():
+    """An SAE whose L0 at a fixed λ falls by 0.016% a step as it learns (the full default run's rate, docs/method.md,
+    "Asking for an L0"): log λ has to fall as fast, which the integral controller does only with log(L0 / target)
+    held at −drift / gain, 5.4% under the target at the default gain 0.003. This is the known limitation that keeps
+    the default run outside the ±5% band; a controller that removes it has to change this test."""
+    drift, steps = 0.00016, 6000
+    step = iter(range(steps))
+    def drifting(l0: float, lam: float) -> float:  # follows 40·e^(−drift·t)/λ within ~50 steps
+        return l0 + (40 * math.exp(-drift * next(step)) / lam - l0) / 50
+
+    trace = run_controller(controlled_module(10.0), drifting, steps=steps)
+    assert trace[-1][0] == pytest.approx(10.0 * math.exp(-drift / 0.003), rel=0.01)
+    assert trace[-1][0] < 0.95 * 10.0
+
+
 def test_during_warmup_lambda_ramps_above_the_target_and_holds_below_it():
     """λ 2 over a warmup of 10 steps, target 10. With L0 above the target λ follows the plain ramp; with L0 held at
     half the target from the start, the ramp's growth is cancelled and the controller lowers λ from its first
