@@ -103,7 +103,8 @@ class RunInfo(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in
                           ("train/l0", "train/r2", "train/dead_fraction", "train/tokens_per_s",
-                           "val/l0", "val/r2", "val/dead_fraction", "val/ce_delta", "val/ce_recovered") if k in metrics)
+                           "val/l0", "val/r2", "val/dead_fraction", "val/ce_delta", "val/ce_recovered")
+                          if k in metrics)
         checkpoint = trainer.checkpoint_callback
         log_root = Path(trainer.logger.save_dir) if trainer.logger is not None else Path(trainer.default_root_dir)
         print(f"\nFinished at step {trainer.global_step}: {shown}")
