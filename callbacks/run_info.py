@@ -122,7 +122,8 @@ def settle_line(checks: list[dict[str, float]], target_l0: float) -> str:
     reading = at_target(checks, target_l0)
     if reading.checks < 2:
         return (f"Settled at target L0 {target_l0:g}: not judged (the last third of the run holds {reading.checks} "
-                "held-out check; validate more often, --trainer.val_check_interval)")
+                f"held-out check{'' if reading.checks == 1 else 's'}; validate more often, "
+                "--trainer.val_check_interval)")
     return (f"Settled at target L0 {target_l0:g}: {'yes' if reading.settled else 'no'}; over the last third "
             f"({reading.checks} held-out checks) L0 stays within {reading.l0_off:.1%} of it and R² moves "
             f"{reading.r2_trend:+.4f} per 1M tokens (settled: within {TARGET_L0_BAND:.0%} and "

@@ -55,7 +55,7 @@ def test_nonfinite_loss_saves_a_checkpoint_and_names_the_step(tmp_path):
 @pytest.mark.parametrize("steps", [6, 8])
 def test_last_checkpoint_holds_the_final_step_between_periodic_saves(steps, tmp_path):
     """Saving every 4 steps, a run that ends at step 6 still leaves last.ckpt at step 6 (Lightning's own class
-    keeps step 4); one that ends on a save writes it once."""
+    keeps step 4); one that ends on a save keeps that save."""
     module = SAEModule.from_arguments("sagsae", d_in=8, width=16)
     checkpoint = LastCheckpoint(dirpath=tmp_path, every_n_train_steps=4)
     trainer_for(tmp_path, steps, [checkpoint]).fit(module, TensorActivationDataModule(torch.randn(4096, 8), batch_size=256))

@@ -91,11 +91,13 @@ def test_against_a_drifting_sae_the_controller_keeps_a_standing_error_of_drift_o
     the default run outside the ±5% band; a controller that removes it has to change this test."""
     drift, steps = 0.00016, 6000
     step = iter(range(steps))
+
     def drifting(l0: float, lam: float) -> float:  # follows 40·e^(−drift·t)/λ within ~50 steps
         return l0 + (40 * math.exp(-drift * next(step)) / lam - l0) / 50
 
-    trace = run_controller(controlled_module(10.0), drifting, steps=steps)
-    assert trace[-1][0] == pytest.approx(10.0 * math.exp(-drift / 0.003), rel=0.01)
+    module = controlled_module(10.0)
+    trace = run_controller(module, drifting, steps=steps)
+    assert trace[-1][0] == pytest.approx(10.0 * math.exp(-drift / module.hparams.target_l0_rate), rel=0.01)
     assert trace[-1][0] < 0.95 * 10.0
 
 
