@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from sagsae.analysis.convergence import (L0_TOLERANCE, R2_TOLERANCE, at_target, converged_at, gain_at_matched_l0,
-                                        plateau, settling)
+from sagsae.analysis.convergence import (L0_TOLERANCE, R2_TOLERANCE, alternation, at_target, converged_at,
+                                        gain_at_matched_l0, plateau, settling)
 
 
 def history(*points: tuple[float, float]) -> list[dict[str, float]]:
@@ -163,3 +163,17 @@ def test_a_run_too_short_to_pass_two_million_tokens_is_read_not_settled():
     short = budget_history([(0.5, 60), (0.6, 50)])
     reading = settling(short, [short, short])
     assert reading.largest_jump == (0.0, 0.0) and reading.wasteful == 0 and not reading.settled
+
+
+def test_alternation_reads_a_period_two_flip_and_not_a_trend_or_noise():
+    """L0 = 64 · e^(±0.03) on alternate steps over a slow 10% rise: amplitude 0.03, lag-1 autocorrelation near −1;
+    the rise alone reads 0; independent noise of σ 0.03 reads a lag-1 autocorrelation near 0."""
+    steps = range(400)
+    flipping = alternation([64 * math.exp(0.1 * t / 400 + 0.03 * (-1) ** t) for t in steps])
+    assert flipping.amplitude == pytest.approx(0.03, rel=1e-6) and flipping.lag_one < -0.99
+    assert alternation([64 * math.exp(0.1 * t / 400) for t in steps]).amplitude == pytest.approx(0.0, abs=1e-12)
+    rng = random.Random(0)
+    noisy = alternation([64 * math.exp(rng.gauss(0, 0.03)) for _ in steps])
+    assert abs(noisy.lag_one) < 0.15
+    with pytest.raises(ValueError, match="at least 23 steps"):
+        alternation([1.0] * 10)

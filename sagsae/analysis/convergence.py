@@ -193,3 +193,29 @@ def at_target(history: list[dict[str, float]], target_l0: float) -> TargetSettli
 
 def _range(values: list[float]) -> float:
     return max(values) - min(values) if values else 0.0
+
+
+@dataclass(frozen=True)
+class Alternation:
+    """How much a per-step series flips between two states from one step to the next. `amplitude` is half the
+    mean size of x_t − (x_{t−1} + x_{t+1}) / 2 on log values (a ± a alternation reads a; a straight trend reads 0),
+    `lag_one` the lag-1 autocorrelation after a 21-step moving mean is taken out (−1 for a pure alternation, about
+    0 for independent noise)."""
+
+    amplitude: float
+    lag_one: float
+
+
+def alternation(values: list[float]) -> Alternation:
+    """Read a positive per-step series (the training L0) for a period-2 oscillation (docs/method.md, "Asking for
+    an L0"): a held-out check then lands on the high or the low state, whichever its step falls on."""
+    logs = [math.log(value) for value in values]
+    if len(logs) < 23:
+        raise ValueError(f"alternation needs at least 23 steps, got {len(logs)}")
+    second = [abs(logs[t] - (logs[t - 1] + logs[t + 1]) / 2) for t in range(1, len(logs) - 1)]
+    residual = [logs[t] - statistics.fmean(logs[t - 10:t + 11]) for t in range(10, len(logs) - 10)]
+    mean = statistics.fmean(residual)
+    centred = [r - mean for r in residual]
+    variance = sum(c * c for c in centred)
+    lag_one = sum(a * b for a, b in zip(centred, centred[1:])) / variance if variance > 0 else 0.0
+    return Alternation(amplitude=statistics.fmean(second) / 2, lag_one=lag_one)
