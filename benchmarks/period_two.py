@@ -5,8 +5,8 @@
         --cache cache/smollm2_l15_mlp_out_v10 [--steps 120]                # continue it under each β1 variant
 
 A period-2 flip shows in the per-step training L0 as a lag-1 autocorrelation near −1 (`alternation` in
-sagsae/analysis/convergence.py), and a held-out check then reads the high or the low state by the parity of its
-step. `--checkpoint` continues one trained SAE from its weights and buffers (λ, the target-L0 controller) with a
+sagsae/analysis/convergence.py). Whether it is the SAE's state or the batches shows in the held-out L0 after
+successive steps: a state that flips makes it flip too. `--checkpoint` continues one trained SAE from its weights and buffers (λ, the target-L0 controller) with a
 fresh Adam under each variant: β1 0 everywhere (the λ-sparse SAEs' default), β1 0.9 on the thresholds only, and
 β1 0.9 everywhere. For each it prints the flip of the training L0 over the second half, and the held-out L0 after
 each of the last 4 steps. Same data order, same seed, same precision choice as `fit`; on CPU, 2 threads

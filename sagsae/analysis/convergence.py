@@ -208,7 +208,7 @@ class Alternation:
 
 def alternation(values: list[float]) -> Alternation:
     """Read a positive per-step series (the training L0) for a period-2 oscillation (docs/method.md, "Asking for
-    an L0"): a held-out check then lands on the high or the low state, whichever its step falls on."""
+    an L0")."""
     logs = [math.log(value) for value in values]
     if len(logs) < 23:
         raise ValueError(f"alternation needs at least 23 steps, got {len(logs)}")
