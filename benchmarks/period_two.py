@@ -6,10 +6,10 @@
 
 A period-2 flip shows in the per-step training L0 as a lag-1 autocorrelation near −1 (`alternation` in
 sagsae/analysis/convergence.py). Whether it is the SAE's state or the batches shows in the held-out L0 after
-successive steps: a state that flips makes it flip too. `--checkpoint` continues one trained SAE from its weights and buffers (λ, the target-L0 controller) with a
-fresh Adam under each variant: β1 0 everywhere (the λ-sparse SAEs' default), β1 0.9 on the thresholds only, and
-β1 0.9 everywhere. For each it prints the flip of the training L0 over the second half, and the held-out L0 after
-each of the last 4 steps. Same data order, same seed, same precision choice as `fit`; on CPU, 2 threads
+successive steps: a state that flips makes it flip too. `--checkpoint` continues one trained SAE from its weights
+and buffers (λ, the target-L0 controller) with a fresh Adam under each variant: β1 0 everywhere (the λ-sparse
+SAEs' default), β1 0.9 on the thresholds only, and β1 0.9 everywhere. For each it prints the flip of the training L0
+over the second half, and the held-out L0 after each of the last 4 steps. Same data order, same seed, same precision choice as `fit`; on CPU, 2 threads
 (docs/method.md, "Asking for an L0").
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib
 from pathlib import Path
 
 import lightning as L
@@ -26,10 +25,12 @@ import torch
 from benchmarks import DEVICE
 from datamodules import ActivationFileDataModule
 from lightning_modules import SAEModule
+from sagsae.commands.sweep import import_class
 from sagsae.analysis.convergence import alternation
 from sagsae.precision import automatic_precision
 
-VARIANTS = {"beta1 0": {}, "beta1 0.9 on thresholds": {"thresholds": 0.9}, "beta1 0.9": {"thresholds": 0.9, "weights": 0.9}}
+VARIANTS = {"beta1 0": {}, "beta1 0.9 on thresholds": {"thresholds": 0.9},
+            "beta1 0.9": {"thresholds": 0.9, "weights": 0.9}}
 HELD_OUT_STEPS = 4
 
 
@@ -37,7 +38,8 @@ def logged_l0(run: Path) -> list[float]:
     """The per-step training L0 from the newest TensorBoard event file under `run`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    versions = sorted(glob.glob(str(run / "**" / "events.out.tfevents.*"), recursive=True), key=lambda p: Path(p).stat().st_mtime)
+    versions = sorted(glob.glob(str(run / "**" / "events.out.tfevents.*"), recursive=True),
+                      key=lambda path: Path(path).stat().st_mtime)
     if not versions:
         raise SystemExit(f"--run {run}: no TensorBoard event file under it")
     events = EventAccumulator(versions[-1], size_guidance={"scalars": 0})
@@ -51,8 +53,7 @@ def module_from_checkpoint(path: Path, first_betas: dict[str, float]) -> tuple[S
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     arguments = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
     sae = arguments.pop("sae")
-    module_name, class_name = sae["class_path"].rsplit(".", 1)
-    module = SAEModule.from_arguments(getattr(importlib.import_module(module_name), class_name), **sae["init_args"],
+    module = SAEModule.from_arguments(import_class(sae["class_path"]), **sae["init_args"],
                                       **{**arguments, "lr_warmup_steps": 0})
     own_groups = module.optimizer_groups
 
@@ -103,8 +104,9 @@ def continue_under_variants(checkpoint: Path, cache: str, steps: int, batch_size
                             enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
                             precision=precision, callbacks=[recorder])
         trainer.fit(module, ActivationFileDataModule(path=cache, batch_size=batch_size, seed=1))
-        flip = alternation(recorder.l0[steps // 2:])
-        print(f"{name:24s} training L0 {sum(recorder.l0[steps // 2:]) / (steps - steps // 2):5.1f}: flip ±{flip.amplitude:.1%}, "
+        second_half = recorder.l0[steps // 2:]
+        flip = alternation(second_half)
+        print(f"{name:24s} training L0 {sum(second_half) / len(second_half):5.1f}: flip ±{flip.amplitude:.1%}, "
               f"lag-1 autocorrelation {flip.lag_one:+.2f}; held-out L0 after the last {HELD_OUT_STEPS} steps: "
               + ", ".join(f"{l0:.1f}" for l0 in recorder.held_out_l0))
 
