@@ -9,8 +9,8 @@ sagsae/analysis/convergence.py). Whether it is the SAE's state or the batches sh
 successive steps: a state that flips makes it flip too. `--checkpoint` continues one trained SAE from its weights
 and buffers (λ, the target-L0 controller) with a fresh Adam under each variant: β1 0 everywhere (the λ-sparse
 SAEs' default), β1 0.9 on the thresholds only, and β1 0.9 everywhere. For each it prints the flip of the training L0
-over the second half, and the held-out L0 after each of the last 4 steps. Same data order, same seed, same precision choice as `fit`; on CPU, 2 threads
-(docs/method.md, "Asking for an L0").
+over the second half, and the held-out L0 after each of the last 4 steps. Same data order, same seed, same precision
+choice as `fit`; on CPU, 2 threads (docs/method.md, "Asking for an L0").
 """
 
 from __future__ import annotations
