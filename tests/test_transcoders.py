@@ -151,6 +151,14 @@ def test_export_round_trip(architecture, skip, tmp_path):
     assert cfg["apply_b_dec_to_input"] is False and cfg["d_out"] == 8
 
 
+def test_a_split_sign_export_of_a_transcoder_is_refused_with_the_way_out(tmp_path):
+    """SAELens has no transcoder class for a signed transcoder's split form, so `--split_signs` says so and names
+    the export that works, writing nothing."""
+    with pytest.raises(ValueError, match="without --split_signs and load it with sagsae.load"):
+        export(transcoder("sagsae", skip=True), tmp_path / "tc", split_signs=True)
+    assert not (tmp_path / "tc").exists()
+
+
 SAELENS_CLASSES = {("relu", False): "Transcoder", ("relu", True): "SkipTranscoder",
                    ("jumprelu", False): "JumpReLUTranscoder", ("jumprelu", True): "JumpReLUSkipTranscoder",
                    ("batchtopk", False): "JumpReLUTranscoder", ("batchtopk", True): "JumpReLUSkipTranscoder"}

@@ -33,8 +33,9 @@ def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None
     firing frequencies per sign are not known from training, so no sparsity file is written for it."""
     out = Path(out)
     if split_signs and sae.is_transcoder:
-        raise ValueError("--split_signs writes an autoencoder's unsigned form; a transcoder is exported signed "
-                         "(load it with sagsae.load)")
+        raise ValueError("--split_signs is for autoencoders: SAELens has no transcoder class that a signed "
+                         "transcoder's split form fits (its transcoders are ReLU and JumpReLU ones); export it "
+                         "without --split_signs and load it with sagsae.load")
     if split_signs and not sae.signed_codes:
         raise ValueError(f"--split_signs needs a signed SAE (SA-GSAE, AbsTopK); {sae.architecture}'s codes are "
                          f"already ≥ 0")
