@@ -134,7 +134,7 @@ def continue_under_variants(checkpoint: Path, cache: str, steps: int, batch_size
               f"lag-1 autocorrelation {flip.lag_one:+.2f}; held-out L0 after the last {HELD_OUT_STEPS} steps: "
               + ", ".join(f"{l0:.1f}" for l0 in recorder.held_out_l0))
         print(" " * 24 + " cosine of successive updates: " + ", ".join(
-            f"{name} {sum(c) / len(c):+.2f}" for name, c in recorder.update_cosines.items()))
+            f"{parameter} {sum(c) / len(c):+.2f}" for parameter, c in recorder.update_cosines.items()))
 
 
 def main() -> None:
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch_size", type=int, default=4096)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                        help="which β1 variants to continue under (default: all)")
+                        help="which variants to continue under (default: all)")
     args = parser.parse_args()
     if args.run is not None:
         l0 = logged_l0(args.run)
