@@ -26,6 +26,7 @@ SAEFactory = Callable[[int], SparseAutoencoder]  # d_in → the SAE, its other a
 PROBE_D_IN = 64  # an activation size for checking an SAE's arguments before the data gives the real one
 
 
+SKIP_STARTS = ("zeros", "least_squares")  # `skip_start`'s choices
 FIRING_ROWS = 1024  # rows per block of `firing_counts`
 LOSS_SPIKE_RATIO = 2.0  # a training loss this many times its recent average is a spike (docs/method.md, "The gate path")
 
@@ -93,6 +94,9 @@ class SAEModule(L.LightningModule):
         skip_connection: for a transcoder (data that pairs a source hookpoint with a target one, e.g.
             `data.target_hookpoint: mlp_out` on `hookpoint: mlp_in`), add a learned linear map W_skip x of the
             source to the decode (a skip-transcoder). The SAE becomes a transcoder whenever the data are pairs.
+        skip_start: where W_skip starts: "zeros", or "least_squares", the ridge least-squares map from the first
+            batch's source to its target (b_dec then starts at that map's bias), so that the codes start on what
+            no linear map explains (docs/method.md, "Transcoders").
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class SAEModule(L.LightningModule):
         sparse_decode_below: float | None = None,
         compile_chain: bool = False,
         skip_connection: bool = False,
+        skip_start: str = "zeros",
     ) -> None:
         super().__init__()
         for name, value in [("sparsity_coefficient", sparsity_coefficient), ("lr", lr),
@@ -131,6 +136,8 @@ class SAEModule(L.LightningModule):
             raise ValueError(f"model.sparse_decode_below must lie in [0, 1] (or null), got {sparse_decode_below}")
         if not (target_l0_rate > 0 and math.isfinite(target_l0_rate)):
             raise ValueError(f"model.target_l0_rate must be a positive number, got {target_l0_rate}")
+        if skip_start not in SKIP_STARTS:
+            raise ValueError(f"model.skip_start must be one of {', '.join(SKIP_STARTS)}, got {skip_start!r}")
         self.save_hyperparameters()
         self.make_sae = sae
         self.sae: SparseAutoencoder | None = None
@@ -388,7 +395,9 @@ class SAEModule(L.LightningModule):
             source, target = split_pairs(self.every_rank_batch(batch))
             self.sae.initialize_from_batch(self.sae.normalize(source))
             if target is not None:
-                self.sae.initialize_target(self.sae.normalize_target(target))
+                fit_skip = self.hparams.skip_start == "least_squares"
+                self.sae.initialize_target(self.sae.normalize_target(target),
+                                           self.sae.normalize(source) if fit_skip else None)
             if self.initial_thresholds is not None:
                 self.initial_thresholds.copy_(self.sae.threshold_values())
             self.initialized.fill_(True)

@@ -21,7 +21,7 @@ from datamodules.tensor_data import TensorActivationDataModule
 from lightning_modules.sae_module import SAEModule
 from sagsae.formats.serialization import export
 from sagsae.saes import SAE_REGISTRY
-from sagsae.saes.base import squared_error
+from sagsae.saes.base import SKIP_START_RIDGE, ridge_least_squares, squared_error
 from tests.conftest import REPO, perturbed_sae
 
 SWITCHES = {"topk": {"k": 3}, "abstopk": {"k": 3}, "batchtopk": {"k": 3}}
@@ -113,6 +113,46 @@ def test_a_transcoder_reconstructs_the_target_and_its_skip_learns_from_the_recon
     for name, parameter in sae.named_parameters():
         if name != "W_skip":
             torch.testing.assert_close(gradients[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ridge_least_squares_is_the_augmented_least_squares_solution():
+    """(W, b) minimizing Σ‖y − W x − b‖² + ρ‖W‖²: the plain least squares of the centred data stacked over
+    √ρ·I (and zero targets), computed directly by torch.linalg.lstsq; ρ = ridge × the centred Gram's mean diagonal."""
+    torch.manual_seed(2)
+    x = torch.randn(50, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64) + 3.0
+    y = torch.randn(50, 4, dtype=torch.float64)
+    weight, bias = ridge_least_squares(x, y, 0.1)
+    centred = x - x.mean(0)
+    rho = 0.1 * (centred ** 2).sum(0).mean()
+    stacked_x = torch.cat([centred, rho.sqrt() * torch.eye(6, dtype=x.dtype)])
+    stacked_y = torch.cat([y - y.mean(0), torch.zeros(6, 4, dtype=y.dtype)])
+    direct = torch.linalg.lstsq(stacked_x, stacked_y).solution.T
+    torch.testing.assert_close(weight, direct)
+    torch.testing.assert_close(bias, y.mean(0) - x.mean(0) @ direct.T)
+
+
+def test_a_least_squares_skip_start_is_the_first_batchs_linear_map():
+    """`skip_start: least_squares` starts W_skip and b_dec at the ridge least-squares map from the first batch's
+    normalized source to its target (lr 0 keeps the start to read back); "zeros" starts W_skip at 0; another
+    value is refused, naming the argument."""
+    torch.manual_seed(3)
+    source = torch.randn(256, 8) @ torch.randn(8, 8)
+    target = source @ torch.randn(8, 8) + 0.1 * torch.randn(256, 8) + 2.0
+    starts = {}
+    for start in ("zeros", "least_squares"):
+        data = TensorActivationDataModule(torch.stack([source, target], 1), batch_size=256)
+        module = SAEModule.from_arguments("relu", width=16, skip_connection=True, skip_start=start, lr=0.0,
+                                          init_seed=0)
+        L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, limit_val_batches=0).fit(module, data)
+        starts[start] = module.sae
+    sae = starts["least_squares"]
+    weight, bias = ridge_least_squares(sae.normalize(source), sae.normalize_target(target), SKIP_START_RIDGE)
+    torch.testing.assert_close(sae.W_skip.detach(), weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sae.b_dec.detach(), bias, rtol=1e-4, atol=1e-5)
+    assert float(starts["zeros"].W_skip.detach().abs().max()) == 0.0
+    with pytest.raises(ValueError, match="model.skip_start must be one of zeros, least_squares"):
+        SAEModule.from_arguments("relu", width=16, skip_connection=True, skip_start="identity")
 
 
 def test_an_autoencoder_is_a_transcoder_whose_target_is_its_input():

@@ -104,6 +104,21 @@ def random_unit_columns(d_in: int, width: int) -> Tensor:
     return decoder / decoder.norm(dim=0, keepdim=True)
 
 
+SKIP_START_RIDGE = 0.1  # the least-squares start's ridge: best of 1e-8 … 1 on SmolLM2's first batch (docs/method.md)
+
+
+def ridge_least_squares(x: Tensor, y: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """(W, b) minimizing Σ‖y − W x − b‖² + ρ‖W‖², ρ = `ridge` × the mean diagonal of the centred Gram matrix
+    (so that `ridge` is free of the data's scale), solved in float64 and returned in x's dtype."""
+    x64, y64 = x.double(), y.double()
+    x_mean, y_mean = x64.mean(0), y64.mean(0)
+    centred = x64 - x_mean
+    gram = centred.T @ centred
+    gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    weight = torch.linalg.solve(gram, centred.T @ (y64 - y_mean)).T
+    return weight.to(x.dtype), (y_mean - x_mean @ weight.T).to(x.dtype)
+
+
 def fold_normalization(saelens_key: str, value: Tensor, input_scale: float, output_scale: float) -> Tensor:
     """A tensor in SAELens's raw-activation terms: x_norm = s·x_raw, so W_enc ← s·W_enc, W_dec and b_dec ← /s'
     (s' = s, or a transcoder's target scalar); biases and thresholds live in code space and stay."""
@@ -130,7 +145,8 @@ class SparseAutoencoder(nn.Module):
     one hookpoint (the source) and decodes another (the target). The machinery lives here, so no architecture
     knows of it: the encoder centers the source by its own mean (`source_mean`) instead of b_dec, b_dec and the
     decoder live in the target's space, the target has its own normalization scalar (`target_scale`), and an
-    optional skip connection W_skip (zeros at the start) adds W_skip x to the decode.
+    optional skip connection W_skip (zeros at the start, or a least-squares map: `initialize_target`) adds
+    W_skip x to the decode.
     """
 
     architecture: str = ""  # registry name, set by `register`
@@ -267,9 +283,17 @@ class SparseAutoencoder(nn.Module):
             self.source_mean.copy_(x.mean(0))
 
     @torch.no_grad()
-    def initialize_target(self, target: Tensor) -> None:
-        """A transcoder's start in the target's space, after `initialize_from_batch`: b_dec = the target's mean."""
-        self.b_dec.copy_(target.mean(0))
+    def initialize_target(self, target: Tensor, source: Tensor | None = None) -> None:
+        """A transcoder's start in the target's space, after `initialize_from_batch`: b_dec = the target's mean.
+        Given the (normalized) source as well, a skip connection starts at the ridge least-squares map from this
+        batch's source to its target and b_dec at that map's bias, so that the codes start on the part of the
+        target that no linear map of the source explains (docs/method.md, "Transcoders")."""
+        if source is None or self.W_skip is None:
+            self.b_dec.copy_(target.mean(0))
+            return
+        weight, bias = ridge_least_squares(source, target, SKIP_START_RIDGE)
+        self.W_skip.copy_(weight)
+        self.b_dec.copy_(bias)
 
     @staticmethod
     def column_quantile(values: Tensor, quantile: float) -> Tensor:
