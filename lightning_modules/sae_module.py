@@ -138,6 +138,9 @@ class SAEModule(L.LightningModule):
             raise ValueError(f"model.target_l0_rate must be a positive number, got {target_l0_rate}")
         if skip_start not in SKIP_STARTS:
             raise ValueError(f"model.skip_start must be one of {', '.join(SKIP_STARTS)}, got {skip_start!r}")
+        if skip_start != "zeros" and not skip_connection:
+            raise ValueError(f"model.skip_start {skip_start!r} starts a skip connection: set model.skip_connection "
+                             f"true, or drop skip_start")
         self.save_hyperparameters()
         self.make_sae = sae
         self.sae: SparseAutoencoder | None = None

@@ -134,7 +134,7 @@ def test_ridge_least_squares_is_the_augmented_least_squares_solution():
 def test_a_least_squares_skip_start_is_the_first_batchs_linear_map():
     """`skip_start: least_squares` starts W_skip and b_dec at the ridge least-squares map from the first batch's
     normalized source to its target (lr 0 keeps the start to read back); "zeros" starts W_skip at 0; another
-    value is refused, naming the argument."""
+    value, or a start without a skip, is refused, naming the argument."""
     torch.manual_seed(3)
     source = torch.randn(256, 8) @ torch.randn(8, 8)
     target = source @ torch.randn(8, 8) + 0.1 * torch.randn(256, 8) + 2.0
@@ -153,6 +153,8 @@ def test_a_least_squares_skip_start_is_the_first_batchs_linear_map():
     assert float(starts["zeros"].W_skip.detach().abs().max()) == 0.0
     with pytest.raises(ValueError, match="model.skip_start must be one of zeros, least_squares"):
         SAEModule.from_arguments("relu", width=16, skip_connection=True, skip_start="identity")
+    with pytest.raises(ValueError, match="set model.skip_connection true"):
+        SAEModule.from_arguments("relu", width=16, skip_start="least_squares")
 
 
 def test_an_autoencoder_is_a_transcoder_whose_target_is_its_input():
