@@ -27,7 +27,8 @@ from torch import Tensor
 from datamodules.activation_files import KEY, shard_files
 from datamodules.activation_stream import held_out_part
 from sagsae.measures import explained_variance
-from sagsae.saes import SparseAutoencoder, build_sae
+from sagsae.formats.serialization import sae_from_spec
+from sagsae.saes import SparseAutoencoder
 from sagsae.saes.base import ridge_least_squares
 
 START_BATCH = 2048  # the transcoder sweep's batch, whose first one the least-squares start fits
@@ -50,17 +51,8 @@ def cached_pairs(cache: Path, split: str, tokens: int) -> Tensor:
 def transcoders(checkpoint: Path) -> dict[str, SparseAutoencoder]:
     """Every member of a sweep checkpoint that is a transcoder, with its trained weights and scales."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    found = {}
-    for name, spec in state["sweep_members"].items():
-        if spec.get("transcoder") is None:
-            continue
-        sae = build_sae(spec["architecture"], **spec["config"])
-        sae.make_transcoder(**spec["transcoder"])
-        prefix = f"members.{name}.sae."
-        sae.load_state_dict({k.removeprefix(prefix): v for k, v in state["state_dict"].items()
-                             if k.startswith(prefix)})
-        found[name] = sae.eval()
-    return found
+    return {name: sae_from_spec(spec, state["state_dict"], f"members.{name}.sae.").eval()
+            for name, spec in state["sweep_members"].items() if spec.get("transcoder") is not None}
 
 
 def least_squares(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -135,9 +135,14 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
 
 def sae_from_checkpoint(state: dict[str, Any]) -> SparseAutoencoder:
     """The trained SAE of a checkpoint read by `read_checkpoint`, with its normalization scalar."""
-    spec = state["sae"]
+    return sae_from_spec(state["sae"], state["state_dict"])
+
+
+def sae_from_spec(spec: dict[str, Any], state_dict: dict[str, Any], prefix: str = "sae.") -> SparseAutoencoder:
+    """An SAE rebuilt from its recorded spec (architecture, config, transcoder) and the entries of `state_dict`
+    under `prefix`: a `fit` checkpoint's "sae.", a sweep member's "members.<name>.sae."."""
     sae = build_sae(spec["architecture"], **spec["config"])
     if spec.get("transcoder") is not None:
         sae.make_transcoder(**spec["transcoder"])
-    sae.load_state_dict({k.removeprefix("sae."): v for k, v in state["state_dict"].items() if k.startswith("sae.")})
+    sae.load_state_dict({k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)})
     return sae
