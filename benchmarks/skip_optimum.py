@@ -21,10 +21,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
-from datamodules.activation_files import KEY, shard_files
+from datamodules.activation_files import leading_rows, shard_files
 from datamodules.activation_stream import held_out_part
 from sagsae.measures import explained_variance
 from sagsae.formats.serialization import sae_from_spec
@@ -36,13 +35,7 @@ START_BATCH = 2048  # the transcoder sweep's batch, whose first one the least-sq
 
 def cached_pairs(cache: Path, split: str, tokens: int) -> Tensor:
     """The first `tokens` (source, target) rows of a pair cache's split, [n, 2, d] float32 (raw scale)."""
-    rows, count = [], 0
-    for shard in shard_files(cache, split):
-        rows.append(load_file(str(shard))[KEY].float()[: tokens - count])
-        count += len(rows[-1])
-        if count >= tokens:
-            break
-    pairs = torch.cat(rows)
+    pairs = leading_rows(shard_files(cache, split), tokens)
     if pairs.dim() != 3:
         raise SystemExit(f"--cache {cache}: not a pair cache (rows are {tuple(pairs.shape[1:])}, not (2, d))")
     return pairs

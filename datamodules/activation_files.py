@@ -46,6 +46,19 @@ def shard_files(path: str | Path, split: str = "train") -> list[Path]:
     return shards
 
 
+def leading_rows(shards: list[Path], tokens: int) -> Tensor:
+    """The first `tokens` finite rows of `shards` in order, float32 at the cache's raw scale ([n, d], or [n, 2, d]
+    for pairs); rows with a non-finite value are passed over, as training skips them."""
+    taken, count = [], 0
+    for shard in shards:
+        rows = load_file(str(shard))[KEY].float()
+        taken.append(rows[torch.isfinite(rows.flatten(1)).all(1)][: tokens - count])
+        count += len(taken[-1])
+        if count >= tokens:
+            break
+    return torch.cat(taken)
+
+
 class ShardShape(NamedTuple):
     rows: int
     width: int
@@ -224,14 +237,7 @@ class ActivationFileDataModule(L.LightningDataModule):
 
     def estimate_scales(self) -> list[float]:
         """The normalization scalar of the first `normalization_tokens` rows (one per side of pairs)."""
-        taken, count = [], 0
-        for shard in self.shards:
-            rows = load_file(str(shard))[KEY].float()[: self.hparams.normalization_tokens - count]
-            taken.append(rows[torch.isfinite(rows.flatten(1)).all(1)])  # non-finite rows are skipped in training too
-            count += len(taken[-1])
-            if count >= self.hparams.normalization_tokens:
-                break
-        return normalization_scales(torch.cat(taken))
+        return normalization_scales(leading_rows(self.shards, self.hparams.normalization_tokens))
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(IterableStream(self.batches), batch_size=None)

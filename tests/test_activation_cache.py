@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from datamodules import ActivationFileDataModule, LMActivationDataModule
 from datamodules.activation_cache import write_cache
+from datamodules.activation_files import KEY, leading_rows
 from sagsae.commands.train import run
 from tests.test_cli import REPO
 
@@ -35,6 +36,19 @@ def test_cache_reports_progress_once_per_shard(tiny_llama, text_file, tmp_path, 
     progress = [line.split(" train tokens")[0] for line in capsys.readouterr().err.splitlines()
                 if line.startswith("cached ")]
     assert progress == ["cached 1,000 of 3,000", "cached 2,000 of 3,000", "cached 3,000 of 3,000"]
+
+
+def test_leading_rows_take_the_first_finite_rows_across_shards(tmp_path):
+    rows = torch.randn(10, 2, 4)
+    rows[1, 0, 2] = math.nan
+    rows[6, 1, 0] = math.inf
+    shards = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    save_file({KEY: rows[:4].half()}, str(shards[0]))
+    save_file({KEY: rows[4:].half()}, str(shards[1]))
+    finite = rows.half().float()[[0, 2, 3, 4, 5, 7, 8, 9]]
+    taken = leading_rows(shards, 6)
+    assert taken.dtype == torch.float32 and torch.equal(taken, finite[:6])
+    assert torch.equal(leading_rows(shards, 100), finite)
 
 
 def test_file_datamodule_batches_normalization_and_ddp_shards(cache_dir):

@@ -351,3 +351,29 @@ def test_a_sweep_trains_transcoders_side_by_side_and_reports_the_skip_paths_shar
     assert all(member.sae.is_transcoder for member in members.values())
     assert "skip_r2" not in rows["plain"] and 0.3 < rows["skip"]["skip_r2"] < rows["skip"]["r2"]
     assert rows["skip"]["r2"] > 0.8 and rows["plain"]["r2"] > 0.5
+
+
+def test_skip_optimum_readings_are_the_direct_least_squares_ones():
+    """benchmarks.skip_optimum's readings of one skip-transcoder: the skip path's R² is that of W_skip x + b_dec;
+    on a target made by the same codes with another skip map, refitting the skip in closed form recovers it (R² 1);
+    the codes' linear share is the R² of their least-squares map from x, computed directly by torch.linalg.lstsq."""
+    from benchmarks.skip_optimum import diagnose
+    from sagsae.measures import explained_variance
+
+    torch.manual_seed(4)
+    sae = transcoder("relu", skip=True).double()
+    source = torch.randn(600, 8, dtype=torch.float64)
+    x = sae.normalize(source)
+    with torch.no_grad():
+        codes_out = sae.decode(sae.encode(x)) - sae.b_dec
+        y = codes_out + x @ torch.randn(8, 8, dtype=torch.float64).T + 0.5
+        reading = diagnose(sae, torch.stack([source, y / sae.output_scale], 1)[:400],
+                           torch.stack([source, y / sae.output_scale], 1)[400:])
+        held = slice(400, None)
+        assert reading["skip_r2"] == pytest.approx(float(explained_variance(y[held], sae.skip(x[held]) + sae.b_dec)))
+        assert reading["r2"] == pytest.approx(float(explained_variance(y[held], sae(x[held]))))
+        assert reading["r2"] < 0.9 and reading["r2_skip_at_optimum"] == pytest.approx(1.0, abs=1e-6)
+        augmented = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        solution = torch.linalg.lstsq(augmented[:400], codes_out[:400]).solution
+        direct = float(explained_variance(codes_out[held], augmented[held] @ solution))
+    assert reading["codes_linear_share"] == pytest.approx(direct, abs=1e-6)
