@@ -80,8 +80,8 @@ class SAEModule(L.LightningModule):
             one that the dead-latent reset revived within that many tokens (`dead_fraction`).
         reset_dead_latents: let the architecture react to dead latents (SA-GSAE: threshold reset).
         target_l0: steer λ so that training settles at this L0 (None: λ stays at `sparsity_coefficient`). λ warms
-            up toward `sparsity_coefficient` while the training L0 is above the target and not yet heading there,
-            and an integral controller on log λ (`steer_sparsity`) follows the training L0 over all ranks (the
+            up toward `sparsity_coefficient` while the training L0 is heading above the target within ~200
+            steps, and an integral controller on log λ (`steer_sparsity`) follows the training L0 over all ranks (the
             idea of SAELens's and Gemma Scope 2's target L0). Not for k-sparse SAEs, whose k sets L0.
         target_l0_rate: the controller's gain: log λ grows by this times log(L0 / target) a step.
         init_seed: seed of the SAE's initial weights alone (None = the global generator), so that a sweep
@@ -282,10 +282,12 @@ class SAEModule(L.LightningModule):
         with it L0 rests at the target while λ ramps. The integral holds while L0 already heads for the target fast
         enough to reach it within ~200 steps (from L̄0 against its ~100-step average): Adam moves thresholds at a
         bounded speed whatever λ is, so a sum that kept growing while the SAE catches up would overshoot by as much
-        (anti-windup). During λ's warmup the ramp advances only while L̄0 is above the target and not already
-        heading there as fast: L0 follows λ late, and a ramp that went on to a λ far above the target's pushed L0
-        to a third of the target first. At or below the target the controller acts as it does after the warmup,
-        without the drift (docs/method.md, "Asking for an L0")."""
+        (anti-windup). During λ's warmup the ramp advances only while L̄0 heads above the target within ~200
+        steps, and then climbs its own step (sparsity_coefficient / sparsity_warmup_steps) from wherever λ was
+        held: L0 follows λ late, and a ramp that went on to a λ far above the target's pushed L0 to a third of the
+        target first, while a λ held at the bottom of its ramp let L0 run to 5× a target above its start.
+        Otherwise λ holds, and below the target the controller acts as it does after the warmup, without the
+        drift (docs/method.md, "Asking for an L0")."""
         if self.hparams.target_l0 is None:
             return
         for average, rate in ((self.l0_average, 1 / 20), (self.l0_trend_base, 1 / 100)):
@@ -298,8 +300,11 @@ class SAEModule(L.LightningModule):
         log_step = torch.where(closing, 0.0, self.hparams.target_l0_rate * error)
         steps = self.known_steps_trained()
         if steps < self.hparams.sparsity_warmup_steps:
-            hold = math.log(self.sparsity_ramp(steps) / self.sparsity_ramp(steps + 1))  # cancels the ramp's growth
-            log_step = torch.where(error <= 0, log_step + hold, torch.where(closing, hold, 0.0))
+            ramp, next_ramp = self.sparsity_ramp(steps), self.sparsity_ramp(steps + 1)
+            hold = math.log(ramp / next_ramp)  # cancels the ramp's growth
+            climb = ((ramp + (next_ramp - ramp) / self.lambda_scale) / next_ramp).log()  # the ramp's step, from here
+            ahead = error + heading * (200 / 80) > 0  # where L̄0 heads within ~200 steps: above the target
+            log_step = torch.where(ahead, climb, hold + torch.where(error <= 0, log_step, 0.0))
         else:
             near = (error.abs() < 0.1) & ~closing
             self.lambda_drift.add_(torch.where(near, log_step / 500, 0.0))

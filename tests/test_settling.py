@@ -137,6 +137,32 @@ def test_the_warmup_stops_where_l0_heads_for_the_target():
     assert trace[-1][0] == pytest.approx(10.0, rel=0.03)
 
 
+def test_after_a_hold_the_ramp_climbs_its_own_step_from_where_lambda_was():
+    """λ 2 over a warmup of 10 steps (a step of 0.2), target 10. Held at half the target for 5 steps, λ sits at
+    0.2 · 0.5^(0.003 n); once L0 is above the target and rising, each step adds the ramp's 0.2 to it, as the ramp
+    would have from there, and λ never passes 2."""
+    readings = iter([5.0] * 4 + [40.0] * 20)
+    trace = run_controller(controlled_module(10.0, 2.0, warmup=10), lambda l0, lam: next(readings), steps=9,
+                           l0=5.0)
+    lambdas = [lam for _, lam in trace]
+    held = 0.2 * 0.5 ** (0.003 * 5)
+    assert lambdas[4] == pytest.approx(held)
+    assert lambdas[5:] == pytest.approx([held + 0.2 * n for n in range(1, 5)], rel=1e-5)
+
+
+def test_a_target_above_the_starting_l0_is_approached_without_overshoot():
+    """An SAE whose L0 starts at half the target and follows 40/λ at most 2% a step, λ warming up to 8 over 50
+    steps (the target 10 needs 4). A λ held at the bottom of its ramp (0.16) let L0 run to 190 and took ~1,800
+    steps to come back within 5% (docs/method.md, "Asking for an L0"); the ramp climbs once L0 heads past the
+    target, so L0 peaks below 1.5× the target and stays within 5% of it from step 600 on."""
+    def lagging(l0: float, lam: float) -> float:
+        return max(l0 * 0.98, min(l0 * 1.02, 40 / lam))
+
+    trace = run_controller(controlled_module(10.0, 8.0, warmup=50), lagging, steps=3000, l0=5.0)
+    assert max(l0 for l0, _ in trace) < 1.5 * 10.0, max(l0 for l0, _ in trace)
+    assert all(abs(l0 / 10.0 - 1) < 0.05 for l0, _ in trace[600:])
+
+
 def test_target_l0_is_refused_for_k_sparse_saes():
     with pytest.raises(ValueError, match="target_l0 steers λ, which TopK"):
         SAEModule.from_arguments("topk", width=16, k=4, target_l0=10.0)
