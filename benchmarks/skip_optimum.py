@@ -34,7 +34,7 @@ START_BATCH = 2048  # the transcoder sweep's batch, whose first one the least-sq
 
 
 def cached_pairs(cache: Path, split: str, tokens: int) -> Tensor:
-    """The first `tokens` (source, target) rows of a pair cache's split, [n, 2, d] float32 (raw scale)."""
+    """The first `tokens` finite (source, target) rows of a pair cache's split, [n, 2, d] float32 (raw scale)."""
     pairs = leading_rows(shard_files(cache, split), tokens)
     if pairs.dim() != 3:
         raise SystemExit(f"--cache {cache}: not a pair cache (rows are {tuple(pairs.shape[1:])}, not (2, d))")

@@ -293,18 +293,19 @@ class SAEModule(L.LightningModule):
         for average, rate in ((self.l0_average, 1 / 20), (self.l0_trend_base, 1 / 100)):
             average.copy_(torch.where(average == 0, l0, average.lerp(l0, rate)))
         error = (self.l0_average.clamp(min=1e-3) / self.hparams.target_l0).log().clamp(-1, 1)
-        # The two averages lag each other by ~80 steps, so their log ratio is the trend of log L0 over 80 steps:
-        # at that speed the error closes within 200 steps when the ratio is at least 80/200 of it.
+        # The two averages lag each other by ~80 steps, so their log ratio is the trend of log L0 over 80 steps;
+        # carried on for 200 steps it gives the error L̄0 heads for, which the error closes when it has not the
+        # error's sign.
         heading = (self.l0_average.clamp(min=1e-3) / self.l0_trend_base.clamp(min=1e-3)).log()
-        closing = -heading * error.sign() * (200 / 80) >= error.abs()
+        projected = error + heading * (200 / 80)
+        closing = projected * error.sign() <= 0
         log_step = torch.where(closing, 0.0, self.hparams.target_l0_rate * error)
         steps = self.known_steps_trained()
         if steps < self.hparams.sparsity_warmup_steps:
             ramp, next_ramp = self.sparsity_ramp(steps), self.sparsity_ramp(steps + 1)
             hold = math.log(ramp / next_ramp)  # cancels the ramp's growth
             climb = ((ramp + (next_ramp - ramp) / self.lambda_scale) / next_ramp).log()  # the ramp's step, from here
-            ahead = error + heading * (200 / 80) > 0  # where L̄0 heads within ~200 steps: above the target
-            log_step = torch.where(ahead, climb, hold + torch.where(error <= 0, log_step, 0.0))
+            log_step = torch.where(projected > 0, climb, hold + torch.where(error <= 0, log_step, 0.0))
         else:
             near = (error.abs() < 0.1) & ~closing
             self.lambda_drift.add_(torch.where(near, log_step / 500, 0.0))

@@ -367,8 +367,8 @@ def test_skip_optimum_readings_are_the_direct_least_squares_ones():
     with torch.no_grad():
         codes_out = sae.decode(sae.encode(x)) - sae.b_dec
         y = codes_out + x @ torch.randn(8, 8, dtype=torch.float64).T + 0.5
-        reading = diagnose(sae, torch.stack([source, y / sae.output_scale], 1)[:400],
-                           torch.stack([source, y / sae.output_scale], 1)[400:])
+        pairs = torch.stack([source, y / sae.output_scale], 1)
+        reading = diagnose(sae, pairs[:400], pairs[400:])
         held = slice(400, None)
         assert reading["skip_r2"] == pytest.approx(float(explained_variance(y[held], sae.skip(x[held]) + sae.b_dec)))
         assert reading["r2"] == pytest.approx(float(explained_variance(y[held], sae(x[held]))))
