@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import lightning as L
 import pytest
@@ -150,24 +151,41 @@ def test_report_writes_tables_plots_and_verdicts(synth_run):
         assert v["verdict"] == "no overlap" and v["overlap"] is None
 
 
-def test_sweep_resumes_an_unfinished_cell_exactly(synth_run, tmp_path, capsys):
+def test_sweep_resumes_an_unfinished_cell_and_extends_a_finished_one_exactly(synth_run, tmp_path, capsys):
     config = {**SYNTH, "cells": {"A": {"class_path": "datamodules.ActivationFileDataModule",
                                        "init_args": {"path": str(synth_run / "out/data/A"), "batch_size": 512}}}}
     del config["synthetic"]
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
-    main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "once"), "--max_steps", "6"])
-    main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "twice"), "--max_steps", "3"])
+
+    def sweep(out: str, steps: int) -> None:
+        main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / out), "--max_steps", str(steps)])
+
+    sweep("once", 6)
+    sweep("twice", 3)
+    shutil.copytree(tmp_path / "twice", tmp_path / "extended")
     (tmp_path / "twice/A/results.json").unlink()  # as if stopped after step 3
     saved = torch.load(tmp_path / "twice/A/checkpoints/last.ckpt", weights_only=False)
     assert saved["global_step"] == 3 and len(next(iter(saved["validation_history"].values()))) == 1
-    main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "twice"), "--max_steps", "6"])
+    sweep("twice", 6)
     assert "resuming from" in capsys.readouterr().out
+    sweep("extended", 6)  # finished at 3 steps: trains on to 6
+    assert "extending from 3 steps" in capsys.readouterr().out
+    shorter = json.loads((tmp_path / "extended/A/results.step3.json").read_text())
+    assert shorter["steps"] == 3, "the shorter run's results stay beside the longer one's"
     once = json.loads((tmp_path / "once/A/results.json").read_text())["members"]
-    twice = json.loads((tmp_path / "twice/A/results.json").read_text())["members"]
-    for name in once:
-        assert twice[name]["r2"] == pytest.approx(once[name]["r2"], abs=1e-6), name
-        assert twice[name]["tokens_seen"] == once[name]["tokens_seen"]
-        assert twice[name]["history"] == once[name]["history"], "the budget history survives the resume"
+    for out in ("twice", "extended"):
+        again = json.loads((tmp_path / out / "A/results.json").read_text())["members"]
+        for name in once:
+            assert again[name]["r2"] == pytest.approx(once[name]["r2"], abs=1e-6), (out, name)
+            assert again[name]["tokens_seen"] == once[name]["tokens_seen"]
+            assert again[name]["history"] == once[name]["history"], "the budget history survives the resume"
+    sweep("extended", 6)
+    assert "done already" in capsys.readouterr().out
+    decaying = {**config, "members": [{**config["members"][0], "init_args": {"width": 8, "lr_decay_fraction": 0.5}}]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(decaying))
+    with pytest.raises(SystemExit, match="decay the LR"):
+        sweep("extended", 9)
+    assert (tmp_path / "extended/A/results.json").is_file(), "a refused extension moves nothing"
 
 
 def test_sweep_rejects_unknown_cells_and_missing_sections(tmp_path):

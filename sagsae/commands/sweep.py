@@ -21,7 +21,10 @@ the others configure the SAE (width, k, switches), each routed by its name (`SAE
 
 Every member of a cell trains from the same batches (`SweepModule`), so a cell costs one pass over its data.
 Each cell writes `<out>/<cell>/results.json` when done; a rerun skips finished cells and resumes an unfinished
-one from its newest checkpoint (last.ckpt after every validation, or interrupted.ckpt).
+one from its newest checkpoint (last.ckpt after every validation, or interrupted.ckpt). A rerun with a larger
+`--max_steps` extends a finished cell from its checkpoint to the longer budget, exactly as one longer run would
+train (a constant LR: with `lr_decay_fraction` > 0 the schedule depends on max_steps, so it is refused); the
+shorter run's results stay beside it as `results.step<N>.json`.
 
 A sweep splits across processes or machines with `--cells` and `--series`, and grows by a seed with
 `--seeds 2 --out <new folder>`; `python -m sagsae report` merges the same-named cells of several output folders.
@@ -196,6 +199,26 @@ def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None
     return results
 
 
+def extend_finished_cell(config: dict[str, Any], folder: Path) -> bool:
+    """Whether a finished cell trains on to a larger max_steps. Its results move aside (`results.step<N>.json`)
+    and the fit resumes from the last checkpoint, which holds the budget history so far."""
+    finished = json.loads((folder / RESULTS).read_text())["steps"]
+    if trainer_settings(config)["max_steps"] <= finished:
+        return False
+    checkpoint = folder / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise ValueError(f"{folder / RESULTS} is done at {finished} steps, but {checkpoint} is gone, so it cannot "
+                         f"be extended: run it afresh in another --out folder")
+    decaying = sorted(name for name, spec in expand_members(config["members"]).items()
+                      if float(spec["init_args"].get("lr_decay_fraction", 0)) > 0)
+    if decaying:
+        raise ValueError(f"{decaying} decay the LR over the last share of max_steps, so {folder} cannot be extended "
+                         f"exactly: run the longer budget afresh in another --out folder")
+    (folder / RESULTS).replace(folder / f"results.step{finished}.json")
+    print(f"[{folder.name}] extending from {finished} steps")
+    return True
+
+
 def run_sweep(config: dict[str, Any], out: Path, cells: list[str] | None = None, scorer: Scorer | None = None) -> None:
     for key in ("cells", "members"):
         if not config.get(key):
@@ -210,7 +233,7 @@ def run_sweep(config: dict[str, Any], out: Path, cells: list[str] | None = None,
     (out / "environment.json").write_text(json.dumps(environment(), indent=2))
     L.seed_everything(int(config.get("seed", 0)), workers=True)
     for cell in cells or list(config["cells"]):
-        if (out / cell / RESULTS).is_file():
+        if (out / cell / RESULTS).is_file() and not extend_finished_cell(config, out / cell):
             print(f"[{cell}] done already ({out / cell / RESULTS}); skipped")
             continue
         results = run_cell(config, cell, out, scorer)
