@@ -186,6 +186,11 @@ def test_sweep_resumes_an_unfinished_cell_and_extends_a_finished_one_exactly(syn
     with pytest.raises(SystemExit, match="decay the LR"):
         sweep("extended", 9)
     assert (tmp_path / "extended/A/results.json").is_file(), "a refused extension moves nothing"
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "extended/A/checkpoints/last.ckpt").unlink()
+    with pytest.raises(SystemExit, match="is gone"):
+        sweep("extended", 9)
+    assert (tmp_path / "extended/A/results.json").is_file(), "a refused extension moves nothing"
 
 
 def test_sweep_rejects_unknown_cells_and_missing_sections(tmp_path):
