@@ -274,20 +274,22 @@ class SAEModule(L.LightningModule):
 
     def steer_sparsity(self, l0: Tensor) -> None:
         """The target-L0 controller's step, on log λ. Its error is e = log(L̄0 / target), L̄0 the training L0's moving
-        average over ~20 steps, clipped to ±1. Each step log λ moves by `target_l0_rate` · e (the integral term) plus
-        a learned drift. The drift is there because an SAE that learns gives ever sparser codes at a fixed λ, so λ
-        has to keep falling to hold an L0, and an integral term alone follows such a ramp only with a standing error
-        of ramp / rate (5.4% in the full default run at rate 0.003). The drift sums the integral term's steps over
-        ~500 steps, and only near the target (|e| < 0.1, not closing), so that the approach does not wind it up;
-        with it L0 rests at the target while λ ramps. The integral holds while L0 already heads for the target fast
-        enough to reach it within ~200 steps (from L̄0 against its ~100-step average): Adam moves thresholds at a
-        bounded speed whatever λ is, so a sum that kept growing while the SAE catches up would overshoot by as much
-        (anti-windup). During λ's warmup the ramp advances only while L̄0 heads above the target within ~200
-        steps, and then climbs its own step (sparsity_coefficient / sparsity_warmup_steps) from wherever λ was
-        held: L0 follows λ late, and a ramp that went on to a λ far above the target's pushed L0 to a third of the
-        target first, while a λ held at the bottom of its ramp let L0 run to 5× a target above its start.
-        Otherwise λ holds, and below the target the controller acts as it does after the warmup, without the
-        drift (docs/method.md, "Asking for an L0")."""
+        average over ~20 steps, clipped to ±1. Each step log λ moves by `target_l0_rate` · e (the integral term) plus a
+        learned drift. The drift is there because an SAE that learns gives ever sparser codes at a fixed λ, so λ has to
+        keep falling to hold an L0, and an integral term alone follows such a ramp only with a standing error of ramp /
+        rate (5.4% in the full default run at rate 0.003). The drift sums the integral term's steps over ~500 steps,
+        with e clipped to ±0.1, while L0 is not closing and either near the target (|e| < 0.1) or stalled (its ~80-step
+        trend under 1%), so that the approach, where L0 moves, does not wind it up; with it L0 rests at the target while
+        λ ramps. A drift that learned only near the target froze for good once a ramp steeper than 0.1 · rate held the
+        error outside that band (SA-GSAE(H)+skip transcoder at target 80: held-out L0 64–68 for 3,000 steps). The
+        integral holds while L0 already heads for the target fast enough to reach it within ~200 steps (from L̄0 against
+        its ~100-step average): Adam moves thresholds at a bounded speed whatever λ is, so a sum that kept growing while
+        the SAE catches up would overshoot by as much (anti-windup). During λ's warmup the ramp advances only while L̄0
+        heads above the target within ~200 steps, and then climbs its own step (sparsity_coefficient /
+        sparsity_warmup_steps) from wherever λ was held: L0 follows λ late, and a ramp that went on to a λ far above the
+        target's pushed L0 to a third of the target first, while a λ held at the bottom of its ramp let L0 run to 5× a
+        target above its start. Otherwise λ holds, and below the target the controller acts as it does after the warmup,
+        without the drift (docs/method.md, "Asking for an L0")."""
         if self.hparams.target_l0 is None:
             return
         for average, rate in ((self.l0_average, 1 / 20), (self.l0_trend_base, 1 / 100)):
@@ -307,8 +309,9 @@ class SAEModule(L.LightningModule):
             climb = ((ramp + (next_ramp - ramp) / self.lambda_scale) / next_ramp).log()  # the ramp's step, from here
             log_step = torch.where(projected > 0, climb, hold + torch.where(error <= 0, log_step, 0.0))
         else:
-            near = (error.abs() < 0.1) & ~closing
-            self.lambda_drift.add_(torch.where(near, log_step / 500, 0.0))
+            learning = ((error.abs() < 0.1) | (heading.abs() < 0.01)) & ~closing
+            drift_step = self.hparams.target_l0_rate * error.clamp(-0.1, 0.1) / 500
+            self.lambda_drift.add_(torch.where(learning, drift_step, 0.0))
             log_step = log_step + self.lambda_drift
         self.lambda_scale.mul_(log_step.exp())
 

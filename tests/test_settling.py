@@ -101,17 +101,49 @@ def test_against_a_drifting_sae_the_learned_drift_removes_the_standing_error():
     assert float(module.lambda_drift) == pytest.approx(-drift, rel=0.05)
 
 
-def test_the_drift_sums_the_integral_steps_near_the_target_only():
+def test_the_drift_sums_the_integral_steps_with_the_error_clipped_while_l0_stalls():
     """After the warmup, with L0 held at 0.95 of the target (|e| < 0.1, not closing), the drift grows by
-    gain · e / 500 a step and is added to every step: log λ_n = gain · e · (n + n(n+1)/1000). At half the target
-    (|e| > 0.1) it stays at zero and log λ_n = gain · e · n."""
+    gain · e / 500 a step and is added to every step: log λ_n = gain · e · (n + n(n+1)/1000). Held at half the
+    target (L0 stalled outside the band) it learns at the band's edge, gain · (−0.1) / 500 a step, while the
+    integral term takes the whole error: log λ_n = gain · (e · n − 0.1 · n(n+1)/1000)."""
     gain = SAEModule.from_arguments("relu", d_in=8, width=16).hparams.target_l0_rate
     for share in (0.95, 0.5):
         trace = run_controller(controlled_module(10.0), lambda l0, lam: 10.0 * share, steps=50, l0=10.0 * share)
         e, n = math.log(share), torch.arange(1, 51, dtype=torch.float64)
-        expected = gain * e * (n + n * (n + 1) / 1000) if share == 0.95 else gain * e * n
+        expected = gain * (e * n + max(e, -0.1) * n * (n + 1) / 1000)
         log_lambda = torch.tensor([math.log(lam) for _, lam in trace], dtype=torch.float64)
         assert log_lambda == pytest.approx(expected, rel=1e-3)  # float32 buffers
+
+
+def test_the_drift_holds_while_l0_moves_toward_the_target_outside_the_band():
+    """An SAE whose L0 falls 0.1% a step from 4× the target, whatever λ: L0 moves (its ~80-step trend −8%), so
+    the drift does not wind up on the approach; it learns nothing from step 200, when the averages have caught up
+    with the fall, until L0 is near the target."""
+    module = controlled_module(10.0)
+    drifts = []
+    for step in range(600):
+        module.steer_sparsity(torch.tensor(40.0 * 0.999 ** step))
+        module.steps_trained += 1
+        module.forget_known_buffers()
+        drifts.append(float(module.lambda_drift))
+    assert drifts[-1] == drifts[200]
+
+
+def test_against_a_steep_ramp_the_drift_still_learns_outside_the_band():
+    """An SAE whose L0 at a fixed λ falls 0.07% a step (the SA-GSAE(H)+skip transcoder's ramp at target 80): an
+    integral term alone holds e at −ramp / gain = −0.23, outside the ±0.1 band, so a drift that learned only in the
+    band never started and L0 stayed at 0.80 of the target for good. Learning while L0 stalls, the drift takes the
+    ramp over and L0 ends at the target."""
+    drift, steps = 0.0007, 6000
+    step = iter(range(steps))
+
+    def drifting(l0: float, lam: float) -> float:
+        return l0 + (40 * math.exp(-drift * next(step)) / lam - l0) / 50
+
+    module = controlled_module(10.0)
+    trace = run_controller(module, drifting, steps=steps)
+    assert max(abs(l0 / 10.0 - 1) for l0, _ in trace[-2000:]) < 0.01
+    assert float(module.lambda_drift) == pytest.approx(-drift, rel=0.05)
 
 
 def test_during_warmup_lambda_ramps_above_the_target_and_holds_below_it():
