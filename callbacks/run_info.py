@@ -31,16 +31,22 @@ def _version(package: str) -> str | None:
 def environment() -> dict:
     """Package versions, Python and the git commit: what a run's numbers depend on besides its config."""
     return {"versions": {name: _version(name) for name in _PACKAGES} | {"python": platform.python_version()},
-            "git_commit": _git_commit()}
+            **git_state(Path(__file__).resolve().parent)}
 
 
-def _git_commit() -> str | None:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
+def git_state(folder: Path) -> dict:
+    """The commit checked out at `folder` and whether tracked files differ from it: a run started from edited code
+    is not that commit's run. Both None outside a git checkout."""
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=folder)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or None
+    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": None if changes is None else bool(changes)}
 
 
 class RunInfo(L.Callback):

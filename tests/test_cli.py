@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from callbacks.run_info import settle_line
+from callbacks.run_info import git_state, settle_line
 from sagsae.commands.train import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,6 +145,22 @@ def test_validate_and_test_with_checkpoint_write_a_report(stage, fitted_run, tin
     last_validation = scalars(fitted_run / "lightning_logs" / "version_0")
     for name in ("r2", "l0", "loss"):
         assert report["metrics"][f"{prefix}/{name}"] == pytest.approx(last_validation[f"val/{name}"][-1][1], rel=1e-4)
+
+
+def test_git_state_names_the_commit_and_whether_tracked_files_were_edited(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    assert git_state(tmp_path) == {"git_commit": None, "git_dirty": None}
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "first")
+    (tmp_path / "notes.txt").write_text("untracked files do not change a run\n")
+    assert git_state(tmp_path) == {"git_commit": git("rev-parse", "HEAD"), "git_dirty": False}
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert git_state(tmp_path)["git_dirty"] is True
 
 
 def test_print_config_prints_the_full_config():
