@@ -123,14 +123,14 @@ def test_the_drift_holds_while_l0_moves_toward_the_target_outside_the_band():
     """An SAE whose L0 falls 0.1% a step from 4× the target, whatever λ: L0 moves (its ~80-step trend −8%), so
     the drift does not wind up on the approach; it learns nothing from step 200, when the averages have caught up
     with the fall, until L0 is near the target."""
+    def falling(l0: float, lam: float) -> float:
+        return l0 * 0.999
+
     module = controlled_module(10.0)
-    drifts = []
-    for step in range(600):
-        module.steer_sparsity(torch.tensor(40.0 * 0.999 ** step))
-        module.steps_trained += 1
-        module.forget_known_buffers()
-        drifts.append(float(module.lambda_drift))
-    assert drifts[-1] == drifts[200]
+    trace = run_controller(module, falling, steps=201)
+    drift_at_200 = float(module.lambda_drift)
+    run_controller(module, falling, steps=399, l0=trace[-1][0])
+    assert float(module.lambda_drift) == drift_at_200
 
 
 def test_during_warmup_lambda_ramps_above_the_target_and_holds_below_it():
