@@ -15,7 +15,8 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 LAYOUT = {"SAE": {
     "L0": ["Multiline", ["train/l0", "val/l0"]],
     "R²": ["Multiline", ["train/r2", "val/r2"]],
-    "dead fraction": ["Multiline", ["train/dead_fraction", "val/dead_fraction"]],
+    "dead fraction": ["Multiline", ["train/dead_fraction"]],
+    "held-out silent fraction": ["Multiline", ["val/silent_fraction"]],
     "auxiliary R² (gate path)": ["Multiline", ["train/aux_r2", "val/aux_r2"]],
     "CE recovered": ["Multiline", ["val/ce_recovered"]],
     "ΔCE (nats)": ["Multiline", ["val/ce_delta"]],

@@ -61,7 +61,7 @@ class GateCollapseMonitor(L.Callback):
         (is_logging_step), so a GPU step does not wait on them, and a collapse is seen within one log interval."""
         if not outputs or "target" not in outputs:  # a skipped (non-finite) batch
             return
-        self._alive.append(1.0 - pl_module.dead_mask().float().mean())
+        self._alive.append(1.0 - pl_module.state.dead_latents.dead_mask().float().mean())
         summary = outputs["summary"]
         self._r2.append(summary["r2"].float())
         if "aux_r2" in summary:

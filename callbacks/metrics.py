@@ -1,4 +1,4 @@
-"""L0, R², MSE and dead fraction with the definitions of SPEC §6, logged under train/… and val/….
+"""L0, R², MSE and dead fractions, logged under train/… and val/….
 
 R² sums squared errors and variances over the whole window before dividing (never a mean of per-batch
 ratios); the states are sums, so torchmetrics' synchronization makes them exact under DDP too.
@@ -16,12 +16,13 @@ from lightning_modules.reconstruction_metrics import ReconstructionMetrics, is_l
 
 
 class SAEMetrics(L.Callback):
-    """Logs train/{mse,l0,r2,dead_fraction,reset_latents,aux_r2,tokens_per_s}, the module's training_diagnostics
+    """Logs train/{mse,l0,r2,dead_fraction,reset_latents,aux_r2,tokens_per_s}, the training state's diagnostics
     (revived latents, θ quartiles) and, for SAEs with thresholds, train/threshold_{abs,rel}_change at every
-    logging step (is_logging_step), and val/… over the held-out set (val/aux_r2 where there is a gate path).
+    logging step (is_logging_step), and val/… over the held-out set: the row a sweep records too
+    (`TrainingState.held_out_row`).
 
-    train/dead_fraction uses the module's window of `dead_window_tokens` training tokens; val/dead_fraction
-    is the share of latents that never fired on the held-out tokens (the window is the validation set).
+    dead_fraction is the share of latents silent for the last `dead_window_tokens` training tokens;
+    val/silent_fraction the share that never fired on the held-out tokens.
     """
 
     def __init__(self, throughput_window: int = 20) -> None:
@@ -46,9 +47,10 @@ class SAEMetrics(L.Callback):
         pl_module.log("train/mse", values["mse"].float(), **log)
         pl_module.log("train/l0", values["l0"].float(), prog_bar=True, **log)
         pl_module.log("train/r2", values["r2"].float(), prog_bar=True, **log)
-        pl_module.log("train/dead_fraction", pl_module.dead_fraction(), prog_bar=True, **log)
-        pl_module.log("train/reset_latents", pl_module.reset_latents.float(), **log)
-        for name, value in (pl_module.threshold_movement() | pl_module.training_diagnostics()).items():
+        state = pl_module.state
+        pl_module.log("train/dead_fraction", state.dead_fraction(), prog_bar=True, **log)
+        pl_module.log("train/reset_latents", state.dead_latents.reset_latents.float(), **log)
+        for name, value in (state.threshold_movement() | state.training_diagnostics()).items():
             pl_module.log(f"train/{name}", value.float(), **log)
         if "aux_r2" in values:
             pl_module.log("train/aux_r2", values["aux_r2"].float(), **log)
@@ -67,17 +69,13 @@ class SAEMetrics(L.Callback):
             return
         values = self._eval.compute()
         self._eval.reset()
-        names = [("mse", "mse"), ("l0", "l0"), ("r2", "r2"), ("dead_fraction", "silent_fraction")]
-        if pl_module.sae.signed_codes:
-            names.append(("bipolar_fraction", "bipolar_fraction"))
-        names += [(name, name) for name in ("aux_r2", "skip_r2") if name in values]
-        for name, key in names:
-            pl_module.log(f"{stage}/{name}", values[key].float(), sync_dist=False, prog_bar=(name == "r2"))
+        for name, value in pl_module.state.held_out_row(values).items():
+            pl_module.log(f"{stage}/{name}", value.float(), sync_dist=False, prog_bar=(name == "r2"))
         experiment = getattr(trainer.logger, "experiment", None)
         if trainer.is_global_zero and hasattr(experiment, "add_histogram"):
             density = values["firing_density"].clamp(min=1e-10).log10().float().cpu()
             experiment.add_histogram(f"{stage}/log10_firing_density", density, trainer.global_step)
-            changes = pl_module.threshold_changes()  # how far each latent's threshold moved from its start
+            changes = pl_module.state.threshold_changes()  # how far each latent's threshold moved from its start
             if changes is not None and len(changes[1]):
                 experiment.add_histogram("train/threshold_rel_change", changes[1].float().cpu(), trainer.global_step)
         self._step_times.clear()  # validation time is not training throughput

@@ -62,7 +62,7 @@ class RunInfo(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         metrics = trainer.callback_metrics
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and "val/l0" in metrics:
-            self.checks.append({"tokens_seen": int(pl_module.tokens_seen), "l0": float(metrics["val/l0"]),
+            self.checks.append({"tokens_seen": int(pl_module.state.tokens_seen), "l0": float(metrics["val/l0"]),
                                 "r2": float(metrics["val/r2"])})
 
     def state_dict(self) -> dict:
@@ -109,7 +109,7 @@ class RunInfo(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in
                           ("train/l0", "train/r2", "train/dead_fraction", "train/tokens_per_s",
-                           "val/l0", "val/r2", "val/dead_fraction", "val/ce_delta", "val/ce_recovered")
+                           "val/l0", "val/r2", "val/silent_fraction", "val/ce_delta", "val/ce_recovered")
                           if k in metrics)
         checkpoint = trainer.checkpoint_callback
         log_root = Path(trainer.logger.save_dir) if trainer.logger is not None else Path(trainer.default_root_dir)

@@ -122,6 +122,24 @@ class NormGuard:
         self.dropped_massive, self.dropped_nonfinite = state["dropped_massive"], state["dropped_nonfinite"]
 
 
+class GuardEach:
+    """One NormGuard per hookpoint of [n, K, d] chunks (`HookedLanguageModel.activations_at`): each hookpoint is
+    judged on its own, as a stream of it alone would be; returns K tensors."""
+
+    def __init__(self, multiple: float | None, count: int) -> None:
+        self.guards = [NormGuard(multiple) for _ in range(count)]
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        return [guard(x[:, index]) for index, guard in enumerate(self.guards)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"guards": [guard.state_dict() for guard in self.guards]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for guard, saved in zip(self.guards, state["guards"]):
+            guard.load_state_dict(saved)
+
+
 def take_tokens(chunks: Iterable[Tensor], count: int) -> Tensor:
     """The first `count` rows of a stream of [n, …] chunks (fewer if it ends first); reads no further."""
     taken: list[Tensor] = []

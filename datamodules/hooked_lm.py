@@ -71,11 +71,20 @@ class HookedLanguageModel:
     def activations(self, input_ids: Tensor) -> Tensor:
         """The hookpoint's activations at the trainable positions of `input_ids` [n, d], or a transcoder's
         (source, target) pairs [n, 2, d]: one forward that stops at the deeper of the hookpoints."""
-        input_ids = input_ids.to(self.device)
         if self.target_reader is None:
-            values = self.reader(input_ids)
-        else:
-            values = torch.stack(read_hookpoints(self.reader.model, [self.reader, self.target_reader], input_ids), 2)
+            return self.activations_at([self.reader], input_ids)[:, 0]
+        return self.activations_at([self.reader, self.target_reader], input_ids)
+
+    def readers(self, hookpoints: list[tuple[str, int | None]]) -> list[ActivationReader]:
+        """Readers of other (hookpoint, layer) pairs of this LM (layer None: the mid-depth one), for
+        `activations_at`; each name is checked against the model here."""
+        return [ActivationReader(self.reader.model, hookpoint, layer) for hookpoint, layer in hookpoints]
+
+    def activations_at(self, readers: list[ActivationReader], input_ids: Tensor) -> Tensor:
+        """Several hookpoints' activations at the trainable positions [n, len(readers), d], from one forward that
+        stops at the deepest of them."""
+        input_ids = input_ids.to(self.device)
+        values = torch.stack(read_hookpoints(self.reader.model, readers, input_ids), 2)
         return values[self.trainable_positions(input_ids)].float()
 
     def context_activations(self, input_ids: Tensor) -> Tensor:

@@ -140,15 +140,18 @@ class LMActivationDataModule(L.LightningDataModule):
                               seed=self.hparams.seed, pass_index=pass_index, rank=rank, world_size=world, start=start)
 
     def positioned_chunks(self, validation: bool, passes: Iterable[int], guard: NormGuard, every_rank: bool = False,
-                          position: dict | None = None) -> Iterator[tuple[Tensor, dict]]:
+                          position: dict | None = None,
+                          read: Callable[[Tensor], Tensor] | None = None) -> Iterator[tuple[Tensor, dict]]:
         """Guarded activations of the trainable positions, one chunk per LM forward, over the given passes (of
         this rank's documents, or all ranks' with `every_rank`), each with the position right after it: the pass,
         the documents of that pass taken, the tokens carried into the next context and the guard's state.
         Started from such a `position` (in the first of `passes`), the stream continues exactly as it would have.
+        `read` maps a batch of contexts to what the guard judges (default: this datamodule's hookpoint).
 
         Each stream has its own guard, so the training stream's drops do not depend on when the normalization
         estimate or the validation set were computed."""
         hp = self.hparams
+        read = self.lm.activations if read is None else read
         if position is not None:
             guard.load_state_dict(position["guard"])
         for pass_index in passes:
@@ -159,7 +162,7 @@ class LMActivationDataModule(L.LightningDataModule):
             produced = False
             while batch := list(itertools.islice(contexts, hp.lm_batch_size)):
                 produced = True
-                chunk = guard(self.lm.activations(torch.tensor([context for context, _, _ in batch])))
+                chunk = guard(read(torch.tensor([context for context, _, _ in batch])))
                 _, taken, carried = batch[-1]
                 yield chunk, {"pass": pass_index, "documents": start + taken, "carry": carried,
                               "guard": guard.state_dict()}
@@ -168,9 +171,9 @@ class LMActivationDataModule(L.LightningDataModule):
                                  f"for {'validation' if validation else 'training'}; add text or shorten contexts")
 
     def activation_chunks(self, validation: bool, passes: Iterable[int], guard: NormGuard,
-                          every_rank: bool = False) -> Iterator[Tensor]:
+                          every_rank: bool = False, read: Callable[[Tensor], Tensor] | None = None) -> Iterator[Tensor]:
         """positioned_chunks without the positions."""
-        return (chunk for chunk, _ in self.positioned_chunks(validation, passes, guard, every_rank))
+        return (chunk for chunk, _ in self.positioned_chunks(validation, passes, guard, every_rank, read=read))
 
     def training_chunks(self, guard: NormGuard | None = None) -> Iterator[Tensor]:
         """The training activations pass after pass, in LM-forward chunks (a fresh guard unless one is given)."""

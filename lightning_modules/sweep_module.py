@@ -1,11 +1,12 @@
 """Many SAEs from one activation stream: every member trains on the same batch, so a sweep of N SAEs costs one
 LM forward (or one cache read) per batch instead of N.
 
-Each member is an ordinary `SAEModule` (its own Adam hyperparameters, schedules, dead-latent tracking and seed).
+Each member is a `TrainingState` (sagsae/training/state.py) built from its `TrainingPlan`: its own Adam
+hyperparameters, schedules, controller, dead-latent tracking and seed, the same state that `fit`'s SAEModule wraps.
 Members back-propagate one after another, so only one member's activations are alive at a time (memory grows
 with the members' parameters, not their activations); their parameters are disjoint, so each gets exactly the
-gradient of its own loss, and one Adam with a parameter group (and an LR schedule) per member takes the step a
-member alone under `Trainer.fit` would take, in one fused update.
+gradient of its own loss, and one Adam with a parameter group (and an LR schedule) per member takes, through
+Lightning's optimizer step, the step a member alone under `Trainer.fit` would take, in one fused update.
 """
 
 from __future__ import annotations
@@ -20,24 +21,27 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_modules.reconstruction_metrics import ReconstructionMetrics, is_logging_step
-from lightning_modules.sae_module import SAEModule
+from lightning_modules.step_checks import NonFiniteGuard, data_shape, every_rank_batch, reduce_step
 from sagsae.measures import deciles
+from sagsae.training import TrainingPlan, TrainingState
+from sagsae.training.migrations import CHECKPOINT_VERSION, VERSION_KEY, migrate_checkpoint
 
 
 class SweepModule(L.LightningModule):
-    """Trains `members` (name → SAEModule) side by side; logs `train/<name>/…` and `val/<name>/…`.
+    """Trains `members` (name → TrainingPlan) side by side; logs `train/<name>/…` and `val/<name>/…`.
 
     `latest_validation` holds each member's latest held-out L0, R², MSE, silent and bipolar fractions, its
-    training-window dead fraction (SPEC §6) and how far its thresholds moved; `validation_history` the same at
+    training-window dead fraction and how far its thresholds moved; `validation_history` the same at
     every validation (the budget checkpoints of a convergence report). With `lm_loss_contexts`, every
     `lm_loss_every`-th of those rows and the final one add the spliced LM loss on that many held-out contexts:
     ΔCE = CE with the SAE's reconstruction − clean CE (nats), and CE recovered.
 
     `gradient_clip_val` (with `gradient_clip_algorithm` "norm" or "value") clips each member's gradients on their
-    own, as `Trainer(gradient_clip_val=…)` clips a member that trains alone: the sweep steps its optimizer itself
-    (to back-propagate member by member), and Lightning leaves clipping to a module that does."""
+    own, as `Trainer(gradient_clip_val=…)` clips a member that trains alone: the sweep back-propagates member by
+    member (manual optimization), where Lightning leaves clipping to the module, which clips in
+    `on_before_optimizer_step` as Lightning would (after fp16's unscaling, before the step)."""
 
-    def __init__(self, members: dict[str, SAEModule], lm_loss_contexts: int = 0, lm_loss_every: int = 1,
+    def __init__(self, members: dict[str, TrainingPlan], lm_loss_contexts: int = 0, lm_loss_every: int = 1,
                  gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm") -> None:
         super().__init__()
         if lm_loss_contexts < 0 or lm_loss_every < 1:
@@ -52,49 +56,61 @@ class SweepModule(L.LightningModule):
         for name in members:
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"Sweep member names may hold letters, digits, '_' and '-'; got {name!r}")
-        self.members = nn.ModuleDict(members)
+        for plan in members.values():
+            plan.check()
+        self.plans = members
+        self.members = nn.ModuleDict()  # name → TrainingState, built once the data give the activation size
+        self.nonfinite = NonFiniteGuard()
         self._evaluation: dict[str, ReconstructionMetrics] = {}
         self.latest_validation: dict[str, dict[str, float]] = {}
         self.validation_history: dict[str, list[dict[str, float]]] = {}  # every validation, in budget order
 
     def configure_model(self) -> None:
-        for member in self.members.values():
-            member.trainer = self.trainer  # Lightning attaches direct LightningModule children only
-            member.configure_model()
+        if len(self.members):
+            return
+        for name, plan in self.plans.items():
+            d_in, pairs = data_shape(self.trainer, plan.settings)
+            if d_in is None:
+                raise ValueError("A sweep takes the activation size from its data: this datamodule does not report one")
+            self.members[name] = plan.build(d_in, transcoder=bool(pairs))
 
     def on_fit_start(self) -> None:
         unset = [m for m in self.members.values() if m.needs_scales()]
         if unset:  # one estimate on the shared data serves every member
             scales = self.trainer.datamodule.estimate_scales()
             for member in unset:
-                member.apply_scales(scales)
+                member.sae.set_scales(scales)
 
     def configure_optimizers(self):
+        max_steps = self.trainer.max_steps
         groups = [(member, {**group, "name": f"{name}/{group['name']}"})
                   for name, member in self.members.items() for group in member.optimizer_groups()]
         optimizer = torch.optim.Adam([group for _, group in groups])
-        factors = [member.lr_factor for member, _ in groups]
+        factors = [lambda step, m=member: m.lr_factor(step, max_steps) for member, _ in groups]
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         """Each member's forward and backward in turn (its graph freed before the next member's forward), then
-        what `fit`'s automatic optimization does for a member alone, in its order: gradient projections, the
-        clip, the Adam step, the LR schedule, and the after-step projections and resets.
+        Lightning's optimizer step (`on_before_optimizer_step` projects and clips each member), the LR schedule,
+        and each member's after-step projections and resets: what `fit` does for a member alone, in its order.
 
         Under DDP the members' losses are summed into one backward instead: DDP's reducer averages gradients
         across ranks once per backward and expects every parameter in it (same gradients, more memory)."""
         first = next(iter(self.members.values()))
-        if first.first_batch_unusable(batch):  # the same decision for every member
-            self._log_skipped(first)
-            return
+        if not first.data_initialized():  # the same decision and the same rows for every member
+            if self.nonfinite(self.trainer, batch):
+                return self._log_skipped()
+            rows = every_rank_batch(self.trainer, batch)
+            for member in self.members.values():
+                member.initialize(rows)
         optimizer = self.optimizers()
         one_backward = self.trainer.world_size > 1
         total = 0.0
         logging = is_logging_step(self.trainer)
         losses, firing, rows = [], {}, {}
         for name, member in self.members.items():
-            result = member.train_forward(batch)
+            result = member.evaluate_batch(batch, train=True)
             firing[name] = result["firing"]
             if logging:
                 rows[name] = self._batch_row(result)
@@ -106,39 +122,31 @@ class SweepModule(L.LightningModule):
             del result
         if one_backward:
             self.manual_backward(total)
-        if first.check_step(batch, losses):  # one host read for the batch and every member's loss
+        if self.nonfinite(self.trainer, batch, losses):  # one host read for the batch and every member's loss
             optimizer.zero_grad()
-            self._log_skipped(first)
-            return
+            return self._log_skipped()
         for (name, member), loss in zip(self.members.items(), losses):
-            member.record_step(firing[name], len(batch), loss)
+            member.record_step(*reduce_step(self.trainer, firing[name], len(batch), loss))
+            message = member.controller_message()
+            if message is not None:
+                rank_zero_warn(f"Sweep member {name}: {message}")
             if logging:
                 self._log_training(name, member, rows[name])
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16: clip the true gradients
-        if scaler is not None and self.gradient_clip_val:
-            scaler.unscale_(optimizer.optimizer)
-        for member in self.members.values():
-            member.on_before_optimizer_step(optimizer)
-            self._clip(member)
         optimizer.step()
         optimizer.zero_grad()
         self.lr_schedulers().step()
         for member in self.members.values():
             member.after_optimizer_step()
 
-    def _log_skipped(self, first: SAEModule) -> None:
-        self.log("train/skipped_nonfinite_batches", float(first.skipped_batches), on_step=True)
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Inside Lightning's optimizer step: each member's gradient projections, then its own clip (one norm over
+        every member would let one member's spike shrink the others' steps)."""
+        for member in self.members.values():
+            member.before_optimizer_step()
+            member.clip_gradients(self.gradient_clip_val, self.gradient_clip_algorithm)
 
-    def _clip(self, member: SAEModule) -> None:
-        """One member's gradients clipped on their own: one norm over every member would let one member's spike
-        shrink the others' steps."""
-        if not self.gradient_clip_val:
-            return
-        parameters = [p for group in member.optimizer_groups() for p in group["params"]]  # the order fit clips in
-        if self.gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(parameters, self.gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(parameters, self.gradient_clip_val)
+    def _log_skipped(self) -> None:
+        self.log("train/skipped_nonfinite_batches", float(self.nonfinite.skipped), on_step=True)
 
     @staticmethod
     def _batch_row(result: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -146,8 +154,9 @@ class SweepModule(L.LightningModule):
         summary = result["summary"]
         return {"loss": result["loss"].detach(), "l0": summary["l0"], "r2": summary["r2"].float()}
 
-    def _log_training(self, name: str, member: SAEModule, row: dict[str, Tensor]) -> None:
-        values = {**row, "dead_fraction": member.dead_fraction(), "reset_latents": member.reset_latents.float(),
+    def _log_training(self, name: str, member: TrainingState, row: dict[str, Tensor]) -> None:
+        values = {**row, "dead_fraction": member.dead_fraction(),
+                  "reset_latents": member.dead_latents.reset_latents.float(),
                   **member.threshold_movement()}
         for key, value in values.items():
             self.log(f"train/{name}/{key}", value, on_step=True, on_epoch=False)
@@ -175,12 +184,7 @@ class SweepModule(L.LightningModule):
             values = metric.compute()
             metric.reset()
             member = self.members[name]
-            row = {"l0": values["l0"], "r2": values["r2"], "mse": values["mse"],
-                   "silent_fraction": values["silent_fraction"], "dead_fraction": member.dead_fraction().double(),
-                   "dense_fraction": (values["firing_density"] > 0.1).double().mean()}
-            if member.sae.signed_codes:
-                row["bipolar_fraction"] = values["bipolar_fraction"]
-            row |= {key: values[key] for key in ("aux_r2", "skip_r2") if key in values}
+            row = member.held_out_row(values)
             for key, value in row.items():
                 self.log(f"{stage}/{name}/{key}", value.float(), sync_dist=False)
             if not all(math.isfinite(float(v)) for v in row.values()):
@@ -203,7 +207,7 @@ class SweepModule(L.LightningModule):
             return False
         return self.trainer.state.fn != TrainerFn.FITTING or (checkpoint_index + 1) % self.lm_loss_every == 0
 
-    def _lm_loss(self, name: str, member: SAEModule) -> dict[str, float]:
+    def _lm_loss(self, name: str, member: TrainingState) -> dict[str, float]:
         sae = member.sae
         was_training = sae.training
         sae.eval()
@@ -226,14 +230,14 @@ class SweepModule(L.LightningModule):
         self._finish_evaluation("test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sweep_members"] = {name: {"architecture": m.sae.architecture, "config": m.sae.config(),
-                                              "transcoder": m.sae.transcoder_config(),
-                                              "training": {k: v for k, v in m.hparams.items() if k != "sae"}}
+        checkpoint[VERSION_KEY] = CHECKPOINT_VERSION
+        checkpoint["sweep_members"] = {name: {**m.spec(), "training": m.settings.as_dict()}
                                        for name, m in self.members.items()}
         checkpoint["latest_validation"] = self.latest_validation
         checkpoint["validation_history"] = self.validation_history
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        migrate_checkpoint(checkpoint)  # before Lightning loads its state_dict
         self.latest_validation = checkpoint.get("latest_validation", {})
         self.validation_history = checkpoint.get("validation_history", {})
         for member in self.members.values():

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from callbacks import GateCollapseMonitor, SAEMetrics, SplicedLMLoss
 from lightning_modules import SAEModule, SweepModule
+from sagsae.training import TrainingPlan
 from sagsae.commands import end_process_group
 from sagsae.commands.sweep import import_class
 from sagsae.saes import sae_class
@@ -40,13 +41,13 @@ def save(spec: dict[str, Any], trainer: L.Trainer, record: dict[str, Any]) -> No
     torch.save(record, Path(spec["out"]) / f"rank{trainer.global_rank}.pt")
 
 
-def sweep_members(spec: dict[str, Any]) -> dict[str, SAEModule]:
+def sweep_members(spec: dict[str, Any]) -> dict[str, TrainingPlan]:
     """Members as {name: {"sae": registry name or class path, **its flat arguments}}."""
     members = {}
     for name, arguments in spec["members"].items():
         arguments = dict(arguments)
         sae = arguments.pop("sae")
-        members[name] = SAEModule.from_arguments(import_class(sae) if "." in sae else sae_class(sae), **arguments)
+        members[name] = TrainingPlan.from_arguments(import_class(sae) if "." in sae else sae_class(sae), **arguments)
     return members
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from datamodules import ActivationFileDataModule, LMActivationDataModule
-from datamodules.activation_cache import write_cache
+from datamodules.activation_cache import write_cache, write_caches
 from datamodules.activation_files import KEY, leading_rows
 from sagsae.commands.train import run
 from tests.test_cli import REPO
@@ -36,6 +36,46 @@ def test_cache_reports_progress_once_per_shard(tiny_llama, text_file, tmp_path, 
     progress = [line.split(" train tokens")[0] for line in capsys.readouterr().err.splitlines()
                 if line.startswith("cached ")]
     assert progress == ["cached 1,000 of 3,000", "cached 2,000 of 3,000", "cached 3,000 of 3,000"]
+
+
+def test_several_hookpoints_from_one_forward_equal_their_caches_alone(tiny_llama, text_file, tmp_path):
+    """`cache --hookpoints … --layers …` writes one folder per (hookpoint, layer) from one forward; each holds the
+    same shards, normalization scalar and drop counts as the cache of that hookpoint alone."""
+    from sagsae.commands.cache import output_folders, requested_hookpoints
+
+    def data(**overrides) -> LMActivationDataModule:
+        arguments = {"layer": 2, **overrides}
+        return LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file),
+                                      context_length=32, lm_batch_size=16, val_fraction=0.1, norm_guard_multiple=1.5,
+                                      **arguments)
+
+    several = data()
+    hookpoints = requested_hookpoints(["mlp_out", "attn_out", "blocks.1.hook_resid_mid"], [2, 3], several)
+    assert hookpoints == [("mlp_out", 2), ("mlp_out", 3), ("attn_out", 2), ("attn_out", 3), ("resid_mid", 1)]
+    outs = output_folders(str(tmp_path / "l{layer}_{hookpoint}"), hookpoints)
+    records = write_caches(several, outs, hookpoints, train_tokens=1500, val_tokens=300, shard_tokens=1000,
+                           dtype="float32")
+    assert any(record["dropped_massive"] > 0 for record in records)  # the guard acts, so each must keep its own
+    for (hookpoint, layer), out, record in zip(hookpoints, outs, records):
+        alone = tmp_path / f"alone_{hookpoint}_{layer}"
+        expected = write_cache(data(hookpoint=hookpoint, layer=layer), alone, train_tokens=1500, val_tokens=300,
+                               shard_tokens=1000, dtype="float32")
+        assert record == expected == json.loads((out / "metadata.json").read_text())
+        for split in ("train", "val"):
+            mine, theirs = sorted((out / split).glob("*")), sorted((alone / split).glob("*"))
+            assert [path.name for path in mine] == [path.name for path in theirs]
+            for a, b in zip(mine, theirs):
+                assert torch.equal(load_file(str(a))[KEY], load_file(str(b))[KEY]), (hookpoint, layer, a.name)
+
+
+def test_several_hookpoints_need_a_folder_pattern_that_tells_them_apart(tmp_path):
+    from sagsae.commands.cache import output_folders
+
+    with pytest.raises(ValueError, match="one folder"):
+        output_folders(str(tmp_path / "cache"), [("mlp_out", 2), ("attn_out", 2)])
+    with pytest.raises(ValueError, match="one folder"):
+        output_folders(str(tmp_path / "{hookpoint}"), [("mlp_out", 2), ("mlp_out", 3)])
+    assert output_folders(str(tmp_path / "c"), [("mlp_out", 2)]) == [tmp_path / "c"]
 
 
 def test_leading_rows_take_the_first_finite_rows_across_shards(tmp_path):

@@ -113,13 +113,14 @@ def test_the_paper_configs_precision_trains_a_sweep_of_their_architectures_on_cp
     import torch
 
     from datamodules import TensorActivationDataModule
-    from lightning_modules import SAEModule, SweepModule
+    from lightning_modules import SweepModule
+    from sagsae.training import TrainingPlan
 
-    members = {name: SAEModule.from_arguments(name, d_in=16, width=32, init_seed=0) for name in ("sagsae", "gated")}
+    members = {name: TrainingPlan.from_arguments(name, width=32, init_seed=0) for name in ("sagsae", "gated")}
     data = torch.randn(2048, 16, generator=torch.Generator().manual_seed(0))
     L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=3, logger=False, enable_progress_bar=False,
               enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0).fit(
-        SweepModule(members), TensorActivationDataModule(data, batch_size=256))
-    for name, member in members.items():
+        sweep := SweepModule(members), TensorActivationDataModule(data, batch_size=256))
+    for name, member in sweep.members.items():
         assert int(member.steps_trained) == 3, name
         assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in member.parameters()), name

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.loggers import Logger
 
 from lightning_modules.reconstruction_metrics import ReconstructionMetrics
-from lightning_modules.sae_module import FIRING_ROWS, firing_counts
+from sagsae.training.state import FIRING_ROWS, firing_counts
 from sagsae.measures import step_summary
 
 

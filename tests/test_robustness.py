@@ -32,7 +32,7 @@ def test_nonfinite_batches_are_skipped_and_counted(tmp_path):
     module = SAEModule.from_arguments("sagsae", d_in=8, width=16)
     with pytest.warns(UserWarning, match="Skipped a batch with non-finite activations"):
         trainer_for(tmp_path, 20).fit(module, TensorActivationDataModule(data, batch_size=256))
-    assert module.skipped_batches >= 1
+    assert module.nonfinite.skipped >= 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
@@ -156,16 +156,17 @@ def test_a_sweep_skips_nonfinite_batches_for_every_member_and_counts_them(tmp_pa
     data = torch.randn(4096, 8)
     data[300] = float("nan")
     data[2000] = float("inf")
-    members = {name: SAEModule.from_arguments(name, d_in=8, width=16, init_seed=0, **extra)
+    from sagsae.training import TrainingPlan
+
+    members = {name: TrainingPlan.from_arguments(name, width=16, init_seed=0, **extra)
                for name, extra in (("sagsae", {}), ("gated", {}), ("topk", {"k": 4}))}
     sweep = SweepModule(members)
     with pytest.warns(UserWarning, match="Skipped a batch with non-finite activations"):
         L.Trainer(max_steps=40, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
                   enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False).fit(
             sweep, TensorActivationDataModule(data, batch_size=256))
-    skipped = next(iter(members.values())).skipped_batches
-    assert skipped >= 2  # both poisoned batches of the first pass, in every pass
-    for name, member in members.items():
+    assert sweep.nonfinite.skipped >= 2  # both poisoned batches of the first pass, in every pass
+    for name, member in sweep.members.items():
         assert all(torch.isfinite(p).all() for p in member.parameters()), name
         assert int(member.steps_trained) == 40, name  # a skipped batch is not a step: 40 steps trained
 
@@ -203,7 +204,7 @@ def test_a_finite_loss_spike_is_absorbed_by_the_clip_and_the_run_goes_on(tmp_pat
         with torch.no_grad():
             x = module.sae.normalize(held_out)
             r2[name] = float(explained_variance(x, module.sae(x)))
-            spikes[name] = int(module.loss_spikes)
+            spikes[name] = int(module.state.loss_spikes.spikes)
     assert spikes == {"clean": 0, "spiked": 1, "spiked unclipped": 1}, spikes
     assert r2["spiked"] > r2["clean"] - 0.05, r2
     assert r2["spiked unclipped"] < r2["clean"] - 0.1, r2

@@ -13,6 +13,7 @@ import yaml
 
 from datamodules import TensorActivationDataModule
 from lightning_modules import SAEModule, SweepModule
+from sagsae.training import TrainingPlan
 from sagsae.__main__ import main
 from sagsae.analysis.sweep_results import PAPER, paper_claim
 from sagsae.commands.sweep import build_sweep, expand_members, select
@@ -25,11 +26,11 @@ def quiet_trainer(steps: int, **kwargs) -> L.Trainer:
                      enable_checkpointing=False, **kwargs)
 
 
-def three_members():
-    return {"sa": SAEModule.from_arguments("sagsae", width=16, init_seed=1, sparsity_coefficient=2,
-                                           lr_decay_fraction=0.5),
-            "gated": SAEModule.from_arguments("gated", width=32, init_seed=2, lr=3e-3),
-            "topk": SAEModule.from_arguments("topk", width=32, k=4, init_seed=3)}
+def three_members() -> dict[str, TrainingPlan]:
+    return {"sa": TrainingPlan.from_arguments("sagsae", width=16, init_seed=1, sparsity_coefficient=2,
+                                              lr_decay_fraction=0.5),
+            "gated": TrainingPlan.from_arguments("gated", width=32, init_seed=2, lr=3e-3),
+            "topk": TrainingPlan.from_arguments("topk", width=32, k=4, init_seed=3)}
 
 
 @pytest.mark.parametrize("clip", [None, 0.05])
@@ -41,11 +42,12 @@ def test_three_saes_sharing_one_stream_match_three_separate_runs(clip):
     quiet_trainer(20, limit_val_batches=0).fit(sweep, TensorActivationDataModule(DATA, batch_size=256))
     unclipped = SweepModule(three_members())
     quiet_trainer(20, limit_val_batches=0).fit(unclipped, TensorActivationDataModule(DATA, batch_size=256))
-    for name, alone in three_members().items():
+    for name, plan in three_members().items():
+        alone = SAEModule.from_plan(plan)
         quiet_trainer(20, limit_val_batches=0, gradient_clip_val=clip).fit(alone, TensorActivationDataModule(DATA, batch_size=256))
         together = sweep.members[name].state_dict()
         assert int(together["steps_trained"]) == 20
-        for key, value in alone.state_dict().items():
+        for key, value in alone.state.state_dict().items():
             assert torch.equal(value, together[key]), (name, key)
         if clip is not None:
             assert not torch.equal(unclipped.members[name].sae.W_dec, together["sae.W_dec"]), name

@@ -339,7 +339,9 @@ def test_a_sweep_trains_transcoders_side_by_side_and_reports_the_skip_paths_shar
     torch.manual_seed(0)
     source = torch.randn(4096, 8)
     target = source @ torch.randn(8, 8) + torch.relu(source @ torch.randn(8, 8))
-    members = {name: SAEModule.from_arguments("gated", width=32, sparsity_coefficient=0.01, lr=3e-3, init_seed=0,
+    from sagsae.training import TrainingPlan
+
+    members = {name: TrainingPlan.from_arguments("gated", width=32, sparsity_coefficient=0.01, lr=3e-3, init_seed=0,
                                               sparsity_warmup_steps=5, lr_warmup_steps=5, skip_connection=skip)
                for name, skip in (("plain", False), ("skip", True))}
     sweep = SweepModule(members)
@@ -348,7 +350,7 @@ def test_a_sweep_trains_transcoders_side_by_side_and_reports_the_skip_paths_shar
     trainer.fit(sweep, TensorActivationDataModule(torch.stack([source, target], 1)[:3584],
                                                   torch.stack([source, target], 1)[3584:], batch_size=256))
     rows = sweep.latest_validation
-    assert all(member.sae.is_transcoder for member in members.values())
+    assert all(member.sae.is_transcoder for member in sweep.members.values())
     assert "skip_r2" not in rows["plain"] and 0.3 < rows["skip"]["skip_r2"] < rows["skip"]["r2"]
     assert rows["skip"]["r2"] > 0.8 and rows["plain"]["r2"] > 0.5
 

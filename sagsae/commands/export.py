@@ -27,7 +27,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, split_signs: bool 
         "hook_layer": layer,
         "dataset_path": activations.get("dataset"),
         "context_size": activations.get("context_length"),
-        "training_tokens": int(state["state_dict"].get("tokens_seen", torch.tensor(0))),
+        "training_tokens": int(state["state_dict"].get("state.tokens_seen", torch.tensor(0))),
         "global_step": state.get("global_step"),
         "normalization_scalar_folded": float(sae.input_scale),
         **({"target_normalization_scalar_folded": float(sae.output_scale)} if sae.is_transcoder else {}),
@@ -38,7 +38,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, split_signs: bool 
         metadata["sagsae_split_signs"] = (f"latent i < {sae.width} is the positive part of signed latent i, latent "
                                           f"{sae.width} + i its negative part's magnitude")
     card = model_card(sae, metadata, state.get("sae_metrics", {}), split_signs)
-    return export(sae, out, metadata, state["state_dict"].get("firing_frequency"), card, split_signs)
+    return export(sae, out, metadata, state["state_dict"].get("state.dead_latents.firing_frequency"), card, split_signs)
 
 
 def model_card(sae, metadata: dict, metrics: dict, split_signs: bool = False) -> str:

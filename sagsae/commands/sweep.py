@@ -17,7 +17,7 @@ or a live hookpoint) and the members (an SAE module, its fixed arguments, and a 
 every 2nd validation and the last, for cells whose data knows its LM (a live hookpoint, or a cache that names it).
 
 A member's `init_args` and `grid` are one flat set of arguments: those of `SAEModule` (λ, LR, seeds, …) train,
-the others configure the SAE (width, k, switches), each routed by its name (`SAEModule.from_arguments`).
+the others configure the SAE (width, k, switches), each routed by its name (`TrainingPlan.from_arguments`).
 
 Every member of a cell trains from the same batches (`SweepModule`), so a cell costs one pass over its data.
 Each cell writes `<out>/<cell>/results.json` when done; a rerun skips finished cells and resumes an unfinished
@@ -52,10 +52,11 @@ from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.dashboard import SAETensorBoardLogger
 from callbacks.interrupt import InterruptCheckpoint
 from callbacks.run_info import StepProgressBar, environment
-from lightning_modules import SAEModule, SweepModule
+from lightning_modules import SweepModule
 from sagsae.analysis.sweep_results import RESULTS
 from sagsae.saes import SparseAutoencoder
-Scorer = Callable[[str, SAEModule], dict[str, float]]  # (cell, trained member) → extra result columns
+from sagsae.training import TrainingPlan, TrainingState
+Scorer = Callable[[str, TrainingState], dict[str, float]]  # (cell, trained member) → extra result columns
 CLIPPING = ("gradient_clip_val", "gradient_clip_algorithm")  # trainer settings that the SweepModule applies
 SHORT_NAMES = {"sparsity_coefficient": "l", "target_l0": "t", "init_seed": "s", "width": "w", "k": "k", "lr": "lr"}
 
@@ -119,7 +120,7 @@ def build_sweep(members: dict[str, dict[str, Any]], lm_loss: dict[str, int] | No
     unknown = set(lm_loss or {}) - {"contexts", "every"}
     if unknown:
         raise ValueError(f"lm_loss takes contexts and every; got {sorted(unknown)}")
-    return SweepModule({name: SAEModule.from_arguments(spec["sae"], **spec["init_args"]) for name, spec in members.items()},
+    return SweepModule({name: TrainingPlan.from_arguments(spec["sae"], **spec["init_args"]) for name, spec in members.items()},
                        lm_loss_contexts=int((lm_loss or {}).get("contexts", 0)),
                        lm_loss_every=int((lm_loss or {}).get("every", 1)), **clipping)
 

@@ -22,6 +22,7 @@ from sagsae.saes import SparseAutoencoder, build_sae, sae_class_for_saelens
 from sagsae.formats.split_signs import SPLIT_SUFFIX, SplitSigns, split_decoder
 from sagsae.formats.staging import staged_folder
 from sagsae.formats.transcoders import load_transcoder_tensors, transcoder_architecture, transcoder_layout
+from sagsae.training.migrations import FIT_SAE_PREFIX, migrate_checkpoint
 
 WEIGHTS, CONFIG, SPARSITY, CARD = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "README.md"
 
@@ -114,7 +115,8 @@ def unsafe_checkpoint_message(error: pickle.UnpicklingError, name: str = "the ch
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """A sagsae training checkpoint's contents, with errors that name the file.
+    """A sagsae training checkpoint's contents in the current layout (sagsae.training.migrations), with errors
+    that name the file.
 
     It is read with `torch.load(weights_only=True)`: tensors and plain data only, which is all that `fit` and
     `sweep` write, so that a checkpoint from someone else cannot run code when it is opened."""
@@ -128,19 +130,22 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
         raise ValueError(refusal or f"Could not read checkpoint {ckpt_path}: {error}") from None
     except Exception as error:  # a truncated or foreign file: say which and why
         raise ValueError(f"Could not read checkpoint {ckpt_path}: {error}") from error
-    if not isinstance(state, dict) or "sae" not in state or "state_dict" not in state:
+    if not isinstance(state, dict) or "state_dict" not in state or not ("sae" in state or "sweep_members" in state):
         raise ValueError(f"{ckpt_path} is not a sagsae training checkpoint (it has no 'sae' entry)")
-    return state
+    return migrate_checkpoint(state)
 
 
 def sae_from_checkpoint(state: dict[str, Any]) -> SparseAutoencoder:
     """The trained SAE of a checkpoint read by `read_checkpoint`, with its normalization scalar."""
+    if "sae" not in state:
+        raise ValueError(f"This is a sweep's checkpoint, which holds several SAEs ({', '.join(state['sweep_members'])}): "
+                         f"each member's results.json names its own `fit`-style export")
     return sae_from_spec(state["sae"], state["state_dict"])
 
 
-def sae_from_spec(spec: dict[str, Any], state_dict: dict[str, Any], prefix: str = "sae.") -> SparseAutoencoder:
+def sae_from_spec(spec: dict[str, Any], state_dict: dict[str, Any], prefix: str = FIT_SAE_PREFIX) -> SparseAutoencoder:
     """An SAE rebuilt from its recorded spec (architecture, config, transcoder) and the entries of `state_dict`
-    under `prefix`: a `fit` checkpoint's "sae.", a sweep member's "members.<name>.sae."."""
+    under `prefix`: a `fit` checkpoint's "state.sae.", a sweep member's "members.<name>.sae."."""
     sae = build_sae(spec["architecture"], **spec["config"])
     if spec.get("transcoder") is not None:
         sae.make_transcoder(**spec["transcoder"])
