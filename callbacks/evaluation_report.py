@@ -36,6 +36,7 @@ class EvaluationReport(L.Callback):
         Console().print(table)
         folder.mkdir(parents=True, exist_ok=True)
         report = {"stage": stage, "ckpt_path": trainer.ckpt_path,
-                  "trained_tokens": int(pl_module.state.tokens_seen) if pl_module.state is not None else -1, "metrics": metrics}
+                  "trained_tokens": -1 if pl_module.state is None else int(pl_module.state.tokens_seen),
+                  "metrics": metrics}
         (folder / "metrics.json").write_text(json.dumps(report, indent=2))
         print(f"Wrote {folder / 'metrics.json'}")

@@ -114,7 +114,7 @@ def test_resume_from_last_checkpoint_continues_the_step_count(fitted_run, tiny_l
     state = torch.load(resumed, map_location="cpu", weights_only=False)
     assert state["global_step"] == 40
     original = torch.load(last, map_location="cpu", weights_only=False)
-    assert float(state["state_dict"]["sae.input_scale"]) == float(original["state_dict"]["sae.input_scale"])
+    assert float(state["state_dict"]["state.sae.input_scale"]) == float(original["state_dict"]["state.sae.input_scale"])
     checks = state["callbacks"]["RunInfo"]["checks"]
     assert [check["tokens_seen"] for check in checks] == [256 * step for step in (10, 20, 30, 40)]
     assert settle_line(checks, 64) in capsys.readouterr().out.splitlines()

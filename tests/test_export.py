@@ -84,7 +84,7 @@ def test_export_refuses_existing_folders_and_broken_checkpoints(checkpoints, tmp
     with pytest.raises(ValueError, match="Could not read checkpoint"):
         export_checkpoint(broken, tmp_path / "out")
     state = torch.load(ckpt, weights_only=False)
-    state["state_dict"]["sae.W_dec"][0, 0] = float("nan")
+    state["state_dict"]["state.sae.W_dec"][0, 0] = float("nan")
     torch.save(state, tmp_path / "nan.ckpt")
     with pytest.raises(ValueError, match="non-finite"):
         export_checkpoint(tmp_path / "nan.ckpt", tmp_path / "out")

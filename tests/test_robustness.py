@@ -83,7 +83,7 @@ def test_sigterm_saves_a_resumable_checkpoint(delay, tiny_llama, text_file, tmp_
     run(["fit", *tiny_args(tiny_llama, text_file, tmp_path / "resumed", step + 3), "--ckpt_path", str(saved[0])])
     version = tmp_path / "resumed" / "lightning_logs" / "version_0"
     resumed = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)
-    assert resumed["global_step"] == step + 3 and int(resumed["state_dict"]["steps_trained"]) == step + 3
+    assert resumed["global_step"] == step + 3 and int(resumed["state_dict"]["state.steps_trained"]) == step + 3
     events = EventAccumulator(str(version))
     events.Reload()
     assert sorted(e.step for e in events.Scalars("train/loss")) == [step, step + 1, step + 2]

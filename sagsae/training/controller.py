@@ -32,8 +32,9 @@ class TargetL0Controller(nn.Module):
     - the integral term adds `rate`·e to log λ, unless L0's trend already reaches the target within
       LOOKAHEAD_STEPS (then the SAE is catching up, and a growing sum would overshoot: anti-windup);
     - the drift, added every step, learns `rate`·clip(e, ±BAND)/DRIFT_STEPS while L0 is near the target or
-      stalled, unless L0's trend reaches the target within SETTLING_STEPS (a weak plant's slow, steady answer). An SAE that learns gives sparser codes at a fixed λ, so λ must keep falling to hold
-      an L0; the drift takes over that ramp, which an integral term alone follows with a standing error;
+      stalled, unless L0's trend reaches the target within SETTLING_STEPS (a weak plant's slow, steady answer).
+      An SAE that learns gives sparser codes at a fixed λ, so λ must keep falling to hold an L0; the drift
+      takes over that ramp, which an integral term alone follows with a standing error;
     - λ's scale stays within SCALE_BOUNDS and the drift within ±`rate`. At a bound neither pushes further out.
 
     During λ's warmup (`warmup_steps`), the ramp advances while L̄0 heads above the target within
@@ -41,7 +42,7 @@ class TargetL0Controller(nn.Module):
     the integral term acts, without the drift.
 
     Guarantees: λ stays bounded whatever L0 does. Where L0 answers λ, monotonically and within a few hundred
-    steps, L0 settles at the target, following ramps up to `rate` a step (tests/test_controller.py). Where it
+    steps, L0 settles at the target, following ramps of log λ up to 0.07% a step (tests/test_controller.py). Where it
     does not (λ at a bound, or an error outside ±BAND that has not halved over CHECK_STEPS), `check` says so
     once, with the step.
     """
@@ -57,7 +58,7 @@ class TargetL0Controller(nn.Module):
         self.register_buffer("drift", torch.tensor(0.0))  # the learned ramp of log λ per step
         self.register_buffer("fast_average", torch.tensor(0.0))  # L̄0 (0: no step yet)
         self.register_buffer("slow_average", torch.tensor(0.0))
-        self.register_buffer("window_error", torch.tensor(math.nan))  # |e| when the current check window began
+        self.register_buffer("window_error", torch.tensor(-1.0))  # |e| when the check window began (-1: none yet)
         self.register_buffer("unresponsive_step", torch.tensor(-1, dtype=torch.long))  # when it was found (-1: never)
 
     def update(self, l0: Tensor, step: int) -> None:
@@ -105,7 +106,7 @@ class TargetL0Controller(nn.Module):
         if step <= self.warmup_steps or (step - self.warmup_steps) % CHECK_STEPS or int(self.unresponsive_step) >= 0:
             return None
         error, start = float(self.error().abs()), float(self.window_error)
-        stalled = error >= BAND and math.isfinite(start) and error > SHRINK * start  # the first window sets `start`
+        stalled = error >= BAND and start >= 0 and error > SHRINK * start  # the first window sets `start`
         self.window_error.fill_(error)
         if not (stalled or bool(self.at_bound())):
             return None

@@ -57,7 +57,7 @@ def to_training_state(checkpoint: dict[str, Any]) -> None:
                 continue
             state_dict[new_owner + RENAMED_IN_2.get(rest, rest)] = value
         if steered:  # the controller's check of whether L0 answers λ is new: it starts its windows afresh
-            state_dict[new_owner + "controller.window_error"] = torch.tensor(float("nan"))
+            state_dict[new_owner + "controller.window_error"] = torch.tensor(-1.0)
             state_dict[new_owner + "controller.unresponsive_step"] = torch.tensor(-1)
 
 
