@@ -75,7 +75,9 @@ def measure(d: int, width: int, batch: int, members: int) -> dict[str, float]:
 
     torch.manual_seed(0)
     data = torch.randn(4 * batch, d)
-    sweep = SweepModule({f"m{i}": SAEModule.from_arguments("sagsae", width=width, init_seed=i, theta_init_quantile=0.9)
+    from sagsae.training import TrainingPlan
+
+    sweep = SweepModule({f"m{i}": TrainingPlan.from_arguments("sagsae", width=width, init_seed=i, theta_init_quantile=0.9)
                          for i in range(members)}, gradient_clip_val=1.0)
     probe = Probe()
     trainer = L.Trainer(accelerator="cpu", max_steps=3, val_check_interval=3, num_sanity_val_steps=0, logger=False,

@@ -27,6 +27,7 @@ import torch
 from benchmarks import DEVICE
 from datamodules import ActivationFileDataModule
 from lightning_modules import SAEModule
+from sagsae.training.migrations import migrate_checkpoint
 from sagsae.commands.sweep import import_class
 from sagsae.analysis.convergence import alternation
 from sagsae.precision import automatic_precision
@@ -62,10 +63,14 @@ def module_from_checkpoint(path: Path, first_betas: dict[str, float], lr_factor:
     sae = arguments.pop("sae")
     module = SAEModule.from_arguments(import_class(sae["class_path"]), **sae["init_args"],
                                       **{**arguments, "lr_warmup_steps": 0, "lr": arguments["lr"] * lr_factor})
-    own_groups = module.optimizer_groups
+    build = module.configure_model
 
-    def groups() -> list[dict]:
-        chosen = own_groups()
+    def configure_model() -> None:  # the state exists once built: then its groups get the first-moment betas
+        build()
+        own_groups = module.state.optimizer_groups
+        module.state.optimizer_groups = lambda: regroup(own_groups())
+
+    def regroup(chosen: list[dict]) -> list[dict]:
         for name, parameter in module.sae.named_parameters():
             if name in first_betas:
                 group = next(g for g in chosen if any(p is parameter for p in g["params"]))
@@ -76,8 +81,8 @@ def module_from_checkpoint(path: Path, first_betas: dict[str, float], lr_factor:
                 group["betas"] = (first_betas[group["name"]], group["betas"][1])
         return chosen
 
-    module.optimizer_groups = groups
-    return module, checkpoint["state_dict"]
+    module.configure_model = configure_model
+    return module, migrate_checkpoint(checkpoint)["state_dict"]
 
 
 class Recorder(L.Callback):
@@ -108,7 +113,7 @@ class Recorder(L.Callback):
             self.previous[name] = (value, update)
         if trainer.global_step > self.steps - HELD_OUT_STEPS:
             with torch.no_grad():
-                codes = module.evaluate_batch(self.held_out.to(module.device))["codes"]
+                codes = module.state.evaluate_batch(self.held_out.to(module.device))["codes"]
             self.held_out_l0.append(float((codes != 0).sum(1).float().mean()))
 
 

@@ -16,10 +16,11 @@ import torch
 from benchmarks import device_name
 from benchmarks.end_to_end import add_common_arguments, datamodule, fit_tokens_per_second
 from lightning_modules import SAEModule, SweepModule
+from sagsae.training import TrainingPlan
 
 
-def member(seed: int, width: int) -> SAEModule:
-    return SAEModule.from_arguments("sagsae", width=width, sparsity_coefficient=8.0, init_seed=seed)
+def member(seed: int, width: int) -> TrainingPlan:
+    return TrainingPlan.from_arguments("sagsae", width=width, sparsity_coefficient=8.0, init_seed=seed)
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--width", type=int, default=1152)
     args = parser.parse_args()
-    separate = [fit_tokens_per_second(member(seed, args.width), datamodule(args), args.steps)
+    separate = [fit_tokens_per_second(SAEModule.from_plan(member(seed, args.width)), datamodule(args), args.steps)
                 for seed in range(args.members)]
     separate_rate = args.members / sum(1 / rate for rate in separate)  # N runs one after another
     sweep = SweepModule({f"s{seed}": member(seed, args.width) for seed in range(args.members)})

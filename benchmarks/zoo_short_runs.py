@@ -61,7 +61,7 @@ def evaluate(module, val: torch.Tensor) -> dict[str, float]:
     return {
         "l0": float((codes != 0).sum(1).float().mean()),
         "r2": float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
-        "dead_train_window": float(module.dead_mask().float().mean()),
+        "dead_train_window": float(module.state.dead_latents.dead_mask().float().mean()),
         "silent_on_val": float(((codes != 0).sum(0) == 0).float().mean()),
     }
 

@@ -61,10 +61,11 @@ def test_a_version_one_checkpoint_resumes_into_the_same_state(tmp_path, target_l
     assert int(resumed.state.steps_trained) == 7
 
 
-def test_the_earliest_checkpoints_take_fresh_bookkeeping():
+def test_the_earliest_checkpoints_take_fresh_bookkeeping(tmp_path):
     """Before revivals, spikes and the controller existed: those buffers start fresh, the rest is kept."""
     module, trainer = trained(4.0)
-    checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+    trainer.save_checkpoint(tmp_path / "now.ckpt")
+    checkpoint = torch.load(tmp_path / "now.ckpt", weights_only=True)
     later = ("revivals", "loss_average", "loss_spikes", "spiking", "lambda_scale", "l0_average", "l0_trend_base",
              "lambda_drift")
     migrated = migrate_checkpoint(version_one(checkpoint, drop=later))
