@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sagsae.saes.gated_chain import gated_chain
+from sagsae.saes.gated_chain import gated_chain, traceable_chain
 from sagsae.saes.straight_through import bi_jump_relu, two_sided_soft_threshold
 from tests.conftest import perturbed_sae
 
@@ -41,21 +41,24 @@ def leaves(generator, tied_theta: bool):
 @pytest.mark.parametrize("sign_consistency", [True, False], ids=["sign-consistent", "any-sign"])
 def test_values_and_gradients_equal_the_composed_ops(tied_theta, sign_consistency, soft):
     """Random upstream gradients on all three outputs (codes, gate codes and their per-latent L1), with a bandwidth
-    wide enough that many π fall in the thresholds' kernels."""
+    wide enough that many π fall in the thresholds' kernels: the fused autograd function and the traceable form
+    (plain ops, its pseudo-derivatives as terms of value zero) against the composed ops."""
     generator = torch.Generator().manual_seed(0)
-    fused_inputs, composed_inputs = leaves(generator, tied_theta), leaves(torch.Generator().manual_seed(0), tied_theta)
+    chains = {"fused": gated_chain, "traceable": traceable_chain, "composed": composed_chain}
+    inputs = {name: leaves(torch.Generator().manual_seed(0), tied_theta) for name in chains}
     upstream = [torch.randn(B, H, generator=generator), torch.randn(B, H, generator=generator),
                 torch.randn(H, generator=generator)]
     outputs = {}
-    for name, inputs, chain in (("fused", fused_inputs, gated_chain), ("composed", composed_inputs, composed_chain)):
-        args = [inputs[key] for key in ("u", "b_gate", "r", "b_mag", "theta_pos", "theta_neg")]
+    for name, chain in chains.items():
+        args = [inputs[name][key] for key in ("u", "b_gate", "r", "b_mag", "theta_pos", "theta_neg")]
         outputs[name] = chain(*args, 0.4, sign_consistency, soft)
         sum((out * grad).sum() for out, grad in zip(outputs[name], upstream)).backward()
-    for fused, composed in zip(outputs["fused"], outputs["composed"]):
-        torch.testing.assert_close(fused.detach(), composed.detach(), rtol=1e-6, atol=1e-6)
-    for key in fused_inputs:
-        assert fused_inputs[key].grad.abs().sum() > 0, f"the fixture must give {key} a gradient"
-        torch.testing.assert_close(fused_inputs[key].grad, composed_inputs[key].grad, rtol=1e-5, atol=1e-5)
+    for name in ("fused", "traceable"):
+        for mine, composed in zip(outputs[name], outputs["composed"]):
+            torch.testing.assert_close(mine.detach(), composed.detach(), rtol=1e-6, atol=1e-6)
+        for key in inputs[name]:
+            assert inputs[name][key].grad.abs().sum() > 0, f"the fixture must give {key} a gradient"
+            torch.testing.assert_close(inputs[name][key].grad, inputs["composed"][key].grad, rtol=1e-5, atol=1e-5)
     codes = outputs["fused"][0]
     assert (codes > 0).any() and (codes < 0).any() and (codes == 0).any()
 

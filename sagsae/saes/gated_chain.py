@@ -72,6 +72,38 @@ def chain_backward(grad_codes: Tensor, grad_gate_codes: Tensor, grad_gate_l1: Te
     return grad_u, grad_b_gate, grad_log_rescale, grad_b_mag, grad_pos, grad_neg
 
 
+def traceable_chain(u: Tensor, b_gate: Tensor, log_rescale: Tensor, b_mag: Tensor, theta_pos: Tensor,
+                    theta_neg: Tensor, bandwidth: float, sign_consistency: bool = True,
+                    soft: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """`gated_chain` as plain differentiable ops, for torch.compile to fuse forward and backward into a few loops
+    (no autograd function for it to trace). BiJump's pseudo-derivatives for θ± are terms of value exactly zero,
+    c · (θ − θ̄) with θ̄ = θ detached and c = −(θ̄/ε) K((π − θ̄)/ε) (the kernel band), so autograd derives them; the
+    L1 then reaches θ from the band's open side only, as in `chain_backward`. Same values and gradients as the
+    fused chain (tests/test_gated_chain.py)."""
+    dtype = u.dtype if u.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    u = u.float()
+    pi = u + b_gate.float()
+    theta_pos, theta_neg = theta_pos.float(), theta_neg.float()
+    gate = (pi > theta_pos) | (pi < -theta_neg)
+    magnitude = torch.addcmul(b_mag.float(), u, log_rescale.float().exp())
+    keep = gate & ((pi > 0) == (magnitude > 0)) if sign_consistency else gate
+    codes = torch.where(keep, magnitude, 0)
+    if soft:
+        gate_codes = torch.where(gate, pi - torch.where(pi > 0, theta_pos, -theta_neg), 0)
+    else:
+        half = bandwidth / 2
+        fixed_pos, fixed_neg = theta_pos.detach(), theta_neg.detach()
+        band_pos = (pi > 0) & (pi > fixed_pos - half) & (pi < fixed_pos + half)
+        band_neg = (pi < 0) & (-pi > fixed_neg - half) & (-pi < fixed_neg + half)
+        # zero in value; ∂/∂θ⁺ = −(θ⁺/ε) K on the positive band, ∂/∂θ⁻ = +(θ⁻/ε) K on the negative one (a closed
+        # side's θ is infinite and its band empty: `where` keeps ∞ − ∞ out of the sum)
+        jump_pos = torch.where(band_pos, -fixed_pos / bandwidth * (theta_pos - fixed_pos), 0)
+        jump_neg = torch.where(band_neg, fixed_neg / bandwidth * (theta_neg - fixed_neg), 0)
+        gate_codes = torch.where(gate, pi, 0) + jump_pos + jump_neg
+    gate_l1 = gate_codes.abs().sum(0)
+    return codes.to(dtype), gate_codes.to(dtype), gate_l1
+
+
 EAGER_BODIES = {"forward": chain_forward, "backward": chain_backward}
 CHAIN_BODIES = dict(EAGER_BODIES)  # the bodies the autograd function runs: eager, or compiled by the switch below
 
