@@ -115,6 +115,8 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_in_one_line(checkpoints,
         message = result.stderr.strip().splitlines()
         assert len(message) == 1 and "Refusing to open" in message[0] and "crafted.ckpt" in message[0]
         assert "posix.system" in message[0] and not (tmp_path / command).exists()
+    torch.load(tmp_path / "crafted.ckpt", weights_only=False)  # the positive control: unpickled, the code runs
+    assert marker.exists()
 
 
 def test_validate_and_resume_refuse_a_checkpoint_whose_pickle_runs_code(tiny_llama, text_file, tmp_path):

@@ -223,26 +223,35 @@ def test_saelens_loads_the_transcoders_it_has_classes_for(architecture, skip, tm
 
 @pytest.mark.parametrize("architecture", sorted(SAE_REGISTRY))
 def test_every_architecture_trains_as_a_transcoder_from_pairs(architecture, tmp_path):
-    """Pairs in, a transcoder out: the SAE becomes one because the data are pairs, fits y = A x + noise better
-    than the mean does, and its checkpoint rebuilds it (with its skip) through `sae_from_checkpoint`."""
+    """Pairs in, a transcoder out: the SAE becomes one because the data are pairs. The target holds a ReLU part
+    that no linear map explains, so a skip alone cannot pass: the transcoder beats the best linear map (least
+    squares on the same data) and its own skip path alone by a wide margin, and its checkpoint rebuilds it (with
+    its skip) through `sae_from_checkpoint`. SA-GSAE starts its θ at the 0.9-quantile, as the shipped configs do:
+    with every gate open its codes are linear in the source."""
     from sagsae.formats.serialization import read_checkpoint, sae_from_checkpoint
+    from sagsae.saes.base import ridge_least_squares
 
     torch.manual_seed(0)
     source = torch.randn(4096, 8) @ torch.randn(8, 8)
-    target = source @ torch.randn(8, 8) + 0.1 * torch.randn(4096, 8) + 2.0
+    nonlinear = 3 * torch.relu(source @ torch.randn(8, 16)) @ torch.randn(16, 8) / 4
+    target = source @ torch.randn(8, 8) + nonlinear + 0.1 * torch.randn(4096, 8) + 2.0
     data = TensorActivationDataModule(torch.stack([source, target], 1), batch_size=256)
+    start = {"theta_init_quantile": 0.9} if architecture == "sagsae" else {}
     module = SAEModule.from_arguments(architecture, width=32, sparsity_coefficient=0.01, skip_connection=True,
                                       lr=3e-3, sparsity_warmup_steps=5, lr_warmup_steps=5, init_seed=0,
-                                      **SWITCHES.get(architecture, {}))
+                                      **SWITCHES.get(architecture, {}), **start)
     trainer = L.Trainer(max_steps=400, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, limit_val_batches=0)
     trainer.fit(module, data)
     sae = module.sae
     assert sae.is_transcoder and sae.W_skip is not None and float(sae.W_skip.abs().sum()) > 0
     assert float(sae.target_scale) != float(sae.input_scale)
+    weight, bias = ridge_least_squares(source, target, 1e-6)
     with torch.no_grad():
-        error = squared_error(target, sae.reconstruct_raw(source))
-    assert float(error) < 0.5 * float(squared_error(target, target.mean(0)))
+        error = float(squared_error(target, sae.reconstruct_raw(source)))
+        skip_alone = float(squared_error(target, (sae.skip(sae.normalize(source)) + sae.b_dec) / sae.output_scale))
+    assert error < float(squared_error(target, source @ weight.T + bias)), "no better than the best linear map"
+    assert error < 0.5 * skip_alone, "the codes add little to the skip"
     trainer.save_checkpoint(tmp_path / "tc.ckpt")
     rebuilt = sae_from_checkpoint(read_checkpoint(tmp_path / "tc.ckpt")).eval()
     torch.testing.assert_close(rebuilt.reconstruct_raw(source[:64]), sae.eval().reconstruct_raw(source[:64]))
