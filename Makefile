@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m sagsae fit --config configs/default.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -W ignore::UserWarning
+	$(PY) -m pytest -q -rs -W ignore::UserWarning
 
 # docs/results.md and docs/method.md's sweeps, regenerated (hours on 2 CPU cores; each step resumes if stopped).
 SMOLLM2_CACHE := --config configs/default.yaml --train_tokens 400000 --dtype float16

@@ -13,6 +13,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+IN_CI = os.environ.get("CI") == "true"  # .ci/run installs every optional dependency that a test names
+
+
+def needs(available: bool, reason: str) -> pytest.MarkDecorator:
+    """Skip where an optional dependency is missing, saying which; under CI, which installs them all, run anyway,
+    so that a dropped dependency fails instead of turning into a silent skip."""
+    return pytest.mark.skipif(not available and not IN_CI, reason=reason)
+
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

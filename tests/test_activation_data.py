@@ -90,8 +90,14 @@ def test_embedded_datamodule_drops_bos_and_specials(tiny_llama, text_file):
     assert sum(len(batch) for batch in data.val_dataloader()) == 100
 
 
-def test_spliced_lm_loss_perfect_reconstruction_recovers_everything(tiny_llama, text_file):
-    data = LMActivationDataModule(model=str(tiny_llama), dataset="json", data_files=str(text_file), layer=1,
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
+def test_spliced_lm_loss_perfect_reconstruction_recovers_everything(family, tiny_llama, text_file, tmp_path):
+    """On a Llama-shaped block, a Gemma 2 sandwich-norm block (whose MLP write is a norm's output) and a NeoX
+    parallel-residual block: the splice reaches the logits, and a perfect reconstruction changes nothing."""
+    from tests.conftest import build_tiny_model
+
+    model = tiny_llama if family == "llama" else build_tiny_model(family, tmp_path / family)
+    data = LMActivationDataModule(model=str(model), dataset="json", data_files=str(text_file), layer=1,
                                   context_length=16, val_fraction=0.2)
     data.setup()
     perfect = data.spliced_cross_entropy(lambda x: x, contexts=4)
@@ -112,9 +118,8 @@ def test_spliced_lm_loss_perfect_reconstruction_recovers_everything(tiny_llama, 
     # the clean CE is the model's own mean next-token loss over the scored positions
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     with torch.no_grad():
-        logits = model(contexts).logits
+        logits = transformers.AutoModelForCausalLM.from_pretrained(model).eval()(contexts).logits
     scored = data.lm.trainable_positions(contexts)[:, 1:]
     direct = torch.nn.functional.cross_entropy(logits[:, :-1][scored], contexts[:, 1:][scored])
     assert perfect["ce_clean"] == pytest.approx(float(direct), rel=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -196,14 +197,22 @@ def test_two_nodes_started_by_torchrun_train_and_validate_as_one_node_and_one_pr
     one_node = launch(spec, tmp_path / "one_node")
     (tmp_path / "two_nodes").mkdir()
     (tmp_path / "two_nodes" / "spec.json").write_text(json.dumps({**spec, "nodes": 2, "out": str(tmp_path / "two_nodes")}))
-    port = str(29400 + os.getpid() % 500)
+    with socket.socket() as probe:  # a port that is free now, on loopback
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port,
                                "-m", "tests.ddp_scenarios", str(tmp_path / "two_nodes" / "spec.json")],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
              for rank in (0, 1)]
-    for node in nodes:
-        output, _ = node.communicate(timeout=300)
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:  # a node that hangs (its peer died) must not outlive the test, nor its workers
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+    for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-3000:]
     two_nodes = [torch.load(tmp_path / "two_nodes" / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 

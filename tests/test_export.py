@@ -13,6 +13,8 @@ import lightning as L
 import pytest
 import torch
 
+from tests.conftest import needs
+
 import sagsae
 from callbacks import SAEMetrics
 from datamodules import TensorActivationDataModule
@@ -152,8 +154,8 @@ def test_export_cli_writes_the_folder(checkpoints, tmp_path):
     assert "gated SAE, width 32" in (tmp_path / "cli" / "README.md").read_text()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sae_lens") is None,
-                    reason="sae-lens is not installed (optional; `pip install sae-lens` to run this check)")
+@needs(importlib.util.find_spec("sae_lens") is not None,
+       reason="sae-lens is not installed (optional; `pip install sae-lens` to run this check)")
 @pytest.mark.parametrize("name", ["relu", "gated", "jumprelu", "topk", "batchtopk", "sagsae", "sagsae-untied",
                                   "sagsae-one-sided", "abstopk"])
 def test_saelens_loads_our_exports(name, checkpoints, tmp_path):
@@ -204,8 +206,8 @@ def test_split_signs_refuses_an_unsigned_sae(checkpoints, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sae_lens") is None,
-                    reason="sae-lens is not installed (optional; `pip install sae-lens` to run this check)")
+@needs(importlib.util.find_spec("sae_lens") is not None,
+       reason="sae-lens is not installed (optional; `pip install sae-lens` to run this check)")
 @pytest.mark.parametrize("name", SIGNED)
 def test_saelens_loads_split_sign_exports_with_codes_of_one_sign(name, checkpoints, tmp_path):
     from sae_lens import SAE

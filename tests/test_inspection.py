@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sagsae.analysis.inspection import HISTOGRAM_BINS, LatentStatistics, histogram_bin, logit_effects
-from tests.conftest import REPO
+from tests.conftest import REPO, needs
 
 BEFORE, AFTER, TOP_K, RANDOM_K = 3, 2, 4, 3
 
@@ -187,6 +187,26 @@ def test_inspect_command_writes_a_browser_that_names_both_signs(tiny_llama, expo
     assert again.returncode != 0 and "already exists" in again.stderr
 
 
+def test_inspect_reads_a_fit_checkpoint_end_to_end(tiny_llama, text_file, tmp_path):
+    """`fit` on a tiny model, then `inspect --ckpt_path` with nothing else about the model: the checkpoint names
+    the LM, hookpoint and layer, and the browser covers every latent of the trained SAE, whose codes it recomputes."""
+    from sagsae.commands.train import run
+    from sagsae.formats.serialization import read_checkpoint, sae_from_checkpoint
+    from tests.test_cli import tiny_args
+
+    run(["fit", *tiny_args(tiny_llama, text_file, tmp_path / "run", steps=6)])
+    checkpoint = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "browser"
+    result = subprocess.run([sys.executable, "-m", "sagsae", "inspect", "--ckpt_path", str(checkpoint), "--out",
+                             str(out), "--dataset", "json", "--data_files", str(text_file), "--tokens", "600"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    index = json.loads((out / "data" / "index.json").read_text())
+    sae = sae_from_checkpoint(read_checkpoint(checkpoint))
+    assert [row["index"] for row in index["rows"]] == list(range(sae.width)) and index["about"]["tokens"] >= 600
+    assert index["about"]["signed"] == sae.signed_codes
+
+
 def chromium() -> str | None:
     return next((path for name in ("chromium", "chromium-browser", "google-chrome")
                  if (path := shutil.which(name))), None)
@@ -204,7 +224,7 @@ def render(url: str, tmp_path, size: str = "1400,1000"):
     return dom, Image.open(screenshot).convert("RGB")
 
 
-@pytest.mark.skipif(chromium() is None, reason="needs Chromium (Debian: apt-get install chromium); .ci/run installs it")
+@needs(chromium() is not None, reason="needs Chromium (Debian: apt-get install chromium); .ci/run installs it")
 def test_browser_shows_the_index_and_both_sides_of_a_bipolar_latent_in_chromium(exported_sae, tmp_path):
     root, texts = exported_sae
     out = tmp_path / "browser"

