@@ -171,6 +171,42 @@ def test_saelens_loads_our_exports(name, checkpoints, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), ours.encode(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours(x), rtol=1e-5, atol=1e-4)
+        if name in SIGNED_FORMULAS:  # our SAELens classes for these reuse our code: check them against the formula
+            codes = SIGNED_FORMULAS[name](folder, x)
+            assert (codes < 0).any() == (name != "sagsae-one-sided") and (codes != 0).any()
+            torch.testing.assert_close(theirs.encode(x), codes, rtol=1e-5, atol=1e-5)
+
+
+def exported_tensors(folder: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    return json.loads((folder / "cfg.json").read_text()), load_file(str(folder / "sae_weights.safetensors"))
+
+
+def sagsae_codes_from_formula(folder: Path, x: torch.Tensor) -> torch.Tensor:
+    """SA-GSAE's codes written out from the exported tensors alone (docs/method.md, "Forward"), none of our code:
+    u = (x − b_dec) W_enc, π = u + b_gate; the gate opens on π > θ⁺ or π < −θ⁻; the code is the signed magnitude
+    exp(r^sign(π)) u + b_mag where the gate is open and the magnitude has π's sign."""
+    cfg, t = exported_tensors(folder)
+    assert cfg["signed_magnitude"] and cfg["sign_consistency"]
+    u = (x - t["b_dec"]) @ t["W_enc"]
+    pi = u + t["b_gate"]
+    open_ = (pi > t["threshold_pos"]) | (pi < -t["threshold_neg"])
+    magnitude = torch.exp(torch.where(pi > 0, t["r_pos"], t["r_neg"])) * u + t["b_mag"]
+    agrees = torch.sign(magnitude) == torch.sign(pi)
+    return torch.where(open_ & agrees, magnitude, torch.zeros(()))
+
+
+def abstopk_codes_from_formula(folder: Path, x: torch.Tensor) -> torch.Tensor:
+    """AbsTopK's codes from the exported tensors alone: the k pre-activations of largest |π|, signs kept."""
+    cfg, t = exported_tensors(folder)
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    chosen = pre.abs().topk(int(cfg["k"]), dim=1).indices
+    return torch.zeros_like(pre).scatter(1, chosen, pre.gather(1, chosen))
+
+
+SIGNED_FORMULAS = {"sagsae": sagsae_codes_from_formula, "sagsae-untied": sagsae_codes_from_formula,
+                   "sagsae-one-sided": sagsae_codes_from_formula, "abstopk": abstopk_codes_from_formula}
 
 
 SIGNED = ["sagsae", "sagsae-untied", "abstopk"]  # the one-sided gate ablation codes one sign only
