@@ -47,3 +47,14 @@ def alternating_medians(calls: dict[str, Callable[[], object]], rounds: int,
                 call()
                 times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def add_step_shape_arguments(parser, repeats: str = "rounds") -> None:
+    """--d_in, --width and --batch of one SAE step at the default config's shape, how many timed calls, and --json."""
+    from pathlib import Path
+
+    parser.add_argument("--d_in", type=int, default=576)
+    parser.add_argument("--width", type=int, default=4608)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument(f"--{repeats}", type=int, default=8 if repeats == "rounds" else 5)
+    parser.add_argument("--json", type=Path)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import DEVICE, alternating_medians, device_name
+from benchmarks import add_step_shape_arguments, DEVICE, alternating_medians, device_name
 from sagsae.saes import build_sae
 from sagsae.saes.gated_chain import gated_chain, traceable_chain
 from sagsae.saes.straight_through import jump_relu_with_counts
@@ -68,11 +68,7 @@ def jump_call(sae, z: torch.Tensor, upstream: list[torch.Tensor]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d_in", type=int, default=576)
-    parser.add_argument("--width", type=int, default=4608)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--json", type=Path)
+    add_step_shape_arguments(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in, device=DEVICE)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import DEVICE, alternating_medians, device_name
+from benchmarks import add_step_shape_arguments, DEVICE, alternating_medians, device_name
 from benchmarks.sae_step import training_step
 from sagsae.saes.gated_chain import CHAIN_BODIES, EAGER_BODIES, compiled_bodies, gated_chain
 from sagsae.saes import build_sae
@@ -59,14 +59,10 @@ def with_bodies(bodies: dict, call):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d_in", type=int, default=576)
-    parser.add_argument("--width", type=int, default=4608)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=8)
+    add_step_shape_arguments(parser)
     parser.add_argument("--autocast", choices=["bf16"], help="run under bf16 autocast")
     parser.add_argument("--compile", action="store_true",
                         help="also the fused chain through torch.compile (compiled in the warm-up call)")
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     compiled = compiled_bodies() if args.compile else None
     torch.manual_seed(0)

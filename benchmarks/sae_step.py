@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import DEVICE, alternating_medians, device_name
+from benchmarks import add_step_shape_arguments, DEVICE, alternating_medians, device_name
 from sagsae.saes import SAE_REGISTRY, SparseAutoencoder, build_sae, sae_class
 
 K = 64  # active latents of the TopK family, ours and the peers'
@@ -122,11 +122,7 @@ def sparsify_step(x: torch.Tensor, width: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d_in", type=int, default=576)
-    parser.add_argument("--width", type=int, default=4608)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path)
+    add_step_shape_arguments(parser, "repeats")
     parser.add_argument("--autocast", choices=["bf16"], help="run every step (the floor's too) under bf16 autocast")
     args = parser.parse_args()
     torch.manual_seed(0)
