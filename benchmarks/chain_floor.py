@@ -11,7 +11,8 @@ The floor counts what a chain must move, forward and backward, each input read o
   and z and writes z's gradient: 5 [B, H] tensors.
 It divides those bytes by the bandwidth of a plain copy of one [B, H] fp32 tensor, measured in the same process.
 Each chain runs eagerly (the fused autograd functions) and, for the gated chains, compiled (`traceable_chain`
-through torch.compile, forward and backward), in fp32 and with bf16 codes, as autocast gives them.
+through torch.compile, forward and backward) and, on CPU, as the C++ kernel (sagsae/saes/native_chain.py), in fp32
+and with bf16 codes, as autocast gives them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 
 from benchmarks import add_step_shape_arguments, DEVICE, alternating_medians, device_name
 from sagsae.saes import build_sae
-from sagsae.saes.gated_chain import gated_chain, traceable_chain
+from sagsae.saes.gated_chain import eager_gated_chain, traceable_chain
+from sagsae.saes.native_chain import native_chain_applies, native_gated_chain
 from sagsae.saes.straight_through import jump_relu_with_counts
 
 STARTS = {"sagsae": {"theta_init_quantile": 0.9}, "gated": {"gate_init_quantile": 0.9},
@@ -88,8 +90,10 @@ def main() -> None:
             if name == "jumprelu":
                 calls = {"eager": jump_call(sae, leaf, upstream)}
             else:
-                calls = {"eager": gated_call(gated_chain, sae, leaf, upstream),
+                calls = {"eager": gated_call(eager_gated_chain, sae, leaf, upstream),
                          "compiled": gated_call(compiled, sae, leaf, upstream)}
+                if native_chain_applies(leaf):
+                    calls["native"] = gated_call(native_gated_chain, sae, leaf, upstream)
             started = time.perf_counter()
             if "compiled" in calls:
                 calls["compiled"]()  # the compilation, timed apart

@@ -48,7 +48,8 @@ class SAEModule(L.LightningModule):
             (the same values and gradients, fewer operations at low density; `SparseAutoencoder.decode`); None
             decodes densely. The TopK family always decodes its k pairs sparsely.
         compile_chain: run the gated SAEs' fused elementwise chain through torch.compile (`compile_gated_chain`;
-            the first step compiles). A switch for the whole process.
+            the first step compiles), for GPUs. A switch for the whole process. Off, a CPU runs the chain's C++
+            kernel (sagsae/saes/native_chain.py), within 1.2x of its memory floor in fp32.
         skip_connection: for a transcoder (data that pairs a source hookpoint with a target one, e.g.
             `data.target_hookpoint: mlp_out` on `hookpoint: mlp_in`), add a learned linear map W_skip x of the
             source to the decode (a skip-transcoder). The SAE becomes a transcoder whenever the data are pairs.

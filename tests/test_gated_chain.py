@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from sagsae.saes.gated_chain import gated_chain, traceable_chain
+from sagsae.saes.gated_chain import eager_gated_chain, gated_chain, traceable_chain
+from sagsae.saes.native_chain import native_chain_available, native_gated_chain
 from sagsae.saes.straight_through import bi_jump_relu, two_sided_soft_threshold
-from tests.conftest import perturbed_sae
+from tests.conftest import IN_CI, perturbed_sae
 
 D, H, B, LAM = 6, 10, 256, 0.7
 
@@ -41,10 +42,12 @@ def leaves(generator, tied_theta: bool):
 @pytest.mark.parametrize("sign_consistency", [True, False], ids=["sign-consistent", "any-sign"])
 def test_values_and_gradients_equal_the_composed_ops(tied_theta, sign_consistency, soft):
     """Random upstream gradients on all three outputs (codes, gate codes and their per-latent L1), with a bandwidth
-    wide enough that many π fall in the thresholds' kernels: the fused autograd function and the traceable form
-    (plain ops, its pseudo-derivatives as terms of value zero) against the composed ops."""
+    wide enough that many π fall in the thresholds' kernels: the fused autograd function, the C++ kernel and the
+    traceable form (plain ops, its pseudo-derivatives as terms of value zero) against the composed ops."""
     generator = torch.Generator().manual_seed(0)
-    chains = {"fused": gated_chain, "traceable": traceable_chain, "composed": composed_chain}
+    chains = {"fused": eager_gated_chain, "traceable": traceable_chain, "composed": composed_chain}
+    if native_chain_available() or IN_CI:  # CI has a compiler: there the kernel must build
+        chains["native"] = native_gated_chain
     inputs = {name: leaves(torch.Generator().manual_seed(0), tied_theta) for name in chains}
     upstream = [torch.randn(B, H, generator=generator), torch.randn(B, H, generator=generator),
                 torch.randn(H, generator=generator)]
@@ -53,7 +56,7 @@ def test_values_and_gradients_equal_the_composed_ops(tied_theta, sign_consistenc
         args = [inputs[name][key] for key in ("u", "b_gate", "r", "b_mag", "theta_pos", "theta_neg")]
         outputs[name] = chain(*args, 0.4, sign_consistency, soft)
         sum((out * grad).sum() for out, grad in zip(outputs[name], upstream)).backward()
-    for name in ("fused", "traceable"):
+    for name in set(chains) - {"composed"}:
         for mine, composed in zip(outputs[name], outputs["composed"]):
             torch.testing.assert_close(mine.detach(), composed.detach(), rtol=1e-6, atol=1e-6)
         for key in inputs[name]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sagsae.saes.native_chain import native_chain_applies, native_gated_chain
 from sagsae.saes.straight_through import bi_jump_threshold_grads, open_gate
 
 
@@ -150,13 +151,28 @@ def _sum_to(grad: Tensor | None, like: Tensor, needed: bool) -> Tensor | None:
     return grad if like.dim() else grad.sum()
 
 
+def eager_gated_chain(u: Tensor, b_gate: Tensor, log_rescale: Tensor, b_mag: Tensor, theta_pos: Tensor,
+                      theta_neg: Tensor, bandwidth: float, sign_consistency: bool = True,
+                      soft: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """`gated_chain` through the torch-op bodies above (eager, or compiled by `compile_gated_chain`), on any
+    device and dtype."""
+    if u.dtype not in (torch.bfloat16, torch.float16):
+        u = u.float()
+    return _GatedChain.apply(u, b_gate.float(), log_rescale.float(), b_mag.float(), theta_pos.float(),
+                             theta_neg.float(), bandwidth, sign_consistency, soft)
+
+
 def gated_chain(u: Tensor, b_gate: Tensor, log_rescale: Tensor, b_mag: Tensor, theta_pos: Tensor,
                 theta_neg: Tensor, bandwidth: float, sign_consistency: bool = True,
                 soft: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(codes, gate codes, gate codes' per-latent L1) of the chain above. The codes come out in u's dtype if that is
     bf16 or fp16 (else fp32); π, the thresholds' kernel band and the L1 are fp32 whatever u's dtype, as BiJump's
-    (sagsae/saes/straight_through.py): the thresholds' kernel sums would be coarse in bf16."""
+    (sagsae/saes/straight_through.py): the thresholds' kernel sums would be coarse in bf16. On CPU in fp32 or bf16
+    the C++ kernel runs it (sagsae/saes/native_chain.py), unless `compile_gated_chain` asked for the compiled
+    bodies; elsewhere the torch-op bodies."""
     if u.dtype not in (torch.bfloat16, torch.float16):
         u = u.float()
-    return _GatedChain.apply(u, b_gate.float(), log_rescale.float(), b_mag.float(), theta_pos.float(),
-                             theta_neg.float(), bandwidth, sign_consistency, soft)
+    if CHAIN_BODIES["forward"] is chain_forward and native_chain_applies(u):
+        return native_gated_chain(u, b_gate.float(), log_rescale.float(), b_mag.float(), theta_pos.float(),
+                                  theta_neg.float(), bandwidth, sign_consistency, soft)
+    return eager_gated_chain(u, b_gate, log_rescale, b_mag, theta_pos, theta_neg, bandwidth, sign_consistency, soft)
