@@ -7,7 +7,7 @@ d_in, which is built in `configure_model` once the datamodule knows the activati
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -46,7 +46,8 @@ class SAEModule(L.LightningModule):
             member and a stand-alone run with the same seed start from the same weights.
         sparse_decode_below: decode from the non-zero codes alone when at most this share of them is non-zero
             (the same values and gradients, fewer operations at low density; `SparseAutoencoder.decode`); None
-            decodes densely. The TopK family always decodes its k pairs sparsely.
+            decodes densely; auto takes 0.05 for fp32 codes on CPU, where that is measured faster, and decodes
+            densely otherwise. The TopK family always decodes its k pairs sparsely.
         compile_chain: run the gated SAEs' fused elementwise chain through torch.compile (`compile_gated_chain`;
             the first step compiles), for GPUs. A switch for the whole process. Off, a CPU runs the chain's C++
             kernel (sagsae/saes/native_chain.py), within 1.2x of its memory floor in fp32.
@@ -74,7 +75,7 @@ class SAEModule(L.LightningModule):
         target_l0: float | None = None,
         target_l0_rate: float = 0.003,
         init_seed: int | None = None,
-        sparse_decode_below: float | None = None,
+        sparse_decode_below: float | Literal["auto"] | None = "auto",
         compile_chain: bool = False,
         skip_connection: bool = False,
         skip_start: str = "zeros",

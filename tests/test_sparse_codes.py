@@ -147,6 +147,30 @@ def test_the_training_module_sets_the_switch_and_refuses_a_share_outside_zero_to
     from lightning_modules import SAEModule
 
     assert SAEModule.from_arguments("sagsae", d_in=8, width=16, sparse_decode_below=0.05).sae.sparse_decode_below == 0.05
-    assert SAEModule.from_arguments("sagsae", d_in=8, width=16).sae.sparse_decode_below is None
-    with pytest.raises(ValueError, match="sparse_decode_below must lie in"):
-        SAEModule.from_arguments("sagsae", d_in=8, width=16, sparse_decode_below=1.5)
+    assert SAEModule.from_arguments("sagsae", d_in=8, width=16).sae.sparse_decode_below == "auto"
+    assert SAEModule.from_arguments("sagsae", d_in=8, width=16, sparse_decode_below=None).sae.sparse_decode_below is None
+    for bad in (1.5, "sometimes"):
+        with pytest.raises(ValueError, match="sparse_decode_below must lie in"):
+            SAEModule.from_arguments("sagsae", d_in=8, width=16, sparse_decode_below=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_decodes_sparsely_below_its_share_for_fp32_codes_on_cpu_only(dtype):
+    """"auto" resolves from the codes: AUTO_SPARSE_SHARE for fp32 on CPU (the measured crossover), dense for bf16
+    (where the sparse decode measured slower); the decoded values are the dense decode's either way."""
+    from sagsae.saes.base import AUTO_SPARSE_SHARE
+
+    sae = build_sae("gated", d_in=6, width=200)
+    sae.sparse_decode_below = "auto"
+    generator = torch.Generator().manual_seed(0)
+    for density, sparse_expected in ((AUTO_SPARSE_SHARE / 2, dtype == torch.float32), (AUTO_SPARSE_SHARE * 2, False)):
+        codes = torch.randn(40, 200, generator=generator) * (torch.rand(40, 200, generator=generator) < density)
+        leaf = codes.to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            decoded = sae.decode(leaf)
+        decoded.float().sum().backward()
+        assert sae.sparse_share(leaf) == (AUTO_SPARSE_SHARE if dtype == torch.float32 else None)
+        torch.testing.assert_close(decoded.float(), (leaf.float() @ sae.W_dec.T + sae.b_dec).float(),
+                                   rtol=2e-2, atol=2e-2)
+        # the sparse decode's gradient touches only the active codes; the dense one's reaches every entry
+        assert bool((leaf.grad[codes == 0] == 0).all()) == sparse_expected, density

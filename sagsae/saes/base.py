@@ -104,6 +104,9 @@ def random_unit_columns(d_in: int, width: int) -> Tensor:
     return decoder / decoder.norm(dim=0, keepdim=True)
 
 
+# "auto"'s share for fp32 codes on CPU. The sparse decode's step wins below 11% density at width 4,608 and below 5.8%
+# at 16,384 in fp32 on CPU; under bf16 it lost at 1% (docs/performance.md, "The sparse decode").
+AUTO_SPARSE_SHARE = 0.05
 SKIP_START_RIDGE = 0.1  # the least-squares start's ridge: best of 1e-8 … 1 on SmolLM2's first batch (docs/method.md)
 
 
@@ -160,9 +163,10 @@ class SparseAutoencoder(nn.Module):
     # the same values and gradients, as benchmarks/fused_chain.py does to measure the difference.
     use_fused_chain: bool = True
     # Decode from the non-zero codes alone, a gather-sum over each token's active latents (`nonzero_decode`), when
-    # at most this share of the codes is non-zero; None decodes densely. The main reconstruction and the gate
-    # path's both go through `decode`, and the decoder's and the codes' gradients then touch the active entries only.
-    sparse_decode_below: float | None = None
+    # at most this share of the codes is non-zero; None decodes densely; "auto" takes AUTO_SPARSE_SHARE for fp32
+    # codes on CPU and decodes densely otherwise. The main reconstruction and the gate path's both go through
+    # `decode`, and the decoder's and the codes' gradients then touch the active entries only.
+    sparse_decode_below: float | str | None = None
 
     def __init__(self, d_in: int, width: int, unit_norm_decoder: bool = False) -> None:
         super().__init__()
@@ -229,10 +233,18 @@ class SparseAutoencoder(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def sparse_share(self, codes: Tensor) -> float | None:
+        """The share of non-zero codes below which `decode` goes sparse, `sparse_decode_below` with "auto" resolved
+        for these codes."""
+        if self.sparse_decode_below != "auto":
+            return self.sparse_decode_below
+        return AUTO_SPARSE_SHARE if codes.device.type == "cpu" and codes.dtype == torch.float32 else None
+
     def decode(self, codes: Tensor) -> Tensor:
-        if self.sparse_decode_below is not None and codes.dim() == 2:
+        share = self.sparse_share(codes)
+        if share is not None and codes.dim() == 2:
             rows, cols = codes.detach().nonzero(as_tuple=True)
-            if len(rows) <= self.sparse_decode_below * codes.numel():
+            if len(rows) <= share * codes.numel():
                 return nonzero_decode(codes, rows, cols, self.W_dec) + self.b_dec
         return codes @ self.W_dec.T + self.b_dec
 

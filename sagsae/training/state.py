@@ -43,7 +43,7 @@ class TrainingSettings:
     target_l0: float | None = None
     target_l0_rate: float = 0.003
     init_seed: int | None = None
-    sparse_decode_below: float | None = None
+    sparse_decode_below: float | str | None = "auto"
     compile_chain: bool = False
     skip_connection: bool = False
     skip_start: str = "zeros"
@@ -60,8 +60,9 @@ class TrainingSettings:
         if self.target_l0 is not None and not (self.target_l0 > 0 and math.isfinite(self.target_l0)):
             raise ValueError(f"model.target_l0 must be a positive number of latents per token (or null), "
                              f"got {self.target_l0}")
-        if self.sparse_decode_below is not None and not 0 <= self.sparse_decode_below <= 1:
-            raise ValueError(f"model.sparse_decode_below must lie in [0, 1] (or null), got {self.sparse_decode_below}")
+        share = self.sparse_decode_below
+        if share not in (None, "auto") and not (isinstance(share, (int, float)) and 0 <= share <= 1):
+            raise ValueError(f"model.sparse_decode_below must lie in [0, 1], or be auto or null, got {share!r}")
         if not (self.target_l0_rate > 0 and math.isfinite(self.target_l0_rate)):
             raise ValueError(f"model.target_l0_rate must be a positive number, got {self.target_l0_rate}")
         if self.skip_start not in SKIP_STARTS:
