@@ -6,6 +6,7 @@
 It writes `<out>/gpu_check.json` (and the step tables' own JSON beside it) and prints a summary:
 1. the machine: card, torch and CUDA versions, TF32 and bf16 as set;
 2. `benchmarks.sae_step` in fp32 and under bf16 autocast (the peers' steps too where SAELens or sparsify import);
+   `benchmarks.chain_floor`: the gated chains eager and compiled (Triton on a GPU) against their memory floor;
 3. `sagsae cache --device cuda`: tokens/s of the LM forward writing a cache;
 4. a default `fit` of 500 steps in bf16-mixed: tokens/s and peak GPU memory.
 
@@ -121,6 +122,11 @@ def main() -> None:
         report[f"sae_step_{precision}_ms"] = {name: seconds * 1e3 for name, seconds in
                                              json.loads(table.read_text())["seconds"].items()}
 
+    chain_shape = ["--d_in", "64", "--width", "512", "--batch", "256", "--rounds", "2"] if args.quick else []
+    table = out / "chain_floor.json"
+    timed(["-m", "benchmarks.chain_floor", *chain_shape, "--json", str(table)], out / "chain_floor.log")
+    report["chain_floor"] = json.loads(table.read_text())["chains"]
+
     work = args.work
     shutil.rmtree(work, ignore_errors=True)
     lm = smollm2_shaped_lm(work / "lm", args.quick)
@@ -147,6 +153,10 @@ def main() -> None:
     fp32, bf16 = report["sae_step_fp32_ms"], report["sae_step_bf16_ms"]
     print(f"sagsae step: fp32 {fp32['sagsae']:.2f} ms (floor/step {fp32['floor'] / fp32['sagsae']:.2f}), "
           f"bf16 {bf16['sagsae']:.2f} ms (floor/step {bf16['floor'] / bf16['sagsae']:.2f})")
+    for chain, row in report["chain_floor"].items():
+        forms = ", ".join(f"{key.removesuffix('_s')} {row[key] / row['floor_s']:.1f}x" for key in row
+                          if key.endswith("_s") and key not in ("floor_s", "compile_s") and row[key] is not None)
+        print(f"chain {chain}: floor {row['floor_s'] * 1e3:.2f} ms; {forms} the floor")
     fit = report["fit_bf16"]
     print(f"cache: {report['cache']['tokens_per_s']:,.0f} tokens/s; fit in bf16-mixed: {fit['tokens_per_s']:,.0f} "
           f"tokens/s of training, {fit['seconds']:.0f} s in all, peak {fit['peak_memory_gib']:.2f} GiB")
