@@ -1,7 +1,7 @@
 """`python -m sagsae report SWEEP_DIR [SWEEP_DIR …] --out FOLDER`: Markdown tables and PNG plots of sweeps.
 
 Renders what sagsae/analysis/sweep_results.py reads. Per cell: R² against L0 and dead fraction against L0 for every series (seed means as lines, the seeds' range as
-a band), a table of every sweep point, the Pareto verdict of each compared pair over their L0 overlap (SPEC §6)
+a band), a table of every sweep point, the Pareto verdict of each compared pair over their L0 overlap
 with the sweep-geomean dead reduction, the bipolar census of signed SAEs, and what the paper reports for that
 kind of hookpoint. Compared pairs come from `--compare A B` or the sweep config's `compare: [[A, B], …]`.
 `--at_tokens N` reads every member as it stood after N training tokens (sweeps keep every budget checkpoint);
@@ -327,7 +327,7 @@ def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | N
         lines += [f"Every member as it stood after {at_tokens:,} training tokens (its last budget checkpoint "
                   f"within them; `--at_tokens`).", ""]
     if verdicts:
-        lines += ["## Pareto verdicts (SPEC §6)", "",
+        lines += ["## Pareto verdicts", "",
                   "A dominates B when its interpolated R²(L0) is ≥ B's (or its ΔCE(L0), the spliced LM loss minus "
                   "the clean one, ≤ B's) everywhere on the L0 range both sweeps cover, counting only gaps wider "
                   "than the seeds' spread there (the tie band: \"within noise\" when no gap is). A − B is R²_A − R²_B "
