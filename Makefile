@@ -22,7 +22,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -rs -W ignore::UserWarning
 
-# docs/results.md and docs/method.md's sweeps, regenerated (hours on 2 CPU cores; each step resumes if stopped).
+# The synthetic, threshold, 1x-grid, long and Gemma-3 sweeps of docs/results.md, regenerated (hours on 2 CPU cores;
+# each step resumes if stopped). The later studies' commands are in their configs' headers (configs/sweeps/).
 SMOLLM2_CACHE := --config configs/default.yaml --train_tokens 400000 --dtype float16
 GEMMA3_CACHE := $(SMOLLM2_CACHE) --data.init_args.model embedded:gemma3-270m --data.init_args.layer 9
 FAIR := --compare "SA-GSAE(H) θ q0.9" "Gated(2H) b q0.9"
