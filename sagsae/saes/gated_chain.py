@@ -151,14 +151,17 @@ def _sum_to(grad: Tensor | None, like: Tensor, needed: bool) -> Tensor | None:
     return grad if like.dim() else grad.sum()
 
 
+def chain_input(u: Tensor) -> Tensor:
+    """u as the chain takes it: bf16 and fp16 as they are (autocast's matmul output), anything else as fp32."""
+    return u if u.dtype in (torch.bfloat16, torch.float16) else u.float()
+
+
 def eager_gated_chain(u: Tensor, b_gate: Tensor, log_rescale: Tensor, b_mag: Tensor, theta_pos: Tensor,
                       theta_neg: Tensor, bandwidth: float, sign_consistency: bool = True,
                       soft: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """`gated_chain` through the torch-op bodies above (eager, or compiled by `compile_gated_chain`), on any
     device and dtype."""
-    if u.dtype not in (torch.bfloat16, torch.float16):
-        u = u.float()
-    return _GatedChain.apply(u, b_gate.float(), log_rescale.float(), b_mag.float(), theta_pos.float(),
+    return _GatedChain.apply(chain_input(u), b_gate.float(), log_rescale.float(), b_mag.float(), theta_pos.float(),
                              theta_neg.float(), bandwidth, sign_consistency, soft)
 
 
@@ -170,9 +173,8 @@ def gated_chain(u: Tensor, b_gate: Tensor, log_rescale: Tensor, b_mag: Tensor, t
     (sagsae/saes/straight_through.py): the thresholds' kernel sums would be coarse in bf16. On CPU in fp32 or bf16
     the C++ kernel runs it (sagsae/saes/native_chain.py), unless `compile_gated_chain` asked for the compiled
     bodies; elsewhere the torch-op bodies."""
-    if u.dtype not in (torch.bfloat16, torch.float16):
-        u = u.float()
-    if CHAIN_BODIES["forward"] is chain_forward and native_chain_applies(u):
-        return native_gated_chain(u, b_gate.float(), log_rescale.float(), b_mag.float(), theta_pos.float(),
-                                  theta_neg.float(), bandwidth, sign_consistency, soft)
-    return eager_gated_chain(u, b_gate, log_rescale, b_mag, theta_pos, theta_neg, bandwidth, sign_consistency, soft)
+    u = chain_input(u)
+    native = CHAIN_BODIES["forward"] is chain_forward and native_chain_applies(u)
+    chain = native_gated_chain if native else eager_gated_chain
+    return chain(u, b_gate.float(), log_rescale.float(), b_mag.float(), theta_pos.float(), theta_neg.float(),
+                 bandwidth, sign_consistency, soft)

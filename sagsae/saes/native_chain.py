@@ -4,8 +4,8 @@ The eager chain (sagsae/saes/gated_chain.py) keeps π, both codes and two masks 
 this one keeps only u and recomputes the rest, so it moves what the chain must move and little more
 (benchmarks/chain_floor.py). Same values and gradients as the eager chain (tests/test_native_chain.py).
 
-The kernel compiles on first use (about a minute, cached by torch under ~/.cache/torch_extensions). Where it
-cannot build (no C++ compiler), `native_chain_available` says so once, and the eager chain runs instead.
+The kernel compiles on first use (about 40 s, cached by torch under ~/.cache/torch_extensions). Where it cannot
+build (no C++ compiler or ninja), `native_module` warns once, and the eager chain runs instead.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def native_module() -> ModuleType | None:
     except Exception as error:  # a missing compiler or ninja surfaces as several exception types
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(f"The C++ gated chain did not build ({first_line}); the gated SAEs run the eager chain, "
-                      f"about 5x slower in that part of the step. Install a C++ compiler and ninja to use it.",
-                      stacklevel=2)
+                      f"5-11x slower in that part of the step (benchmarks/chain_floor.py). Install a C++ "
+                      f"compiler and ninja to use it.", stacklevel=2)
         return None
 
 
