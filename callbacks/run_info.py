@@ -39,7 +39,9 @@ def git_state(folder: Path) -> dict:
     is not that commit's run. Both None outside a git checkout."""
     def git(*args: str) -> str | None:
         try:
-            result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=folder)
+            # --no-optional-locks: `status` then never writes the index, so a timeout cannot leave .git/index.lock
+            result = subprocess.run(["git", "--no-optional-locks", *args], capture_output=True, text=True, timeout=5,
+                                    cwd=folder)
         except (OSError, subprocess.SubprocessError):
             return None
         return result.stdout.strip() if result.returncode == 0 else None

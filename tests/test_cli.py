@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,25 @@ def test_git_state_names_the_commit_and_whether_tracked_files_were_edited(tmp_pa
     assert git_state(tmp_path) == {"git_commit": git("rev-parse", "HEAD"), "git_dirty": False}
     (tmp_path / "code.py").write_text("a = 2\n")
     assert git_state(tmp_path)["git_dirty"] is True
+
+
+def test_git_state_never_writes_the_index(tmp_path):
+    """A plain `git status` refreshes .git/index under a lock; killed by git_state's timeout mid-write, it would leave
+    .git/index.lock behind and block the user's next commit. So git_state must leave the index untouched."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "first")
+    index = tmp_path / ".git" / "index"
+    os.utime(tmp_path / "code.py", (1, 1))  # stale stat data: a plain `git status` would rewrite the index now
+    before = index.stat().st_mtime_ns
+    time.sleep(0.05)
+    assert git_state(tmp_path)["git_dirty"] is False
+    assert index.stat().st_mtime_ns == before
 
 
 def test_print_config_prints_the_full_config():
