@@ -17,6 +17,7 @@ Activations are stored raw (unnormalized); metadata.json records the normalizati
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,7 +35,9 @@ def datamodule_from_configs(training_args: list[str]) -> LMActivationDataModule:
     from sagsae.commands.train import SAGSAECLI
 
     hide_logger_advertisements()
-    datamodule = SAGSAECLI(args=training_args, run=False).datamodule
+    with warnings.catch_warnings():  # our args are the command line's training half, not a mistake
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        datamodule = SAGSAECLI(args=training_args, run=False).datamodule
     if not isinstance(datamodule, LMActivationDataModule):
         raise ValueError(f"`cache` runs a language model: the config's data must be an LMActivationDataModule, "
                          f"not {type(datamodule).__name__}")
