@@ -52,8 +52,8 @@ class SAEMetrics(L.Callback):
         pl_module.log("train/reset_latents", state.dead_latents.reset_latents.float(), **log)
         for name, value in (state.threshold_movement() | state.training_diagnostics()).items():
             pl_module.log(f"train/{name}", value.float(), **log)
-        if "aux_r2" in values:
-            pl_module.log("train/aux_r2", values["aux_r2"].float(), **log)
+        for name in sorted(name for name in values if name == "aux_r2" or name.startswith("r2_prefix_")):
+            pl_module.log(f"train/{name}", values[name].float(), **log)
         if len(self._step_times) > 1:
             elapsed = self._step_times[-1][0] - self._step_times[0][0]
             tokens = sum(n for _, n in list(self._step_times)[1:])

@@ -57,6 +57,12 @@ class SAEModule(L.LightningModule):
         skip_start: where W_skip starts: "zeros", or "least_squares", the ridge least-squares map from the first
             batch's source to its target (b_dec then starts at that map's bias), so that the codes start on what
             no linear map explains (docs/method.md, "Transcoders").
+        matryoshka_widths: make every prefix of the latents reconstruct on its own (a Matryoshka SAE): the
+            increasing prefix sizes, ending at the width, e.g. [512, 2048, 4608] (docs/method.md, "Matryoshka SAEs").
+        matryoshka_weights: the loss weight of each prefix below the full width (default 1 each; the full
+            width's reconstruction keeps weight 1).
+        matryoshka_random: draw new prefix sizes every training step (as many as the fixed ones), as in
+            Nabeshima's original; validation reads the fixed ones.
     """
 
     def __init__(
@@ -79,6 +85,9 @@ class SAEModule(L.LightningModule):
         compile_chain: bool = False,
         skip_connection: bool = False,
         skip_start: str = "zeros",
+        matryoshka_widths: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
+        matryoshka_random: bool = False,
     ) -> None:
         super().__init__()
         settings = TrainingSettings(
@@ -87,7 +96,10 @@ class SAEModule(L.LightningModule):
             betas=None if betas is None else tuple(betas), threshold_lr_scale=threshold_lr_scale,
             dead_window_tokens=dead_window_tokens, reset_dead_latents=reset_dead_latents, target_l0=target_l0,
             target_l0_rate=target_l0_rate, init_seed=init_seed, sparse_decode_below=sparse_decode_below,
-            compile_chain=compile_chain, skip_connection=skip_connection, skip_start=skip_start)
+            compile_chain=compile_chain, skip_connection=skip_connection, skip_start=skip_start,
+            matryoshka_widths=None if matryoshka_widths is None else tuple(matryoshka_widths),
+            matryoshka_weights=None if matryoshka_weights is None else tuple(matryoshka_weights),
+            matryoshka_random=matryoshka_random)
         self.save_hyperparameters()
         self.plan = TrainingPlan(sae, settings)
         self.state: TrainingState | None = None

@@ -31,16 +31,18 @@ def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
     return 1 - (x - x_hat.double()).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
-def step_summary(x: Tensor, squared_error: Tensor, firing: Tensor,
-                 gate_squared_error: Tensor | None = None) -> dict[str, Tensor]:
-    """R², MSE and L0 (and the gate path's R² where given) of one training batch, from what its loss already
-    computed: `squared_error` = ‖x − x̂‖² averaged over the batch, and each latent's firing count [H]. Only x's
-    variance is a new pass, over [B, d]: float64 passes over x̂ and a count over the [B, H] codes were most of
-    what the metrics cost a step through `fit` (docs/performance.md)."""
+def step_summary(x: Tensor, squared_error: Tensor, firing: Tensor, gate_squared_error: Tensor | None = None,
+                 prefix_squared_errors: dict[int, Tensor] | None = None) -> dict[str, Tensor]:
+    """R², MSE and L0 (and the gate path's R², and a Matryoshka SAE's R² per prefix width, where given) of one
+    training batch, from what its loss already computed: `squared_error` = ‖x − x̂‖² averaged over the batch, and
+    each latent's firing count [H]. Only x's variance is a new pass, over [B, d]: float64 passes over x̂ and a
+    count over the [B, H] codes were most of what the metrics cost a step through `fit` (docs/performance.md)."""
     variance = (x - x.mean(0)).pow(2).sum(-1).mean()
     summary = {"r2": 1 - squared_error / variance, "mse": squared_error / x.shape[-1], "l0": firing.sum() / len(x)}
     if gate_squared_error is not None:
         summary["aux_r2"] = 1 - gate_squared_error / variance
+    for width, error in (prefix_squared_errors or {}).items():
+        summary[f"r2_prefix_{width}"] = 1 - error / variance
     return summary
 
 

@@ -51,9 +51,12 @@ def export(sae: SparseAutoencoder, out: str | Path, metadata: dict | None = None
         tensors["W_dec"] = split_decoder(tensors["W_dec"], dim=0)
         architecture_cfg["architecture"] += SPLIT_SUFFIX
         width, firing_frequency = 2 * sae.width, None
+    metadata = dict(metadata or {})
+    if sae.nesting is not None and not split_signs:  # the split form's latents i and H + i are no prefix
+        metadata["matryoshka"] = sae.matryoshka_config()
     cfg = {"d_in": sae.d_in, "d_sae": width, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
            "normalize_activations": "none", "reshape_activations": "none", **architecture_cfg,
-           "metadata": metadata or {}}
+           "metadata": metadata}
     with staged_folder(out) as staging:
         save_file(tensors, str(staging / WEIGHTS))
         (staging / CONFIG).write_text(json.dumps(cfg, indent=2))
@@ -100,6 +103,9 @@ def sae_from_saelens_layout(cfg: dict[str, Any], tensors: dict[str, Tensor]) -> 
     if transcoder is not None:
         sae.make_transcoder(**transcoder)
         load_transcoder_tensors(sae, tensors)
+    levels = (cfg.get("metadata") or {}).get("matryoshka")
+    if levels is not None:
+        sae.make_matryoshka(**levels)
     return sae
 
 
@@ -144,10 +150,12 @@ def sae_from_checkpoint(state: dict[str, Any]) -> SparseAutoencoder:
 
 
 def sae_from_spec(spec: dict[str, Any], state_dict: dict[str, Any], prefix: str = FIT_SAE_PREFIX) -> SparseAutoencoder:
-    """An SAE rebuilt from its recorded spec (architecture, config, transcoder) and the entries of `state_dict`
+    """An SAE rebuilt from its recorded spec (architecture, config, transcoder, Matryoshka levels) and the entries of `state_dict`
     under `prefix`: a `fit` checkpoint's "state.sae.", a sweep member's "members.<name>.sae."."""
     sae = build_sae(spec["architecture"], **spec["config"])
     if spec.get("transcoder") is not None:
         sae.make_transcoder(**spec["transcoder"])
+    if spec.get("matryoshka") is not None:
+        sae.make_matryoshka(**spec["matryoshka"])
     sae.load_state_dict({k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)})
     return sae

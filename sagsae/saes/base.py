@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sagsae.saes.sparse_codes import nonzero_decode
+from sagsae.saes.matryoshka import Nesting, cumulative_decodes, cumulative_pair_decodes
+from sagsae.saes.sparse_codes import nonzero_decode, pair_sums
 
 
 SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
+PREFIX_SEED = 20_250_317  # random Matryoshka prefixes: draw n comes from a generator seeded PREFIX_SEED + n
 
 
 def register(name: str):
@@ -73,6 +75,7 @@ class SAELoss:
     reconstruction: Tensor
     gate_squared_error: Tensor | None = None  # ‖x − x̂_gate‖² averaged over the batch, where there is a gate path
     firing: Tensor | None = None  # per-latent firing counts [H], where the SAE has them without a pass over `codes`
+    prefix_squared_errors: Tensor | None = None  # a Matryoshka SAE's ‖x − x̂_l‖² per prefix below the width [L − 1]
 
     @property
     def squared_error(self) -> Tensor:
@@ -183,6 +186,8 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("source_mean", None)
         self.register_buffer("target_scale", None)
         self.register_parameter("W_skip", None)
+        self.nesting: Nesting | None = None  # Matryoshka levels (make_matryoshka)
+        self.register_buffer("prefix_draws", None)  # random prefix sizes drawn so far (a resumed run draws alike)
 
     # ----- transcoders -----------------------------------------------------------------------------------
     def make_transcoder(self, skip: bool = False) -> SparseAutoencoder:
@@ -230,6 +235,58 @@ class SparseAutoencoder(nn.Module):
         """The scalar that normalized the decode's space: the target's for a transcoder, else input_scale."""
         return self.input_scale if self.target_scale is None else self.target_scale
 
+    # ----- Matryoshka nesting --------------------------------------------------------------------------
+    def make_matryoshka(self, widths: Sequence[int], weights: Sequence[float] | None = None,
+                        random_prefixes: bool = False) -> SparseAutoencoder:
+        """Make every prefix of the latents reconstruct on its own (sagsae/saes/matryoshka.py): the loss adds
+        Σ_l w_l ‖x − x̂_l‖² over the prefixes below the width. Before training; returns the SAE."""
+        self.nesting = Nesting.checked(self.width, widths, weights, random_prefixes)
+        if self.nesting.random_prefixes:
+            self.prefix_draws = torch.zeros((), dtype=torch.long, device=self.W_dec.device)
+        return self
+
+    def matryoshka_config(self) -> dict[str, Any] | None:
+        """`make_matryoshka`'s arguments (None without nesting): checkpoints and exports record them."""
+        if self.nesting is None:
+            return None
+        return {"widths": list(self.nesting.widths), "weights": list(self.nesting.weights),
+                "random_prefixes": self.nesting.random_prefixes}
+
+    def prefix_ends(self) -> tuple[int, ...]:
+        """This step's prefix sizes below the width. Random ones are drawn in training only, from a generator
+        seeded by the number of draws so far, so that a resumed run draws what it would have drawn."""
+        generator = None
+        if self.nesting.random_prefixes and self.training:
+            generator = torch.Generator().manual_seed(PREFIX_SEED + int(self.prefix_draws))
+            self.prefix_draws += 1
+        return self.nesting.prefix_ends(self.width, generator)
+
+    def decode_levels(self, codes: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(x̂, [x̂_l of each prefix below the width]): `decode` and no prefixes without nesting; with it, the
+        cumulative sums of the groups' decodes, sparse where `decode` would be."""
+        if self.nesting is None:
+            return self.decode(codes), []
+        levels = cumulative_decodes(codes, self.W_dec, self.b_dec, self.prefix_ends(), self.sparse_pairs(codes))
+        return levels[-1], levels[:-1]
+
+    def decode_pair_levels(self, rows: Tensor, cols: Tensor, values: Tensor, batch: int) -> tuple[Tensor, list[Tensor]]:
+        """`decode_levels` from selected (row, col, value) triples alone, rows ascending (the TopK family)."""
+        if self.nesting is None:
+            return pair_sums(self.W_dec.T, rows, cols, values, batch) + self.b_dec, []
+        levels = cumulative_pair_decodes(self.W_dec, self.b_dec, rows, cols, values, batch, self.prefix_ends())
+        return levels[-1], levels[:-1]
+
+    def reconstruction_terms(self, target: Tensor, x_hat: Tensor,
+                             prefixes: list[Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
+        """({"recon": ‖target − x̂‖²} and, with prefixes, "matryoshka": Σ_l w_l ‖target − x̂_l‖²; the prefixes'
+        errors, detached, for their R²). "recon" stays the full width's error: the metrics read it."""
+        terms = {"recon": squared_error(target, x_hat)}
+        if not prefixes:
+            return terms, None
+        errors = [squared_error(target, prefix) for prefix in prefixes]
+        terms["matryoshka"] = sum(weight * error for weight, error in zip(self.nesting.weights, errors))
+        return terms, torch.stack(errors).detach()
+
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -240,12 +297,19 @@ class SparseAutoencoder(nn.Module):
             return self.sparse_decode_below
         return AUTO_SPARSE_SHARE if codes.device.type == "cpu" and codes.dtype == torch.float32 else None
 
-    def decode(self, codes: Tensor) -> Tensor:
+    def sparse_pairs(self, codes: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(rows, cols) of the non-zero codes where `decode` goes sparse for them, else None."""
         share = self.sparse_share(codes)
         if share is not None and codes.dim() == 2:
             rows, cols = codes.detach().nonzero(as_tuple=True)
             if len(rows) <= share * codes.numel():
-                return nonzero_decode(codes, rows, cols, self.W_dec) + self.b_dec
+                return rows, cols
+        return None
+
+    def decode(self, codes: Tensor) -> Tensor:
+        pairs = self.sparse_pairs(codes)
+        if pairs is not None:
+            return nonzero_decode(codes, *pairs, self.W_dec) + self.b_dec
         return codes @ self.W_dec.T + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:

@@ -54,7 +54,7 @@ class BatchTopKSparseAutoencoder(TopKSparseAutoencoder):
         """Move the running threshold toward the smallest positive kept value. Under DDP that value is averaged
         over the ranks that have one, so that every rank (and so the checkpoint) holds the same threshold. Written
         without a host read (no boolean indexing, no `if` on a tensor), so a GPU step never waits on it."""
-        kept = kept.float()  # the buffer's dtype, also under bf16 autocast
+        kept = kept.to(self.threshold.dtype)  # the buffer's dtype, also under bf16 autocast
         positive = (kept > 0) & kept.isfinite()  # NaN/inf (rows of a batch the step skips) never enter it
         has_positive = positive.any().to(kept.dtype)
         smallest = torch.where(positive, kept, torch.inf).min().nan_to_num(posinf=0.0) * has_positive

@@ -69,16 +69,18 @@ class GatedPathsSAE(SparseAutoencoder):
                    gate_l1: Tensor | None = None) -> SAELoss:
         """recon + λ·(weighted) L1 of the gate path + α_aux · gate-path reconstruction. `gate_l1`: the gate codes'
         per-latent L1 Σ_b |f_bi| where the caller has it (the gated chain), else computed here."""
-        x_hat = self.decode(codes)
+        x_hat, prefixes = self.decode_levels(codes)
         if self.unit_norm_decoder:
             gate_x_hat = gate_codes @ self.W_dec.detach().T + self.b_dec.detach()
         else:
             gate_x_hat = self.decode(gate_codes)
         gate_error = squared_error(target, gate_x_hat)
+        reconstruction, prefix_errors = self.reconstruction_terms(target, x_hat, prefixes)
         terms = {
-            "recon": squared_error(target, x_hat),
+            **reconstruction,
             "sparsity": sparsity_coefficient * (self.weighted_l1(gate_codes) if gate_l1 is None
                                                 else self.weighted_latent_l1(gate_l1, len(gate_codes))),
             "aux": self.aux_weight * gate_error,
         }
-        return SAELoss(sum(terms.values()), terms, codes, x_hat, gate_squared_error=gate_error.detach())
+        return SAELoss(sum(terms.values()), terms, codes, x_hat, gate_squared_error=gate_error.detach(),
+                       prefix_squared_errors=prefix_errors)

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from sagsae.saes.base import LinearEncoderSAE, SAELoss, check_init_quantile, register, squared_error
+from sagsae.saes.base import LinearEncoderSAE, SAELoss, check_init_quantile, register
 from sagsae.saes.straight_through import bi_jump_relu, default_jump_scale, jump_relu_with_counts, two_sided_step
 
 
@@ -66,9 +66,11 @@ class JumpReLUSparseAutoencoder(LinearEncoderSAE):
         else:
             codes = self.activation(pre)
             firing = two_sided_step(pre, self.threshold, self._never(), self.bandwidth).sum(0)
-        x_hat = self.decode(codes)
-        terms = {"recon": squared_error(target, x_hat), "sparsity": sparsity_coefficient * firing.sum() / len(x)}
-        return SAELoss(sum(terms.values()), terms, codes, x_hat, firing=firing.detach())
+        x_hat, prefixes = self.decode_levels(codes)
+        reconstruction, prefix_errors = self.reconstruction_terms(target, x_hat, prefixes)
+        terms = {**reconstruction, "sparsity": sparsity_coefficient * firing.sum() / len(x)}
+        return SAELoss(sum(terms.values()), terms, codes, x_hat, firing=firing.detach(),
+                       prefix_squared_errors=prefix_errors)
 
     def threshold_values(self) -> Tensor:
         return self.threshold.detach()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sagsae.saes.base import LinearEncoderSAE, SAELoss, register, squared_error
+from sagsae.saes.base import LinearEncoderSAE, SAELoss, register
 
 
 @register("relu")
@@ -24,6 +24,7 @@ class ReLUSparseAutoencoder(LinearEncoderSAE):
 
     def coding_loss(self, x: Tensor, target: Tensor, sparsity_coefficient: float, dead: Tensor | None) -> SAELoss:
         codes = self.encode(x)
-        x_hat = self.decode(codes)
-        terms = {"recon": squared_error(target, x_hat), "sparsity": sparsity_coefficient * self.weighted_l1(codes)}
-        return SAELoss(sum(terms.values()), terms, codes, x_hat)
+        x_hat, prefixes = self.decode_levels(codes)
+        reconstruction, prefix_errors = self.reconstruction_terms(target, x_hat, prefixes)
+        terms = {**reconstruction, "sparsity": sparsity_coefficient * self.weighted_l1(codes)}
+        return SAELoss(sum(terms.values()), terms, codes, x_hat, prefix_squared_errors=prefix_errors)

@@ -82,13 +82,13 @@ class TopKSparseAutoencoder(LinearEncoderSAE):
         centered = x - self.encoder_center()
         rows, cols = self.selected_pairs(values, scores)
         active = self.code_values(selected_pre_activations(centered, self.W_enc, self.b_enc, pre, rows, cols))
-        x_hat = pair_sums(self.W_dec.T, rows, cols, active, len(x)) + self.b_dec
+        x_hat, prefixes = self.decode_pair_levels(rows, cols, active, len(x))
         codes = dense_codes(active.detach(), rows, cols, values)
         firing = torch.bincount(cols, weights=(active.detach() != 0).float(), minlength=self.width)
-        terms = {"recon": squared_error(target, x_hat)}
+        terms, prefix_errors = self.reconstruction_terms(target, x_hat, prefixes)
         if dead is not None and self.aux_coefficient > 0:
             terms["auxk"] = self.aux_coefficient * self.auxk(target - x_hat.detach(), centered, pre, scores, dead)
-        return SAELoss(sum(terms.values()), terms, codes, x_hat, firing=firing)
+        return SAELoss(sum(terms.values()), terms, codes, x_hat, firing=firing, prefix_squared_errors=prefix_errors)
 
     def auxk(self, residual: Tensor, centered: Tensor, pre: Tensor, scores: Tensor, dead: Tensor) -> Tensor:
         """‖e − W_dec z_aux‖², z_aux = the top-k_aux dead latents' codes of each token (0 when no latent is dead),

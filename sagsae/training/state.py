@@ -47,6 +47,9 @@ class TrainingSettings:
     compile_chain: bool = False
     skip_connection: bool = False
     skip_start: str = "zeros"
+    matryoshka_widths: tuple[int, ...] | None = None
+    matryoshka_weights: tuple[float, ...] | None = None
+    matryoshka_random: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sparsity_coefficient", "lr", "threshold_lr_scale"):
@@ -67,6 +70,9 @@ class TrainingSettings:
             raise ValueError(f"model.target_l0_rate must be a positive number, got {self.target_l0_rate}")
         if self.skip_start not in SKIP_STARTS:
             raise ValueError(f"model.skip_start must be one of {', '.join(SKIP_STARTS)}, got {self.skip_start!r}")
+        if self.matryoshka_widths is None and (self.matryoshka_weights is not None or self.matryoshka_random):
+            raise ValueError("model.matryoshka_weights and model.matryoshka_random shape Matryoshka levels: set "
+                             "model.matryoshka_widths too, e.g. [512, 2048, 4608]")
         if self.skip_start != "zeros" and not self.skip_connection:
             raise ValueError(f"model.skip_start {self.skip_start!r} starts a skip connection: set "
                              f"model.skip_connection true, or drop skip_start")
@@ -77,6 +83,11 @@ class TrainingSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def nest(self, sae: SparseAutoencoder) -> None:
+        """Make `sae` a Matryoshka SAE where the settings ask for one (the widths are checked against its width)."""
+        if self.matryoshka_widths is not None:
+            sae.make_matryoshka(self.matryoshka_widths, self.matryoshka_weights, self.matryoshka_random)
 
     def check_sae(self, sae: SparseAutoencoder) -> None:
         """The settings that an SAE's kind rules out."""
@@ -119,7 +130,9 @@ class TrainingPlan:
         """The SAE's own checks (width, k, quantiles) and the settings it rules out, on the meta device: before
         the data, and so before a language model loads."""
         with torch.device("meta"):
-            self.settings.check_sae(self.make_sae(probe_d_in))
+            sae = self.make_sae(probe_d_in)
+            self.settings.check_sae(sae)
+            self.settings.nest(sae)
 
     def build(self, d_in: int, transcoder: bool) -> TrainingState:
         """The SAE from `make_sae(d_in)` under `init_seed` (so that a sweep member and a stand-alone run with the
@@ -130,6 +143,7 @@ class TrainingPlan:
             sae = self.make_sae(d_in)
             if transcoder:
                 sae.make_transcoder(skip=self.settings.skip_connection)
+            self.settings.nest(sae)
         return TrainingState(sae, self.settings)
 
 
@@ -255,7 +269,11 @@ class TrainingState(nn.Module):
             result["gate_squared_error"] = out.gate_squared_error
         if train:
             result["firing"] = out.firing if out.firing is not None else firing_counts(result["codes"])
-            result["summary"] = step_summary(y, out.squared_error.detach(), result["firing"], out.gate_squared_error)
+            prefixes = None  # the fixed levels' errors (random ones change every step: nothing to follow)
+            if out.prefix_squared_errors is not None and not self.sae.nesting.random_prefixes:
+                prefixes = dict(zip(self.sae.nesting.widths, out.prefix_squared_errors))
+            result["summary"] = step_summary(y, out.squared_error.detach(), result["firing"], out.gate_squared_error,
+                                             prefixes)
         elif self.sae.W_skip is not None:  # how much the skip path alone explains (held out)
             with torch.no_grad():
                 result["skip_squared_error"] = squared_error(y, self.sae.skip(x) + self.sae.b_dec)
@@ -353,4 +371,4 @@ class TrainingState(nn.Module):
     def spec(self) -> dict[str, Any]:
         """What rebuilds the SAE with torch alone (`sagsae.formats.serialization.sae_from_spec`)."""
         return {"architecture": self.sae.architecture, "config": self.sae.config(),
-                "transcoder": self.sae.transcoder_config()}
+                "transcoder": self.sae.transcoder_config(), "matryoshka": self.sae.matryoshka_config()}

@@ -1,0 +1,153 @@
+"""Matryoshka nesting (sagsae/saes/matryoshka.py), for every architecture: the loss adds Σ_l w_l ‖x − x̂_l‖² over the
+prefixes, each prefix decodes from its own latents alone, gradients equal autograd through a direct computation,
+and the levels survive a checkpoint."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sagsae.formats.serialization import export, load, sae_from_spec
+from sagsae.saes import SAE_REGISTRY, build_sae
+from sagsae.saes.matryoshka import Nesting, cumulative_decodes
+from sagsae.training.state import TrainingPlan
+
+D, WIDTH, BATCH = 6, 10, 16
+WIDTHS, WEIGHTS = (3, 7, 10), (0.5, 2.0)
+SWITCHES = {"topk": {"k": 3}, "batchtopk": {"k": 3}, "abstopk": {"k": 3}}
+
+
+def pair(architecture: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """(plain SAE, the same SAE nested, a batch): float32 (the fused chains compute in it), started on the batch, weights moved off their start."""
+    torch.manual_seed(0)
+    plain = build_sae(architecture, d_in=D, width=WIDTH, **SWITCHES.get(architecture, {}))
+    x = torch.randn(BATCH, D)
+    plain.initialize_from_batch(x)
+    with torch.no_grad():
+        for parameter in plain.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    nested = copy.deepcopy(plain).make_matryoshka(WIDTHS, WEIGHTS)
+    return plain, nested, x
+
+
+def direct_prefix_term(codes: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ_l w_l mean_b ‖x − (b_dec + Σ_{i < m_l} f_i W_dec[:, i])‖², written out with a mask per level."""
+    total = x.new_zeros(())
+    for width, weight in zip(WIDTHS[:-1], WEIGHTS):
+        mask = (torch.arange(WIDTH) < width).to(codes.dtype)
+        x_hat = (codes * mask) @ W_dec.T + b_dec
+        total = total + weight * (x - x_hat).pow(2).sum(-1).mean()
+    return total
+
+
+@pytest.mark.parametrize("architecture", sorted(SAE_REGISTRY))
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense-decode", "sparse-decode"])
+def test_the_loss_adds_each_prefix_reconstruction_and_its_gradients_match_autograd(architecture, sparse):
+    plain, nested, x = pair(architecture)
+    nested.sparse_decode_below = 1.0 if sparse else None
+    dead = torch.zeros(WIDTH, dtype=torch.bool)
+    dead[-3:] = True  # so that TopK's AuxK has latents to use
+    out = nested.loss(x, 0.5, dead=dead)
+
+    reference_sae = copy.deepcopy(plain)
+    reference = reference_sae.loss(x, 0.5, dead=dead)
+    codes = reference_sae.encode(x)  # the same codes, with their own graph to every encoder parameter
+    assert torch.allclose(codes.detach(), reference.codes.detach(), atol=1e-6)
+    extra = direct_prefix_term(codes, reference_sae.W_dec, reference_sae.b_dec, x)
+
+    assert torch.allclose(out.terms["recon"], reference.terms["recon"], rtol=1e-5)
+    assert torch.allclose(out.terms["matryoshka"], extra, rtol=1e-5)
+    assert torch.allclose(out.total, reference.total + extra, rtol=1e-5)
+    assert extra > 0
+
+    out.total.backward()
+    (reference.total + extra).backward()
+    named = dict(reference_sae.named_parameters())
+    for name, parameter in nested.named_parameters():
+        expected = named[name].grad
+        if expected is None:
+            assert parameter.grad is None or not parameter.grad.any(), name
+        else:
+            assert torch.allclose(parameter.grad, expected, rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.parametrize("architecture", sorted(SAE_REGISTRY))
+def test_a_prefix_reconstruction_does_not_depend_on_later_latents(architecture):
+    _, nested, x = pair(architecture)
+    codes = torch.randn(BATCH, WIDTH)
+    before = [level.detach().clone() for level in cumulative_decodes(codes, nested.W_dec, nested.b_dec, WIDTHS[:-1])]
+    with torch.no_grad():
+        nested.W_dec[:, WIDTHS[0]:] += 1.0  # every latent past the first prefix
+    after = cumulative_decodes(codes, nested.W_dec, nested.b_dec, WIDTHS[:-1])
+    assert torch.equal(after[0], before[0])
+    assert not torch.allclose(after[1], before[1])
+    W_dec = nested.W_dec.detach().requires_grad_()
+    first = cumulative_decodes(codes, W_dec, nested.b_dec, WIDTHS[:-1])[0]
+    (x - first).pow(2).sum().backward()
+    assert not W_dec.grad[:, WIDTHS[0]:].any() and W_dec.grad[:, :WIDTHS[0]].any()
+
+
+def test_the_sparse_and_dense_nested_decodes_agree():
+    torch.manual_seed(1)
+    codes = torch.randn(BATCH, WIDTH, dtype=torch.float64) * (torch.rand(BATCH, WIDTH) < 0.3)
+    W_dec, b_dec = torch.randn(D, WIDTH, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    dense = cumulative_decodes(codes, W_dec, b_dec, WIDTHS[:-1])
+    sparse = cumulative_decodes(codes, W_dec, b_dec, WIDTHS[:-1], codes.nonzero(as_tuple=True))
+    assert len(dense) == len(sparse) == len(WIDTHS)
+    for a, b in zip(dense, sparse):
+        assert torch.allclose(a, b)
+    assert torch.allclose(dense[-1], codes @ W_dec.T + b_dec)
+
+
+def test_random_prefixes_are_drawn_in_training_alone_and_resume_alike():
+    sae = build_sae("relu", d_in=D, width=WIDTH).make_matryoshka(WIDTHS, random_prefixes=True)
+    draws = [sae.prefix_ends() for _ in range(20)]
+    assert all(len(ends) == 2 and 1 <= ends[0] < ends[1] < WIDTH for ends in draws)
+    assert len(set(draws)) > 3  # they vary
+    resumed = build_sae("relu", d_in=D, width=WIDTH).make_matryoshka(WIDTHS, random_prefixes=True)
+    resumed.load_state_dict(sae.state_dict())
+    assert resumed.prefix_ends() == sae.prefix_ends()
+    sae.eval()
+    assert sae.prefix_ends() == WIDTHS[:-1]
+
+
+@pytest.mark.parametrize("widths, weights, message", [
+    ((3, 7), None, "end at the width"), ((7, 3, 10), None, "increase"), ((10,), None, "two levels"),
+    ((3, 7, 10), (1.0,), "one non-negative weight per prefix"), ((3, 7, 10), (1.0, -1.0), "non-negative")])
+def test_bad_levels_are_refused_with_what_is_allowed(widths, weights, message):
+    with pytest.raises(ValueError, match=message):
+        Nesting.checked(WIDTH, widths, weights)
+
+
+def test_a_plan_nests_its_sae_and_the_levels_survive_the_spec():
+    plan = TrainingPlan.from_arguments("sagsae", width=WIDTH, matryoshka_widths=[3, 7, 10],
+                                       matryoshka_weights=[0.5, 2.0])
+    state = plan.build(D, transcoder=False)
+    assert state.sae.nesting == Nesting((3, 7, 10), (0.5, 2.0))
+    rebuilt = sae_from_spec(state.spec(), {f"state.sae.{k}": v for k, v in state.sae.state_dict().items()})
+    assert rebuilt.nesting == state.sae.nesting
+    with pytest.raises(ValueError, match="end at the width"):
+        TrainingPlan.from_arguments("gated", width=WIDTH, matryoshka_widths=[3, 7]).check()
+
+
+def test_the_step_summary_logs_r2_per_prefix():
+    plan = TrainingPlan.from_arguments("topk", width=WIDTH, k=3, matryoshka_widths=[3, 7, 10])
+    state = plan.build(D, transcoder=False)
+    batch = torch.randn(64, D)
+    state.sae.input_scale.fill_(1.0)
+    state.initialize(batch)
+    summary = state.evaluate_batch(batch, train=True)["summary"]
+    assert summary["r2_prefix_3"] < summary["r2_prefix_7"] <= summary["r2"] + 1e-6
+
+
+@pytest.mark.parametrize("architecture", ["sagsae", "batchtopk"])
+def test_an_export_keeps_the_levels_and_loads_back(architecture, tmp_path):
+    _, nested, x = pair(architecture)
+    nested.input_scale.fill_(0.5)
+    nested.eval()
+    export(nested, tmp_path / "sae")
+    loaded = load(tmp_path / "sae")
+    assert loaded.nesting == nested.nesting
+    assert torch.allclose(loaded(x * 2), nested(x) * 2, atol=1e-5)  # raw activations in, raw reconstruction out
