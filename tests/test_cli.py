@@ -122,6 +122,22 @@ def test_resume_from_last_checkpoint_continues_the_step_count(fitted_run, tiny_l
     assert settle_line(checks, 64) in capsys.readouterr().out.splitlines()
 
 
+def test_the_demo_config_trains_on_a_cache_and_says_whether_it_settled(cache_dir, tmp_path, capsys):
+    """`make demo`'s fit (configs/demo.yaml over default.yaml), shrunk to the tiny cache: it trains on the cache,
+    writes its checkpoint where the Makefile's `inspect` reads it, and ends with the settle line."""
+    run(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--config", str(REPO / "configs" / "demo.yaml"),
+         "--data.init_args.path", str(cache_dir), "--trainer.default_root_dir", str(tmp_path),
+         "--trainer.max_steps", "9", "--trainer.val_check_interval", "3", "--model.sae.init_args.width", "64",
+         "--model.target_l0", "8", "--model.sparsity_warmup_steps", "2", "--data.init_args.batch_size", "128",
+         "--data.init_args.val_tokens", "400", "--data.init_args.shuffle_buffer_tokens", "1000",
+         "--data.init_args.normalization_tokens", "500"])
+    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    config = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text())
+    assert config["data"]["class_path"] == "datamodules.ActivationFileDataModule"
+    assert config["model"]["lr_decay_fraction"] > 0 and config["model"]["sae"]["init_args"]["width"] == 64
+    assert "Settled at target L0 8:" in capsys.readouterr().out
+
+
 def test_the_settle_line_reads_the_last_third_against_the_target():
     checks = [{"tokens_seen": 1_000_000 * i, "l0": 64 * (1.03 if i % 2 else 0.99), "r2": 0.7} for i in range(1, 10)]
     line = settle_line(checks, 64)
