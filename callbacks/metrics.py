@@ -32,7 +32,8 @@ class SAEMetrics(L.Callback):
 
     def _metric(self, existing: ReconstructionMetrics | None, pl_module) -> ReconstructionMetrics:
         if existing is None:
-            existing = ReconstructionMetrics(pl_module.sae.d_in, pl_module.sae.width).to(pl_module.device)
+            existing = ReconstructionMetrics(pl_module.sae.d_in, pl_module.sae.width,
+                                             pl_module.state.prefix_widths()).to(pl_module.device)
         return existing
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs: dict[str, Any], batch, batch_idx) -> None:
@@ -62,7 +63,7 @@ class SAEMetrics(L.Callback):
     def _evaluation_batch_end(self, pl_module, outputs: dict[str, Any]) -> None:
         self._eval = self._metric(self._eval, pl_module)
         self._eval.update(outputs["target"], outputs["x_hat"], outputs["codes"], outputs.get("gate_squared_error"),
-                          outputs.get("skip_squared_error"))
+                          outputs.get("skip_squared_error"), outputs.get("prefix_squared_errors"))
 
     def _evaluation_epoch_end(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if self._eval is None:

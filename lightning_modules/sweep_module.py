@@ -170,10 +170,12 @@ class SweepModule(L.LightningModule):
     def _evaluate(self, batch: Tensor) -> None:
         for name, member in self.members.items():
             if name not in self._evaluation:
-                self._evaluation[name] = ReconstructionMetrics(member.sae.d_in, member.sae.width).to(self.device)
+                self._evaluation[name] = ReconstructionMetrics(member.sae.d_in, member.sae.width,
+                                                               member.prefix_widths()).to(self.device)
             result = member.evaluate_batch(batch)
             self._evaluation[name].update(result["target"], result["x_hat"], result["codes"],
-                                          result.get("gate_squared_error"), result.get("skip_squared_error"))
+                                          result.get("gate_squared_error"), result.get("skip_squared_error"),
+                                          result.get("prefix_squared_errors"))
 
     def _finish_evaluation(self, stage: str) -> None:
         if self.trainer.sanity_checking:

@@ -48,7 +48,8 @@ def step_summary(x: Tensor, squared_error: Tensor, firing: Tensor, gate_squared_
 
 def window_summary(squared_error: Tensor, sum_x: Tensor, sum_squares: Tensor, active: Tensor, tokens: Tensor,
                    positive: Tensor, negative: Tensor, gate_squared_error: Tensor | None = None,
-                   skip_squared_error: Tensor | None = None) -> dict[str, Tensor]:
+                   skip_squared_error: Tensor | None = None,
+                   prefix_squared_errors: dict[int, Tensor] | None = None) -> dict[str, Tensor]:
     """R², MSE, L0, silent and bipolar fractions and per-latent firing density from a window's sums: R² divides
     summed errors by summed variance (never a mean of per-batch ratios); a latent is bipolar when its minority
     sign is ≥ 10% of its firings (SPEC §6). With the gate path's summed squared error (non-zero), its R² too,
@@ -69,6 +70,8 @@ def window_summary(squared_error: Tensor, sum_x: Tensor, sum_squares: Tensor, ac
         summary["aux_r2"] = 1 - gate_squared_error / total_variance
     if skip_squared_error is not None and skip_squared_error > 0:
         summary["skip_r2"] = 1 - skip_squared_error / total_variance
+    for width, error in (prefix_squared_errors or {}).items():  # a Matryoshka SAE's prefixes
+        summary[f"r2_prefix_{width}"] = 1 - error / total_variance
     return summary
 
 

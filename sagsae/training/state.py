@@ -267,6 +267,8 @@ class TrainingState(nn.Module):
                   **{f"loss_{name}": value for name, value in out.terms.items()}}
         if out.gate_squared_error is not None:
             result["gate_squared_error"] = out.gate_squared_error
+        if out.prefix_squared_errors is not None:
+            result["prefix_squared_errors"] = out.prefix_squared_errors
         if train:
             result["firing"] = out.firing if out.firing is not None else firing_counts(result["codes"])
             prefixes = None  # the fixed levels' errors (random ones change every step: nothing to follow)
@@ -366,7 +368,12 @@ class TrainingState(nn.Module):
                "dense_fraction": (values["firing_density"] > 0.1).double().mean()}
         if self.sae.signed_codes:
             row["bipolar_fraction"] = values["bipolar_fraction"]
-        return row | {key: values[key] for key in ("aux_r2", "skip_r2") if key in values}
+        return row | {key: value for key, value in values.items()
+                      if key in ("aux_r2", "skip_r2") or key.startswith("r2_prefix_")}
+
+    def prefix_widths(self) -> tuple[int, ...]:
+        """The Matryoshka prefixes below the width whose held-out R² is measured (none without nesting)."""
+        return () if self.sae.nesting is None else self.sae.nesting.widths[:-1]
 
     def spec(self) -> dict[str, Any]:
         """What rebuilds the SAE with torch alone (`sagsae.formats.serialization.sae_from_spec`)."""
