@@ -253,6 +253,27 @@ def test_browser_shows_the_index_and_both_sides_of_a_bipolar_latent_in_chromium(
     assert any(b > 200 and r < 120 for r, g, b in pixels), "no blue (negative) shading visible"
 
 
+@needs(chromium() is not None, reason="needs Chromium (Debian: apt-get install chromium); .ci/run installs it")
+def test_the_browser_shows_a_matryoshka_sae_s_levels(exported_sae, tmp_path):
+    from sagsae.formats.serialization import export, load
+
+    root, texts = exported_sae
+    nested = load(root / "sae").make_matryoshka([12, 24, 48])  # the same SAE, its latents in three levels
+    metadata = json.loads((root / "sae" / "cfg.json").read_text())["metadata"]
+    export(nested, tmp_path / "nested", metadata)
+    out = tmp_path / "browser"
+    result = subprocess.run([sys.executable, "-m", "sagsae", "inspect", "--sae", str(tmp_path / "nested"), "--out",
+                             str(out), "--dataset", "json", "--data_files", str(texts), "--tokens", "500"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom, _ = render((out / "index.html").as_uri(), tmp_path)
+    assert '<th data-sort="level">level' in dom
+    levels = dict(re.findall(r'data-latent="(\d+)">\s*<td class="num">\d+</td><td class="num">(\d)</td>', dom))
+    assert len(levels) == 48 and levels["0"] == "1" and levels["23"] == "2" and levels["24"] == "3"
+    dom, _ = render(f"{(out / 'index.html').as_uri()}#latent/30", tmp_path)
+    assert "level 3 (prefix of 48)" in dom
+
+
 def test_inspect_names_what_is_missing_or_mismatched(tiny_llama, exported_sae, tmp_path):
     from sagsae.saes import build_sae
     from sagsae.formats.serialization import export

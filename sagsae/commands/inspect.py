@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     about = {"architecture": sae.architecture, "signed": sae.signed_codes, "model": settings["model"],
              "hookpoint": lm.hookpoint, "layer": lm.layer, "dataset": settings["dataset"],
              **({"target_hookpoint": trained_on.get("target_hookpoint")} if sae.is_transcoder else {}),
+             **({"matryoshka_widths": list(sae.nesting.widths)} if sae.nesting is not None else {}),
              "tokens": stats.tokens_counted, "source": str(args.ckpt_path or args.sae),
              "seconds_lm": round(seconds["lm"], 1), "seconds_total": round(seconds["total"], 1)}
     folder = write_browser(args.out, latent_records(stats, token_text, logits), about)
