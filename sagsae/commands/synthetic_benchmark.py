@@ -1,8 +1,10 @@
-"""`python -m sagsae synth --config configs/sweeps/synth.yaml`: the synthetic signed-axis benchmark (SPEC §7).
+"""`python -m sagsae synth --config configs/sweeps/synth.yaml`: the synthetic signed-axis benchmark (Protocols A–C,
+and the hierarchy H of configs/sweeps/synth_hierarchy.yaml).
 
 Writes each protocol's samples as an activation cache (`<out>/data/<cell>/{train,val}/…safetensors`, with the
 ground truth in `truth.safetensors`), trains the config's members on every cell as one sweep, and adds the
-ground-truth scores to each cell's results.json: recovery of the signed features, bipolar sharing, true L0.
+ground-truth scores to each cell's results.json: recovery of the signed features, bipolar sharing, true L0, and
+for a hierarchy the absorption score.
 Reruns reuse the written data and skip finished cells. Summarize with `python -m sagsae report <out>`.
 """
 
@@ -22,7 +24,8 @@ from sagsae.formats.staging import staged_folder
 from sagsae.commands.sweep import run_sweep, sweep_command
 
 TRUTH = "truth.safetensors"
-PROTOCOLS = {"a": synthetic.protocol_a, "b": synthetic.protocol_b, "c": synthetic.protocol_c}
+PROTOCOLS = {"a": synthetic.protocol_a, "b": synthetic.protocol_b, "c": synthetic.protocol_c,
+             "h": synthetic.protocol_h}
 
 
 def write_protocol(folder: Path, spec: dict[str, Any], shared: dict[str, Any]) -> None:
@@ -34,15 +37,18 @@ def write_protocol(folder: Path, spec: dict[str, Any], shared: dict[str, Any]) -
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}: use one of {sorted(PROTOCOLS)}")
     n_train, n_val = int(shared["n_train"]), int(shared["n_val"])
-    options = {key: shared[key] for key in ("d", "axes", "p", "noise", "seed") if key in shared} | spec
+    shared_keys = ("d", "p", "noise", "seed") if protocol == "h" else ("d", "axes", "p", "noise", "seed")
+    options = {key: shared[key] for key in shared_keys if key in shared} | spec
     data = PROTOCOLS[protocol](n_train + n_val, **options)
     with staged_folder(folder) as staging:
         for split, rows in (("train", data.activations[:n_train]), ("val", data.activations[n_train:])):
             writer = ShardWriter(staging / split, shard_tokens=n_train, dtype=torch.float32)
             writer.add(rows)
             writer.close()
-        save_file({"directions": data.directions, "val_coefficients": data.coefficients[n_train:].contiguous()},
-                  str(staging / TRUTH))
+        truth = {"directions": data.directions, "val_coefficients": data.coefficients[n_train:].contiguous()}
+        if data.parent_of is not None:
+            truth["parent_of"] = data.parent_of
+        save_file(truth, str(staging / TRUTH))
         metadata = {"protocol": protocol, **options, "n_train": n_train, "n_val": n_val, "true_l0": data.true_l0}
         if data.positive is not None:
             metadata["pair_correlation"] = synthetic.pair_correlation(data)
@@ -67,8 +73,8 @@ def run_synth(config: dict[str, Any], out: Path, cells: list[str] | None = None)
 
     def scorer(cell: str, member) -> dict[str, float]:
         activations = next(iter(validation[cell].values()))
-        return synthetic.score_against_truth(member.sae.cpu().eval(), activations,
-                                             truths[cell]["val_coefficients"], truths[cell]["directions"])
+        return synthetic.score_against_truth(member.sae.cpu().eval(), activations, truths[cell]["val_coefficients"],
+                                             truths[cell]["directions"], truths[cell].get("parent_of"))
 
     run_sweep({**config, "cells": sweep_cells}, out, cells, scorer)
 
