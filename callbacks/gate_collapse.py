@@ -1,8 +1,8 @@
-"""Gate-collapse warning (SPEC §6): the gates shut and reconstruction falls back on the bias.
+"""Gate-collapse warning (docs/method.md): the gates shut and reconstruction falls back on the bias.
 
 Three signs, any of which warns once (with the step, the numbers and what to try):
-- the share of alive latents falls by half within `window_steps` steps (SPEC §6);
-- after the sparsity warmup, the gate path's auxiliary R² stays below 0 for `smoothing` steps (SPEC §6);
+- the share of alive latents falls by half within `window_steps` steps;
+- after the sparsity warmup, the gate path's auxiliary R² stays below 0 for `smoothing` steps;
 - the reconstruction R² (averaged over `smoothing` steps) falls below half of its best value, once that best
   exceeded 0.2: our addition, because a collapse can happen during the λ warmup, before the other two signs
   can show (measured on Protocol A without the auxiliary loss at λ 16, docs/method.md).

@@ -1,4 +1,4 @@
-"""Spliced LM loss (SPEC §6) at every validation and test: does the LM still work on the SAE's output?"""
+"""Spliced LM loss (docs/results.md) at every validation and test: does the LM still work on the SAE's output?"""
 
 from __future__ import annotations
 

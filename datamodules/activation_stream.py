@@ -83,7 +83,7 @@ def stream_position(trainer) -> dict:
 
 
 class NormGuard:
-    """Drops tokens whose norm exceeds `multiple` × the running median norm, and non-finite tokens (SPEC §5).
+    """Drops tokens whose norm exceeds `multiple` × the running median norm, and non-finite tokens (docs/method.md).
 
     The median runs over the last `history` kept tokens; the very first chunk is judged against its own median.
     A transcoder's (source, target) pair [2, d] is one token, judged by the norm of both together.

@@ -1,4 +1,4 @@
-"""Hookpoint resolution and truncated activation reading for Hugging Face causal LMs (SPEC §5).
+"""Hookpoint resolution and truncated activation reading for Hugging Face causal LMs (docs/method.md).
 
 A hookpoint is a sum of module inputs/outputs ("terms"): usually one, but Pythia's parallel residual has no
 resid_mid tensor, so there it is resid_pre + attn_out. The reader raises out of the forward as soon as the
@@ -114,7 +114,7 @@ def resolve_hookpoint(model: nn.Module, hookpoint: str, layer: int | None) -> tu
     elif name == "mlp_in":
         terms = [(f"{block}.{family.mlp_in}", "input")]
     elif family.mid_norm is None or _is_parallel_residual(model):
-        terms = [(block, "input"), (f"{block}.{family.attn}", "output")]  # parallel residual: defined, SPEC §5
+        terms = [(block, "input"), (f"{block}.{family.attn}", "output")]  # parallel residual: defined (docs/method.md)
     else:
         terms = [(f"{block}.{family.mid_norm}", "input")]
     return name, layer, terms

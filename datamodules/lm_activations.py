@@ -234,7 +234,7 @@ class LMActivationDataModule(L.LightningDataModule):
 
     @torch.no_grad()
     def estimate_scales(self) -> list[float]:
-        """The scalar s with E‖s·x‖² = d over the first `normalization_tokens` training tokens (SPEC §5), over
+        """The scalar s with E‖s·x‖² = d over the first `normalization_tokens` training tokens (docs/method.md), over
         every rank; one per side of (source, target) pairs."""
         sample = take_tokens(self.training_chunks(), self.hparams.normalization_tokens)  # its own guard
         sums = sample.double().pow(2).sum(-1).sum(0).reshape(-1).tolist()

@@ -1,4 +1,4 @@
-"""Spliced LM loss (SPEC §6): next-token CE with the hookpoint replaced by an SAE's reconstruction."""
+"""Spliced LM loss (docs/results.md): next-token CE with the hookpoint replaced by an SAE's reconstruction."""
 
 from __future__ import annotations
 

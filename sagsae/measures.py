@@ -1,4 +1,4 @@
-"""The metric math of SPEC §5–6 on plain tensors (no Lightning, no torchmetrics): the normalization scalar,
+"""The metric math of docs/method.md on plain tensors (no Lightning, no torchmetrics): the normalization scalar,
 R² of a batch, and the held-out window's summary from its sums. lightning_modules/reconstruction_metrics.py
 accumulates the sums across batches and ranks; sweeps, reports and exports read the same definitions from here."""
 
@@ -18,7 +18,7 @@ def normalization_scales(rows: Tensor) -> list[float]:
 
 
 def normalization_scale(sum_of_squares: float, tokens: int, d_in: int) -> float:
-    """The scalar s with E‖s·x‖² = d, from Σ‖x‖² over `tokens` activations (SPEC §5)."""
+    """The scalar s with E‖s·x‖² = d, from Σ‖x‖² over `tokens` activations (docs/method.md)."""
     if tokens <= 0 or not sum_of_squares > 0:
         raise ValueError(f"Cannot estimate the normalization scalar from {tokens} tokens of total energy "
                          f"{sum_of_squares}: the activations are empty or all zero")
@@ -52,7 +52,7 @@ def window_summary(squared_error: Tensor, sum_x: Tensor, sum_squares: Tensor, ac
                    prefix_squared_errors: dict[int, Tensor] | None = None) -> dict[str, Tensor]:
     """R², MSE, L0, silent and bipolar fractions and per-latent firing density from a window's sums: R² divides
     summed errors by summed variance (never a mean of per-batch ratios); a latent is bipolar when its minority
-    sign is ≥ 10% of its firings (SPEC §6). With the gate path's summed squared error (non-zero), its R² too,
+    sign is ≥ 10% of its firings (docs/results.md). With the gate path's summed squared error (non-zero), its R² too,
     and the same for a skip-transcoder's skip path (`skip_r2`: its share of the explained variance is skip_r2 / r2)."""
     total_variance = sum_squares - sum_x.pow(2).sum() / tokens
     firings = positive + negative

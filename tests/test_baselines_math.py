@@ -1,4 +1,4 @@
-"""Baselines (SPEC §4) against direct computations on small tensors with fixed weights."""
+"""Baselines (docs/method.md, "Baselines") against direct computations on small tensors with fixed weights."""
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def test_parameter_counts_are_exact():
         assert sae_class(name).parameter_count(d, h) == count, name
     untied = build_sae("sagsae", d_in=d, width=h, tie_r=False, tie_theta=False)
     assert sum(p.numel() for p in untied.parameters()) == 2 * h * d + d + 6 * h
-    assert sae_class("gated").parameter_count(d, 2 * h) == 4 * h * d + d + 6 * h  # Gated(2H), SPEC §3
+    assert sae_class("gated").parameter_count(d, 2 * h) == 4 * h * d + d + 6 * h  # Gated(2H): docs/method.md
     target = sae_class("sagsae").parameter_count(d, h)
     assert matching_width(sae_class("gated"), d, h, target) == pytest.approx(h * (2 * d + 4) / (2 * d + 3))
 

@@ -1,4 +1,4 @@
-"""SPEC §6 metrics against direct NumPy computations, and their DDP synchronization (2 gloo processes)."""
+"""The metrics against direct NumPy computations, and their DDP synchronization (2 gloo processes)."""
 
 from __future__ import annotations
 

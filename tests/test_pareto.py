@@ -1,4 +1,4 @@
-"""SPEC §6 sweep comparisons against hand-worked examples."""
+"""The sweep comparisons of docs/results.md against hand-worked examples."""
 
 from __future__ import annotations
 

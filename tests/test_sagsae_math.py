@@ -1,4 +1,4 @@
-"""SA-GSAE (SPEC §2–3) against a direct, loop-free-of-tricks computation on small tensors."""
+"""SA-GSAE (docs/method.md) against a direct, loop-free-of-tricks computation on small tensors."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def make_sae(**kwargs):
 
 
 def direct(sae, x, lam):
-    """SPEC §2–3 written out elementwise from the parameters."""
+    """The formulation (docs/method.md) written out elementwise from the parameters."""
     theta_pos, theta_neg = (t.detach() for t in sae.thresholds())
     r_pos, r_neg = (t.detach() for t in sae.magnitude_rescales())
     W_gate, W_dec = sae.W_gate.detach(), sae.W_dec.detach()

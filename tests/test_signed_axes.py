@@ -1,8 +1,8 @@
-"""SPEC §7 Protocol A: the formulation must be proven, not assumed.
+"""Protocol A (docs/method.md, "Signed axes"): the formulation must be proven, not assumed.
 
 SA-GSAE at width K, aux on, trained by the product's own LightningModule, must reach the true L0 (±20%),
 R² ≥ 0.95, recover ≥ 90% of the 2K signed features, carry both signs of an axis in one latent, and never
-trip the gate-collapse monitor. Without the auxiliary loss it collapses (SPEC §7), and the monitor says so.
+trip the gate-collapse monitor. Without the auxiliary loss it collapses (docs/method.md), and the monitor says so.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def shipped_default_switches() -> dict:
 
 def test_the_shipped_default_recipe_recovers_signed_axes(protocol_a_data):
     """Whatever start and threshold dynamics configs/default.yaml ships must pass Protocol A as the
-    formulation does (SPEC §7), at the same budget."""
+    formulation does (docs/method.md, "Signed axes"), at the same budget."""
     module, monitor = train(protocol_a_data, steps=1500, **shipped_default_switches())
     s = score(module, protocol_a_data)
     assert abs(s["l0"] - s["true_l0"]) <= 0.2 * s["true_l0"], s
@@ -106,7 +106,7 @@ def test_a_one_sided_gate_at_width_k_cannot_carry_both_signs(protocol_a_data, sa
 
 
 def test_gated_needs_twice_the_width_for_the_same_result(protocol_a_data):
-    """Gated(2K) reaches what SA-GSAE(K) does (SPEC §7), with one non-negative latent per signed feature."""
+    """Gated(2K) reaches what SA-GSAE(K) does (docs/method.md), with one non-negative latent per signed feature."""
     module, _ = train(protocol_a_data, steps=1500, architecture="gated", width=96)
     s = score(module, protocol_a_data)
     assert abs(s["l0"] - s["true_l0"]) <= 0.2 * s["true_l0"], s

@@ -1,4 +1,4 @@
-"""The synthetic generators (SPEC §7) produce the statistics they are asked for."""
+"""The synthetic generators (docs/method.md, "Signed axes") produce the statistics they are asked for."""
 
 from __future__ import annotations
 

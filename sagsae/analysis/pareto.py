@@ -1,4 +1,4 @@
-"""Sweep comparisons of SPEC §6, on plain numbers: R²(L0) curves, Pareto dominance over the L0 overlap with a
+"""Sweep comparisons (docs/results.md), on plain numbers: R²(L0) curves, Pareto dominance over the L0 overlap with a
 tie band of the seeds' spread, and the sweep-geomean dead-fraction reduction.
 
 Curves are interpolated linearly in log L0 (sweeps space their λ, hence L0, geometrically), between the seed

@@ -14,7 +14,7 @@ from sagsae.analysis.convergence import Plateau, gain_at_matched_l0, plateau
 from sagsae.analysis.pareto import Curve, compare
 
 RESULTS = "results.json"
-PAPER = {  # SPEC §1: the paper's half-width SA-GSAE vs full-width Gated, by hookpoint kind
+PAPER = {  # the paper's (docs/results.md): half-width SA-GSAE vs full-width Gated, by hookpoint kind
     "mlp_out": "dominates on both models; dead reduction ≈100–500×",
     "attn_out": "matches (R² within 0.025); dead reduction ≈2–4×",
     "resid_mid": "dominates on Pythia-1B (≈100–500×); matches on SmolLM3-3B (≈2–4×)",

@@ -4,7 +4,7 @@ All protocols: K near-orthogonal unit directions v_k in R^d, magnitudes |c| ~ U[
 std `noise` per dimension. The 2K ground-truth *signed* features are +v_k and −v_k.
 - A: each axis fires with probability p, with a random sign.
 - B: the features +v_k and −v_k each fire with probability p; they fire together with probability
-  (1 + ρ)·p², ρ ∈ [−1, 0] (ρ = −1: never together, ρ = 0: independent). SPEC's "within-pair correlation ρ"
+  (1 + ρ)·p², ρ ∈ [−1, 0] (ρ = −1: never together, ρ = 0: independent). The protocol's "within-pair correlation ρ"
   cannot be a Pearson correlation at small p (its minimum is −p/(1 − p)), so ρ scales the co-occurrence;
   `pair_correlation` reports the Pearson value actually reached. Both firing: (c⁺ − c⁻)·v_k.
 - C: a share q of the axes is bipolar (as in A), the others fire positively only.

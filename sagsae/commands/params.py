@@ -1,4 +1,4 @@
-"""`python -m sagsae params`: exact trainable-parameter counts per architecture (SPEC §3 accounting), and the
+"""`python -m sagsae params`: exact trainable-parameter counts per architecture (docs/method.md, "Baselines"), and the
 width at which each architecture matches SA-GSAE's count at the given width."""
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class SAGSAEConfig(SAEConfig):
 
 
 class SAGSAESaeLens(_SaeLensDecoder, SAE[SAGSAEConfig]):
-    """Inference-only SA-GSAE in SAELens: the same equations as `sagsae.saes.sa_gsae` (SPEC §2)."""
+    """Inference-only SA-GSAE in SAELens: the same equations as `sagsae.saes.sa_gsae` (docs/method.md, "Forward")."""
 
     def initialize_weights(self) -> None:
         super().initialize_weights()

@@ -1,4 +1,4 @@
-"""AbsTopK SAE (arXiv 2510.00404, SPEC §4), the closest prior signed SAE: keep the k pre-activations of
+"""AbsTopK SAE (arXiv 2510.00404, docs/method.md), the closest prior signed SAE: keep the k pre-activations of
 largest |π|, with their signs, no ReLU."""
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def sae_class_for_saelens(architecture: str) -> type[SparseAutoencoder]:
 @dataclass
 class SAELoss:
     """One training step's loss, its terms (already weighted as summed) and what the metrics need. Every loss
-    has the unweighted "recon" term, ‖x − x̂‖² averaged over the batch (SPEC §3): a training step's R² and MSE
+    has the unweighted "recon" term, ‖x − x̂‖² averaged over the batch (docs/method.md): a training step's R² and MSE
     are read from it rather than from another pass over x̂."""
 
     total: Tensor
@@ -83,7 +83,7 @@ class SAELoss:
 
 
 def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
-    """‖x − x̂‖² summed over d, averaged over the batch (SPEC §3)."""
+    """‖x − x̂‖² summed over d, averaged over the batch (docs/method.md, "Loss and gradients")."""
     return (x - x_hat).pow(2).sum(-1).mean()
 
 
@@ -144,7 +144,7 @@ class SparseAutoencoder(nn.Module):
     penalty must weight each latent by its decoder norm, so that shrinking the encoder while growing the
     decoder cannot dodge it.
 
-    `input_scale` is the scalar that maps raw activations to E‖x‖² = d (SPEC §5); it is stored with the SAE
+    `input_scale` is the scalar that maps raw activations to E‖x‖² = d (docs/method.md); it is stored with the SAE
     and applied by `normalize`, so that exports can fold it into the weights.
 
     Any architecture becomes a transcoder with `make_transcoder` (docs/method.md, "Transcoders"): it then encodes
@@ -433,7 +433,7 @@ class SparseAutoencoder(nn.Module):
 
     @classmethod
     def parameter_count(cls, d_in: int, width: int, **switches: Any) -> int:
-        """Trainable parameters at this size (SPEC §3 accounting)."""
+        """Trainable parameters at this size (docs/method.md, "Baselines")."""
         sae = cls(d_in=d_in, width=width, **switches)
         return sum(p.numel() for p in sae.parameters() if p.requires_grad)
 

@@ -1,4 +1,4 @@
-"""BatchTopK SAE (SPEC §4): keep the k·B largest ReLU pre-activations of the whole batch in training; at
+"""BatchTopK SAE (docs/method.md): keep the k·B largest ReLU pre-activations of the whole batch in training; at
 inference a learned scalar threshold (running mean of the smallest kept value) replaces the batch rule."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Gated SAE (arXiv 2404.16014, SPEC §4): a Heaviside gate on π = W_gate x̃ + b_gate, a rescaled magnitude
+"""Gated SAE (arXiv 2404.16014, docs/method.md): a Heaviside gate on π = W_gate x̃ + b_gate, a rescaled magnitude
 path exp(r_mag) ⊙ W_gate x̃ + b_mag, and an auxiliary reconstruction through ReLU(π)."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ class GatedSparseAutoencoder(GatedPathsSAE):
         d_in: activation size (taken from the data in training).
         width: number of latents H.
         aux_weight: weight of the gate path's auxiliary reconstruction.
-        unit_norm_decoder: SPEC §3 form (a): unit-norm decoder, plain L1, frozen decoder in the aux term; the
-            default form (b) weights L1 by decoder norms with the decoder live in the aux term.
+        unit_norm_decoder: decoder form (a) of docs/method.md: unit-norm decoder, plain L1, frozen decoder in the
+            aux term; the default form (b) weights L1 by decoder norms with the decoder live in the aux term.
         gate_init_quantile: start b_gate at minus this quantile of each u on the first batch (None = 0).
     """
 

@@ -16,7 +16,7 @@ class GatedPathsSAE(SparseAutoencoder):
     """Gated-style architectures: one matrix W_gate (= W_decᵀ at init) feeds the gate π = u + b_gate and the
     magnitude path (u = W_gate (x − b_dec)); the sparsity and auxiliary terms act on the gate path.
 
-    Decoder forms of SPEC §3: (b), the default, weights the sparsity by decoder norms and keeps the decoder
+    Decoder forms (docs/method.md): (b), the default, weights the sparsity by decoder norms and keeps the decoder
     live in the auxiliary term; (a), `unit_norm_decoder`, uses plain L1 and a frozen decoder copy there.
     """
 

@@ -1,4 +1,4 @@
-"""JumpReLU SAE (arXiv 2407.14435, SPEC §4): f = π ⊙ H(π − θ), an L0 penalty λ Σ H(π − θ), both learning θ
+"""JumpReLU SAE (arXiv 2407.14435, docs/method.md): f = π ⊙ H(π − θ), an L0 penalty λ Σ H(π − θ), both learning θ
 through the rectangle-kernel pseudo-derivative; unit-norm decoder as in the paper."""
 
 from __future__ import annotations

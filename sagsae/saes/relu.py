@@ -1,4 +1,4 @@
-"""ReLU-L1, the standard SAE (SPEC §4): f = ReLU(W_enc (x − b_dec) + b_enc), decoder-norm-weighted L1."""
+"""ReLU-L1, the standard SAE (docs/method.md): f = ReLU(W_enc (x − b_dec) + b_enc), decoder-norm-weighted L1."""
 
 from __future__ import annotations
 

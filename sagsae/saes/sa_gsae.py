@@ -1,4 +1,4 @@
-"""Sign-Aware Gated SAE (SA-GSAE) with the Bi-Jump-ReLU activation — our formulation, SPEC §2–3.
+"""Sign-Aware Gated SAE (SA-GSAE) with the Bi-Jump-ReLU activation — our formulation (docs/method.md).
 
 One latent carries both signs of one decoder direction: a two-sided gate opens on π > θ⁺ or π < −θ⁻, and a
 signed magnitude path (sharing W_gate, no ReLU) gives the code's value, so the sparsity penalty, which lives
@@ -37,7 +37,7 @@ def signed_magnitude_path(u: Tensor, pi: Tensor, r_pos: Tensor, r_neg: Tensor | 
 class SignAwareGatedSAE(GatedPathsSAE):
     """SA-GSAE(H). Tied r⁺ = r⁻ and θ⁺ = θ⁻ by default (the paper's recommended symmetric variant).
 
-    Ablations (SPEC §3): `one_sided_gate` (gate H(π − θ), codes ≥ 0: a Gated SAE with a learned jump
+    Ablations (docs/method.md): `one_sided_gate` (gate H(π − θ), codes ≥ 0: a Gated SAE with a learned jump
     threshold), `aux_weight: 0`, `tie_r: false`, `tie_theta: false`, and `signed_magnitude: false`, where the
     code is the gate path's own BiJump_θ(π), so the sparsity penalty shrinks it (no separate magnitude path).
 
@@ -60,7 +60,7 @@ class SignAwareGatedSAE(GatedPathsSAE):
         theta_init_quantile: start each θ at this quantile of its |π| on the first batch (None = theta_init).
         one_sided_gate: ablation: gate H(π − θ) and codes ≥ 0 (a Gated SAE with a learned jump threshold).
         signed_magnitude: false = ablation: the code is the gate path's BiJump_θ(π) (shrunk by the penalty).
-        unit_norm_decoder: SPEC §3 form (a) instead of the default form (b).
+        unit_norm_decoder: docs/method.md's decoder form (a) instead of the default form (b).
     """
 
     signed_codes = True
@@ -220,7 +220,7 @@ class SignAwareGatedSAE(GatedPathsSAE):
 
     @torch.no_grad()
     def reset_dead(self, dead: Tensor) -> None:
-        """Dead-latent threshold reset (SPEC §3): a latent silent for a whole window gets θ_init back (the small
+        """Dead-latent threshold reset (docs/method.md): a latent silent for a whole window gets θ_init back (the small
         fixed value, also after a quantile initialization: the point is to let it fire again). A masked fill, so
         that an all-False mask costs no host read."""
         stored_init = math.log(self.theta_init) if self.log_theta else self.theta_init

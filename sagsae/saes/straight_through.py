@@ -1,4 +1,4 @@
-"""Jump activations with straight-through pseudo-derivatives for their thresholds (SPEC §3).
+"""Jump activations with straight-through pseudo-derivatives for their thresholds (docs/method.md).
 
 A Heaviside step has zero gradient almost everywhere, so thresholds could never learn. As in JumpReLU
 (arXiv 2407.14435) we replace dH(t)/dt by a rectangle kernel K(t) = 1[|t| < 1/2] of bandwidth ε, but only
@@ -66,7 +66,7 @@ class _TwoSidedStep(torch.autograd.Function):
 
 
 class _BiJumpReLU(torch.autograd.Function):
-    """BiJump_θ(z) = z · [H(z − θ⁺) + H(−z − θ⁻)] with the pseudo-derivatives of SPEC §3."""
+    """BiJump_θ(z) = z · [H(z − θ⁺) + H(−z − θ⁻)] with the pseudo-derivatives of docs/method.md."""
 
     @staticmethod
     def forward(ctx, z: Tensor, theta_pos: Tensor, theta_neg: Tensor, bandwidth: float) -> Tensor:

@@ -1,4 +1,4 @@
-"""TopK SAE (arXiv 2406.04093, SPEC §4): keep the k largest ReLU pre-activations per token; the AuxK loss
+"""TopK SAE (arXiv 2406.04093, docs/method.md): keep the k largest ReLU pre-activations per token; the AuxK loss
 (coefficient 1/32) reconstructs the residual from the top-k_aux dead latents; unit-norm decoder."""
 
 from __future__ import annotations
