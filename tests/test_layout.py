@@ -60,7 +60,7 @@ def test_a_toy_architecture_trains_exports_reloads_and_counts_with_no_other_file
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert state["sae"] == {"architecture": "toy", "config": {"d_in": 32, "width": 24, "gain_init": 0.5},
-                            "transcoder": None}
+                            "transcoder": None, "matryoshka": None}
     trained_gain = state["state_dict"]["state.sae.gain"]
     assert not torch.equal(trained_gain, torch.full((24,), 0.5)), "the toy's own parameter trained"
     loaded = sagsae.load(export_checkpoint(checkpoint, tmp_path / "export"))

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from sagsae.formats.serialization import export, load, sae_from_spec
-from sagsae.saes import SAE_REGISTRY, build_sae
+from sagsae.saes import build_sae
 from sagsae.saes.matryoshka import Nesting, cumulative_decodes
 from sagsae.training.state import TrainingPlan
 
 D, WIDTH, BATCH = 6, 10, 16
+ARCHITECTURES = ["abstopk", "batchtopk", "gated", "jumprelu", "relu", "sagsae", "topk"]  # every shipped one
 WIDTHS, WEIGHTS = (3, 7, 10), (0.5, 2.0)
 SWITCHES = {"topk": {"k": 3}, "batchtopk": {"k": 3}, "abstopk": {"k": 3}}
 
@@ -42,7 +43,7 @@ def direct_prefix_term(codes: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Te
     return total
 
 
-@pytest.mark.parametrize("architecture", sorted(SAE_REGISTRY))
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense-decode", "sparse-decode"])
 def test_the_loss_adds_each_prefix_reconstruction_and_its_gradients_match_autograd(architecture, sparse):
     plain, nested, x = pair(architecture)
@@ -73,7 +74,7 @@ def test_the_loss_adds_each_prefix_reconstruction_and_its_gradients_match_autogr
             assert torch.allclose(parameter.grad, expected, rtol=1e-4, atol=1e-5), name
 
 
-@pytest.mark.parametrize("architecture", sorted(SAE_REGISTRY))
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_a_prefix_reconstruction_does_not_depend_on_later_latents(architecture):
     _, nested, x = pair(architecture)
     codes = torch.randn(BATCH, WIDTH)
@@ -87,6 +88,28 @@ def test_a_prefix_reconstruction_does_not_depend_on_later_latents(architecture):
     first = cumulative_decodes(codes, W_dec, nested.b_dec, WIDTHS[:-1])[0]
     (x - first).pow(2).sum().backward()
     assert not W_dec.grad[:, WIDTHS[0]:].any() and W_dec.grad[:, :WIDTHS[0]].any()
+
+
+def test_every_shipped_architecture_is_tested_and_one_that_ignores_the_levels_is_refused():
+    from sagsae.saes import SAE_REGISTRY
+    from sagsae.saes.base import LinearEncoderSAE, SAELoss, squared_error
+
+    shipped = sorted(name for name, cls in SAE_REGISTRY.items() if cls.__module__.startswith("sagsae."))
+    assert shipped == ARCHITECTURES
+
+    class PlainDecode(LinearEncoderSAE):  # a third-party architecture that decodes with `decode` alone
+        def activation(self, pre):
+            return torch.relu(pre)
+
+        def coding_loss(self, x, target, sparsity_coefficient, dead):
+            codes = self.encode(x)
+            x_hat = self.decode(codes)
+            return SAELoss(squared_error(target, x_hat), {"recon": squared_error(target, x_hat)}, codes, x_hat)
+
+    sae = PlainDecode(D, WIDTH).make_matryoshka(WIDTHS)
+    with pytest.raises(ValueError, match="ignores the Matryoshka levels: decode with decode_levels"):
+        sae.loss(torch.randn(BATCH, D), 1.0)
+    assert PlainDecode(D, WIDTH).loss(torch.randn(BATCH, D), 1.0).total > 0  # unnested, it trains as before
 
 
 def test_the_sparse_and_dense_nested_decodes_agree():

@@ -327,9 +327,12 @@ class SparseAutoencoder(nn.Module):
         W_skip learns from the reconstruction alone (as in sparsify) and the auxiliary terms leave it be."""
         target = x if target is None else target
         skip = self.skip(x)
+        out = self.coding_loss(x, target if skip is None else target - skip.detach(), sparsity_coefficient, dead)
+        if self.nesting is not None and "matryoshka" not in out.terms:
+            raise ValueError(f"{type(self).__name__}'s coding_loss ignores the Matryoshka levels: decode with "
+                             f"decode_levels and take the terms of reconstruction_terms (sagsae/saes/relu.py does)")
         if skip is None:
-            return self.coding_loss(x, target, sparsity_coefficient, dead)
-        out = self.coding_loss(x, target - skip.detach(), sparsity_coefficient, dead)
+            return out
         reconstruction = out.reconstruction + skip
         recon = squared_error(target, reconstruction)
         return replace(out, total=out.total + (recon - out.terms["recon"]), terms={**out.terms, "recon": recon},
