@@ -51,7 +51,7 @@ def measure(d: int, width: int, batch: int, members: int) -> dict[str, float]:
     import torch
 
     from datamodules import TensorActivationDataModule
-    from lightning_modules import SAEModule, SweepModule
+    from lightning_modules import SweepModule
 
     class Probe(L.Callback):
         def __init__(self) -> None:

@@ -10,6 +10,7 @@ Reruns reuse the written data and skip finished cells. Summarize with `python -m
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,9 @@ def write_protocol(folder: Path, spec: dict[str, Any], shared: dict[str, Any]) -
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}: use one of {sorted(PROTOCOLS)}")
     n_train, n_val = int(shared["n_train"]), int(shared["n_val"])
-    shared_keys = ("d", "p", "noise", "seed") if protocol == "h" else ("d", "axes", "p", "noise", "seed")
-    options = {key: shared[key] for key in shared_keys if key in shared} | spec
+    accepted = inspect.signature(PROTOCOLS[protocol]).parameters  # the hierarchy takes parents, not axes
+    options = {key: shared[key] for key in ("d", "axes", "p", "noise", "seed") if key in shared and key in accepted}
+    options |= spec
     data = PROTOCOLS[protocol](n_train + n_val, **options)
     with staged_folder(folder) as staging:
         for split, rows in (("train", data.activations[:n_train]), ("val", data.activations[n_train:])):

@@ -150,8 +150,8 @@ def sae_from_checkpoint(state: dict[str, Any]) -> SparseAutoencoder:
 
 
 def sae_from_spec(spec: dict[str, Any], state_dict: dict[str, Any], prefix: str = FIT_SAE_PREFIX) -> SparseAutoencoder:
-    """An SAE rebuilt from its recorded spec (architecture, config, transcoder, Matryoshka levels) and the entries of `state_dict`
-    under `prefix`: a `fit` checkpoint's "state.sae.", a sweep member's "members.<name>.sae."."""
+    """An SAE rebuilt from its recorded spec (architecture, config, transcoder, Matryoshka levels) and the entries
+    of `state_dict` under `prefix`: a `fit` checkpoint's "state.sae.", a sweep member's "members.<name>.sae."."""
     sae = build_sae(spec["architecture"], **spec["config"])
     if spec.get("transcoder") is not None:
         sae.make_transcoder(**spec["transcoder"])

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from sagsae.saes.matryoshka import Nesting, cumulative_decodes, cumulative_pair_decodes
-from sagsae.saes.sparse_codes import nonzero_decode, pair_sums
+from sagsae.saes.sparse_codes import nonzero_decode
 
 
 SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
@@ -271,9 +271,8 @@ class SparseAutoencoder(nn.Module):
 
     def decode_pair_levels(self, rows: Tensor, cols: Tensor, values: Tensor, batch: int) -> tuple[Tensor, list[Tensor]]:
         """`decode_levels` from selected (row, col, value) triples alone, rows ascending (the TopK family)."""
-        if self.nesting is None:
-            return pair_sums(self.W_dec.T, rows, cols, values, batch) + self.b_dec, []
-        levels = cumulative_pair_decodes(self.W_dec, self.b_dec, rows, cols, values, batch, self.prefix_ends())
+        ends = () if self.nesting is None else self.prefix_ends()
+        levels = cumulative_pair_decodes(self.W_dec, self.b_dec, rows, cols, values, batch, ends)
         return levels[-1], levels[:-1]
 
     def reconstruction_terms(self, target: Tensor, x_hat: Tensor,

@@ -68,6 +68,8 @@ def cumulative_decodes(codes: Tensor, W_dec: Tensor, b_dec: Tensor, ends: Sequen
 def cumulative_pair_decodes(W_dec: Tensor, b_dec: Tensor, rows: Tensor, cols: Tensor, values: Tensor,
                             batch: int, ends: Sequence[int]) -> list[Tensor]:
     """The same from selected (row, col, value) triples alone (the TopK family's training step)."""
+    if not ends:  # one group: every pair, without masks
+        return [pair_sums(W_dec.T, rows, cols, values, batch) + b_dec]
     group = torch.bucketize(cols, torch.tensor(list(ends), device=cols.device), right=True)
     total = b_dec.expand(batch, -1)
     levels = []

@@ -273,7 +273,7 @@ class TrainingState(nn.Module):
             result["firing"] = out.firing if out.firing is not None else firing_counts(result["codes"])
             prefixes = None  # the fixed levels' errors (random ones change every step: nothing to follow)
             if out.prefix_squared_errors is not None and not self.sae.nesting.random_prefixes:
-                prefixes = dict(zip(self.sae.nesting.widths, out.prefix_squared_errors))
+                prefixes = dict(zip(self.prefix_widths(), out.prefix_squared_errors))
             result["summary"] = step_summary(y, out.squared_error.detach(), result["firing"], out.gate_squared_error,
                                              prefixes)
         elif self.sae.W_skip is not None:  # how much the skip path alone explains (held out)
