@@ -24,7 +24,8 @@ from sagsae.measures import normalization_scale
 
 class LMActivationDataModule(L.LightningDataModule):
     """Yields [batch_size, d_model] activation batches (raw: the SAE applies its normalization scalar), or with
-    `target_hookpoint` [batch_size, 2, d_model] (source, target) pairs from one forward, which train a transcoder.
+    `target_hookpoint` [batch_size, 2, d_model] (source, target) pairs from one forward, which train a transcoder,
+    or with `more_hookpoints` [batch_size, K, d_model], K sites from one forward (a sweep trains each on its own).
 
     Args:
         model: "embedded:smollm2-135m", any HF hub name, or a local folder.
@@ -33,6 +34,10 @@ class LMActivationDataModule(L.LightningDataModule):
         target_hookpoint: a second hookpoint of the same layer that a transcoder decodes (e.g. mlp_out, with
             hookpoint mlp_in: the MLP's normalized input and its output); None = an autoencoder's data.
         layer: block index; None = mid-depth ⌊n_layers/2⌋.
+        more_hookpoints: further [hookpoint, layer] sites read in the same forward, after this one (a sweep's
+            `one_forward` cells). A token's K activations are kept or dropped together, judged by their norm
+            together, as a transcoder's pair is; with the guard off, site k's batches equal those of a datamodule
+            on that site alone.
         dataset: "embedded:wiki-summaries" or a `datasets` name/path/builder (with data_files).
         context_length: tokens per context, BOS included (the BOS position is never trained on).
         lm_batch_size: contexts per LM forward.
@@ -53,6 +58,7 @@ class LMActivationDataModule(L.LightningDataModule):
         hookpoint: str = "mlp_out",
         target_hookpoint: str | None = None,
         layer: int | None = None,
+        more_hookpoints: list[tuple[str, int | None]] | None = None,
         dataset: str = "embedded:wiki-summaries",
         dataset_config: str | None = None,
         data_files: str | list[str] | None = None,
@@ -74,6 +80,14 @@ class LMActivationDataModule(L.LightningDataModule):
         for name in (hookpoint, target_hookpoint):  # an unknown name fails here, before anything loads
             if name is not None:
                 parse_hookpoint(name, layer)
+        if more_hookpoints is not None:
+            if target_hookpoint is not None:
+                raise ValueError("data.more_hookpoints reads several sites for autoencoders: drop "
+                                 "data.target_hookpoint (a transcoder's pair is one site)")
+            for site in more_hookpoints:
+                if not (isinstance(site, (list, tuple)) and len(site) == 2):
+                    raise ValueError(f"data.more_hookpoints takes [hookpoint, layer] pairs, got {site!r}")
+                parse_hookpoint(site[0], site[1])
         for name, value in [("context_length", context_length), ("lm_batch_size", lm_batch_size),
                             ("batch_size", batch_size), ("val_tokens", val_tokens),
                             ("normalization_tokens", normalization_tokens)]:
@@ -91,7 +105,7 @@ class LMActivationDataModule(L.LightningDataModule):
         self.resume_state: dict | None = None  # where this rank's stream resumes (ShuffledStream.state)
         self.resume_batches = 0  # batches to replay instead, for a checkpoint without that state
         self.validation_rows: Tensor | None = None
-        self.evaluators: dict[tuple[int, str], LMLossEvaluator] = {}  # by held-out contexts and part
+        self.evaluators: dict[tuple[int, str, int], LMLossEvaluator] = {}  # by held-out contexts, part and site
 
     # ----- set-up ---------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -110,6 +124,8 @@ class LMActivationDataModule(L.LightningDataModule):
         hp = self.hparams
         self.lm = HookedLanguageModel(hp.model, hp.gguf_file, hp.hookpoint, hp.layer, hp.lm_dtype, device,
                                       hp.context_length, hp.target_hookpoint)
+        self.site_readers = None if hp.more_hookpoints is None else \
+            [self.lm.reader, *self.lm.readers([tuple(site) for site in hp.more_hookpoints])]
 
     @property
     def d_model(self) -> int:
@@ -122,10 +138,24 @@ class LMActivationDataModule(L.LightningDataModule):
         """Whether batches are (source, target) pairs [B, 2, d] for a transcoder."""
         return self.hparams.target_hookpoint is not None
 
+    @property
+    def sites(self) -> int | None:
+        """How many hookpoints each batch stacks [B, K, d] (`more_hookpoints`); None for one (or a pair)."""
+        more = self.hparams.more_hookpoints
+        return None if more is None else 1 + len(more)
+
+    def read(self, input_ids: Tensor) -> Tensor:
+        """The activations that a batch holds, at the trainable positions of `input_ids`."""
+        if self.site_readers is None:
+            return self.lm.activations(input_ids)
+        return self.lm.activations_at(self.site_readers, input_ids)
+
     def describe(self) -> dict:
         """What a run records about its activations."""
         return {"model": self.hparams.model, "hookpoint": self.lm.hookpoint,
                 "target_hookpoint": self.lm.target_hookpoint, "layer": self.lm.layer,
+                **({} if self.site_readers is None else
+                   {"more_hookpoints": [[r.hookpoint, r.layer] for r in self.site_readers[1:]]}),
                 "d_model": self.d_model, "dataset": self.hparams.dataset,
                 "context_length": self.hparams.context_length, "dropped_massive": self.guard.dropped_massive,
                 "dropped_nonfinite": self.guard.dropped_nonfinite}
@@ -146,12 +176,12 @@ class LMActivationDataModule(L.LightningDataModule):
         this rank's documents, or all ranks' with `every_rank`), each with the position right after it: the pass,
         the documents of that pass taken, the tokens carried into the next context and the guard's state.
         Started from such a `position` (in the first of `passes`), the stream continues exactly as it would have.
-        `read` maps a batch of contexts to what the guard judges (default: this datamodule's hookpoint).
+        `read` maps a batch of contexts to what the guard judges (default: this datamodule's sites, `read`).
 
         Each stream has its own guard, so the training stream's drops do not depend on when the normalization
         estimate or the validation set were computed."""
         hp = self.hparams
-        read = self.lm.activations if read is None else read
+        read = self.read if read is None else read
         if position is not None:
             guard.load_state_dict(position["guard"])
         for pass_index in passes:
@@ -242,18 +272,21 @@ class LMActivationDataModule(L.LightningDataModule):
         return [normalization_scale(total, int(count), self.d_model) for total in sums]
 
     def spliced_cross_entropy(self, reconstruct: Callable[[Tensor], Tensor], contexts: int = 16,
-                              part: str = "all") -> dict[str, float]:
+                              part: str = "all", site: int = 0) -> dict[str, float]:
         """Spliced LM loss (lm_evaluation) on the first `contexts` held-out contexts of `part` (all, or the
         selection or verdict half, activation_stream.held_out_part), the same ones every time (their clean and
-        zeroed losses computed once)."""
-        if (contexts, part) not in self.evaluators:
+        zeroed losses computed once), with the reconstruction written at `site` (of `more_hookpoints`)."""
+        if site and (self.site_readers is None or site >= len(self.site_readers)):
+            raise ValueError(f"No site {site}: this datamodule reads {self.sites or 1} hookpoint(s)")
+        if (contexts, part, site) not in self.evaluators:
             packed = list(self.lm.contexts(self.documents(validation=True, every_rank=True)))  # tokenization: cheap
             chosen = held_out_part(packed, part)[:contexts]
             if len(chosen) < contexts:
                 rank_zero_warn(f"The {part} held-out documents hold {len(chosen)} contexts, fewer than the {contexts} "
                                f"asked for the LM loss: raise data.val_fraction for more")
-            self.evaluators[contexts, part] = LMLossEvaluator(self.lm, torch.tensor(chosen))
-        return self.evaluators[contexts, part].evaluate(reconstruct)
+            writer = None if not site else self.site_readers[site]
+            self.evaluators[contexts, part, site] = LMLossEvaluator(self.lm, torch.tensor(chosen), writer)
+        return self.evaluators[contexts, part, site].evaluate(reconstruct)
 
     # ----- dataloaders ------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from datamodules.activation_stream import process_rank_and_world, sum_over_processes
 from datamodules.hooked_lm import HookedLanguageModel
+from datamodules.hookpoints import ActivationReader
 
 Reconstruct = Callable[[Tensor], Tensor]  # raw activations read → what is written at the hookpoint
 
@@ -22,8 +23,10 @@ class LMLossEvaluator:
     Under DDP every rank is given the same contexts, scores its stride of them and sums over ranks: every rank
     gets the CE that one process gets (all ranks must call together)."""
 
-    def __init__(self, lm: HookedLanguageModel, input_ids: Tensor, chunk: int = 16) -> None:
-        self.lm, self.input_ids, self.chunk = lm, input_ids, chunk
+    def __init__(self, lm: HookedLanguageModel, input_ids: Tensor, writer: ActivationReader | None = None,
+                 chunk: int = 16) -> None:
+        """`writer`: the hookpoint replaced, when it is not the LM's own (a site of `more_hookpoints`)."""
+        self.lm, self.input_ids, self.writer, self.chunk = lm, input_ids, writer, chunk
         self.clean = self.cross_entropy(None)
         self.zero = self.cross_entropy(torch.zeros_like)
 
@@ -41,7 +44,12 @@ class LMLossEvaluator:
                 replaced[trainable] = make(read[trainable].float()).to(written.dtype)
                 return replaced
 
-            logits = self.lm.logits(input_ids) if make is None else self.lm.logits_with_replacement(input_ids, replace)
+            if make is None:
+                logits = self.lm.logits(input_ids)
+            elif self.writer is None:
+                logits = self.lm.logits_with_replacement(input_ids, replace)
+            else:
+                logits = self.writer.logits_with_replacement(input_ids, replace)
             for row_logits, targets, scored in zip(logits[:, :-1], input_ids[:, 1:], trainable[:, 1:]):
                 # one context's scored positions at a time in fp32: [length, vocabulary] at most, not the chunk's
                 losses = torch.nn.functional.cross_entropy(row_logits[scored].float(), targets[scored], reduction="none")

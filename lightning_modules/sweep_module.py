@@ -39,10 +39,15 @@ class SweepModule(L.LightningModule):
     `gradient_clip_val` (with `gradient_clip_algorithm` "norm" or "value") clips each member's gradients on their
     own, as `Trainer(gradient_clip_val=…)` clips a member that trains alone: the sweep back-propagates member by
     member (manual optimization), where Lightning leaves clipping to the module, which clips in
-    `on_before_optimizer_step` as Lightning would (after fp16's unscaling, before the step)."""
+    `on_before_optimizer_step` as Lightning would (after fp16's unscaling, before the step).
+
+    `sites` (name → k) trains members on several hookpoints of one LM forward: batches are [B, K, d] (a
+    datamodule's `more_hookpoints`) and each member sees only its site's rows, normalization scalar and spliced
+    LM loss, so that it trains as it would on that hookpoint alone."""
 
     def __init__(self, members: dict[str, TrainingPlan], lm_loss_contexts: int = 0, lm_loss_every: int = 1,
-                 gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm") -> None:
+                 gradient_clip_val: float | None = None, gradient_clip_algorithm: str = "norm",
+                 sites: dict[str, int] | None = None) -> None:
         super().__init__()
         if lm_loss_contexts < 0 or lm_loss_every < 1:
             raise ValueError(f"lm_loss needs contexts ≥ 0 and every ≥ 1, got {lm_loss_contexts} and {lm_loss_every}")
@@ -54,8 +59,11 @@ class SweepModule(L.LightningModule):
         self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
         self.lm_loss_contexts, self.lm_loss_every = lm_loss_contexts, lm_loss_every
         for name in members:
-            if not name.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"Sweep member names may hold letters, digits, '_' and '-'; got {name!r}")
+            if not name.replace("_", "").replace("-", "").replace("/", "").isalnum():
+                raise ValueError(f"Sweep member names may hold letters, digits, '_', '-' and '/'; got {name!r}")
+        if sites is not None and set(sites) != set(members):
+            raise ValueError(f"sites must name every member once: {sorted(set(sites) ^ set(members))} differ")
+        self.sites = sites
         for plan in members.values():
             plan.check()
         self.plans = members
@@ -68,18 +76,26 @@ class SweepModule(L.LightningModule):
     def configure_model(self) -> None:
         if len(self.members):
             return
+        stacked = getattr(self.trainer.datamodule, "sites", None)
+        if (self.sites is None) != (stacked is None) or self.sites and max(self.sites.values()) >= stacked:
+            raise ValueError(f"The sweep's members read sites {sorted(set((self.sites or {}).values()))} of batches "
+                             f"that stack {stacked or 'no'} sites: give the data more_hookpoints to match")
         for name, plan in self.plans.items():
             d_in, pairs = data_shape(self.trainer, plan.settings)
             if d_in is None:
                 raise ValueError("A sweep takes the activation size from its data: this datamodule does not report one")
             self.members[name] = plan.build(d_in, transcoder=bool(pairs))
 
+    def rows(self, name: str, batch: Tensor) -> Tensor:
+        """What member `name` trains on: the batch, or its site's rows of a [B, K, d] batch."""
+        return batch if self.sites is None else batch[:, self.sites[name]]
+
     def on_fit_start(self) -> None:
-        unset = [m for m in self.members.values() if m.needs_scales()]
+        unset = [name for name, member in self.members.items() if member.needs_scales()]
         if unset:  # one estimate on the shared data serves every member
             scales = self.trainer.datamodule.estimate_scales()
-            for member in unset:
-                member.sae.set_scales(scales)
+            for name in unset:
+                self.members[name].sae.set_scales(scales if self.sites is None else [scales[self.sites[name]]])
 
     def configure_optimizers(self):
         max_steps = self.trainer.max_steps
@@ -102,15 +118,15 @@ class SweepModule(L.LightningModule):
             if self.nonfinite(self.trainer, batch):
                 return self._log_skipped()
             rows = every_rank_batch(self.trainer, batch)
-            for member in self.members.values():
-                member.initialize(rows)
+            for name, member in self.members.items():
+                member.initialize(self.rows(name, rows))
         optimizer = self.optimizers()
         one_backward = self.trainer.world_size > 1
         total = 0.0
         logging = is_logging_step(self.trainer)
         losses, firing, rows = [], {}, {}
         for name, member in self.members.items():
-            result = member.evaluate_batch(batch, train=True)
+            result = member.evaluate_batch(self.rows(name, batch), train=True)
             firing[name] = result["firing"]
             if logging:
                 rows[name] = self._batch_row(result)
@@ -172,7 +188,7 @@ class SweepModule(L.LightningModule):
             if name not in self._evaluation:
                 self._evaluation[name] = ReconstructionMetrics(member.sae.d_in, member.sae.width,
                                                                member.prefix_widths()).to(self.device)
-            result = member.evaluate_batch(batch)
+            result = member.evaluate_batch(self.rows(name, batch))
             self._evaluation[name].update(result["target"], result["x_hat"], result["codes"],
                                           result.get("gate_squared_error"), result.get("skip_squared_error"),
                                           result.get("prefix_squared_errors"))
@@ -213,8 +229,9 @@ class SweepModule(L.LightningModule):
         sae = member.sae
         was_training = sae.training
         sae.eval()
+        site = {} if self.sites is None else {"site": self.sites[name]}
         try:
-            values = self.trainer.datamodule.spliced_cross_entropy(sae.reconstruct_raw, self.lm_loss_contexts)
+            values = self.trainer.datamodule.spliced_cross_entropy(sae.reconstruct_raw, self.lm_loss_contexts, **site)
         except NotImplementedError as reason:  # a cache without a language model: say so once, then stop asking
             rank_zero_warn(f"No spliced LM loss for this sweep cell: {reason}")
             self.lm_loss_contexts = 0

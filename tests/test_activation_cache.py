@@ -245,7 +245,7 @@ def test_selection_and_verdict_halves_split_the_held_out_data(cache_dir):
     assert len(rows["selection"]) == 200 and torch.equal(torch.cat([rows["selection"], rows["verdict"]]), rows["all"])
     parts["verdict"].spliced_cross_entropy(lambda x: x, contexts=2)
     parts["selection"].spliced_cross_entropy(lambda x: x, contexts=2)
-    chosen = {part: data.language_model_data().evaluators[2, part].input_ids
+    chosen = {part: data.language_model_data().evaluators[2, part, 0].input_ids
               for part, data in parts.items() if part != "all"}
     assert not torch.equal(chosen["selection"], chosen["verdict"])
     with pytest.raises(ValueError, match="held_out must be one of all, selection, verdict"):

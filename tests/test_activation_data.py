@@ -111,7 +111,7 @@ def test_spliced_lm_loss_perfect_reconstruction_recovers_everything(family, tiny
     assert halfway["ce_delta"] == pytest.approx(halfway["ce_sae"] - halfway["ce_clean"])
     from datamodules.lm_evaluation import LMLossEvaluator
 
-    contexts = data.evaluators[4, "all"].input_ids
+    contexts = data.evaluators[4, "all", 0].input_ids
     one_at_a_time = LMLossEvaluator(data.lm, contexts, chunk=1).evaluate(lambda x: 0.5 * x)
     for key in ("ce_clean", "ce_sae", "ce_zero", "ce_delta"):  # chunking changes nothing but memory (and rounding)
         assert one_at_a_time[key] == pytest.approx(halfway[key], abs=1e-5), key

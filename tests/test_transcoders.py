@@ -268,7 +268,7 @@ def test_a_transcoders_spliced_loss_is_the_hand_computed_one(tiny_llama, text_fi
     data = tiny_pairs_data(tiny_llama, text_file)
     sae = transcoder("sagsae", skip=True, d=32, width=48).eval()
     values = data.spliced_cross_entropy(sae.reconstruct_raw, contexts=4)
-    contexts = data.evaluators[4, "all"].input_ids
+    contexts = data.evaluators[4, "all", 0].input_ids
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     mlp = model.model.layers[1].mlp
     trainable = data.lm.trainable_positions(contexts)

@@ -13,6 +13,11 @@ or a live hookpoint) and the members (an SAE module, its fixed arguments, and a 
         init_args: {width: 1152, lr_warmup_steps: 10}
         grid: {sparsity_coefficient: [4, 8, 16, 32], init_seed: [0, 1]}
 
+`one_forward: true` trains live cells that differ only in hookpoint and layer from one LM forward per batch
+(their data's `more_hookpoints`): each member sees its own cell's activations, exactly as that cell alone would
+give them with the norm guard off (with it on, a token is dropped from every site at once). Their checkpoints
+and TensorBoard logs share the folder `<out>/<cell>+<cell>…`; each cell still writes its own results.json.
+
 `lm_loss: {contexts: 256, every: 2}` adds the spliced LM loss (ΔCE, CE recovered) on that many held-out contexts to
 every 2nd validation and the last, for cells whose data knows its LM (a live hookpoint, or a cache that names it).
 
@@ -52,6 +57,7 @@ from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.dashboard import SAETensorBoardLogger
 from callbacks.interrupt import InterruptCheckpoint
 from callbacks.run_info import StepProgressBar, environment
+from datamodules import LMActivationDataModule
 from lightning_modules import SweepModule
 from sagsae.analysis.sweep_results import RESULTS
 from sagsae.saes import SparseAutoencoder
@@ -114,15 +120,51 @@ def expand_members(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def build_sweep(members: dict[str, dict[str, Any]], lm_loss: dict[str, int] | None = None,
-                **clipping: Any) -> SweepModule:
+                sites: dict[str, int] | None = None, **clipping: Any) -> SweepModule:
     """The members side by side; `lm_loss` ({contexts, every}) adds the spliced LM loss to their validations;
-    `clipping` is the trainer's gradient_clip_val and gradient_clip_algorithm, which the sweep applies itself."""
+    `sites` places members on the hookpoints of one forward (SweepModule); `clipping` is the trainer's
+    gradient_clip_val and gradient_clip_algorithm, which the sweep applies itself."""
     unknown = set(lm_loss or {}) - {"contexts", "every"}
     if unknown:
         raise ValueError(f"lm_loss takes contexts and every; got {sorted(unknown)}")
     return SweepModule({name: TrainingPlan.from_arguments(spec["sae"], **spec["init_args"]) for name, spec in members.items()},
                        lm_loss_contexts=int((lm_loss or {}).get("contexts", 0)),
-                       lm_loss_every=int((lm_loss or {}).get("every", 1)), **clipping)
+                       lm_loss_every=int((lm_loss or {}).get("every", 1)), sites=sites, **clipping)
+
+
+def cell_data_arguments(config: dict[str, Any], cell: str) -> dict[str, Any]:
+    """A cell's datamodule arguments, with the sweep's `data_seed` if it has one."""
+    seed = {"seed": config["data_seed"]} if "data_seed" in config else {}
+    return {**(config["cells"][cell].get("init_args") or {}), **seed}
+
+
+def forward_groups(config: dict[str, Any], cells: list[str]) -> list[list[str]]:
+    """The cells in run order, grouped into what trains together: with `one_forward`, the live cells whose data
+    differ only in hookpoint and layer; every other cell alone."""
+    groups: dict[str, list[str]] = {}
+    for cell in cells:
+        key = cell
+        if config.get("one_forward") and issubclass(import_class(config["cells"][cell]["class_path"]),
+                                                     LMActivationDataModule):
+            shared = {k: v for k, v in cell_data_arguments(config, cell).items() if k not in ("hookpoint", "layer")}
+            key = json.dumps([config["cells"][cell]["class_path"], shared], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(cell)
+    return list(groups.values())
+
+
+def group_folder(out: Path, cells: list[str]) -> Path:
+    """Where a group's checkpoints, progress and TensorBoard logs go (a lone cell's own folder)."""
+    return out / "+".join(cells)
+
+
+def group_data(config: dict[str, Any], cells: list[str]) -> L.LightningDataModule:
+    """The datamodule of a group: a lone cell's own, or the first cell's reading the others' hookpoints too."""
+    data_class = import_class(config["cells"][cells[0]]["class_path"])
+    arguments = [cell_data_arguments(config, cell) for cell in cells]
+    if len(cells) == 1:
+        return data_class(**arguments[0])
+    sites = [data_class(**args).hparams for args in arguments[1:]]  # their hookpoint and layer, defaults included
+    return data_class(**arguments[0], more_hookpoints=[[site.hookpoint, site.layer] for site in sites])
 
 
 def trainer_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -163,59 +205,84 @@ class CheckpointAfterValidation(L.Callback):
         partial.replace(progress)
 
 
-def run_cell(config: dict[str, Any], cell: str, out: Path, scorer: Scorer | None = None) -> dict[str, Any]:
-    """Train every member on one cell's data (resuming if a checkpoint exists) and write its results.json."""
-    folder = out / cell
-    data_spec = config["cells"][cell]
-    data_args = {**(data_spec.get("init_args") or {}), **({"seed": config["data_seed"]} if "data_seed" in config else {})}
-    datamodule = import_class(data_spec["class_path"])(**data_args)
+def site_description(described: dict[str, Any], cells: list[str], site: int) -> dict[str, Any]:
+    """What a group's datamodule describes, as one cell's results record it: that cell's hookpoint and layer,
+    and the cells it shared its forward with."""
+    hookpoint, layer = [[described["hookpoint"], described["layer"]], *described["more_hookpoints"]][site]
+    shared = {key: value for key, value in described.items() if key != "more_hookpoints"}
+    return {**shared, "hookpoint": hookpoint, "layer": layer, "one_forward_with": cells[:site] + cells[site + 1:]}
+
+
+def run_cells(config: dict[str, Any], cells: list[str], out: Path,
+              scorer: Scorer | None = None) -> dict[str, dict[str, Any]]:
+    """Train every member on the data of a cell, or of a `forward_groups` group of cells from one forward
+    (resuming if a checkpoint exists), and write each cell's results.json; returns them by cell."""
+    folder = group_folder(out, cells)
+    datamodule = group_data(config, cells)
     members = expand_members(config["members"])
+    grouped = len(cells) > 1  # a group's members are named <cell>/<member>
+    placed = {f"{cell}/{name}" if grouped else name: (cell, name, site)
+              for site, cell in enumerate(cells) for name in members}
     trainer_args = trainer_settings(config)
     clipping = {key: trainer_args.pop(key) for key in CLIPPING if key in trainer_args}
-    sweep = build_sweep(members, config.get("lm_loss"), **clipping)
+    sweep = build_sweep({key: members[name] for key, (_, name, _) in placed.items()}, config.get("lm_loss"),
+                        {key: site for key, (_, _, site) in placed.items()} if grouped else None, **clipping)
     checkpoints = folder / "checkpoints"  # last.ckpt, and interrupted.ckpt (saved in the root folder)
     trainer = L.Trainer(**trainer_args, default_root_dir=checkpoints, enable_checkpointing=False,
-                        logger=SAETensorBoardLogger(out, name=cell, version=""), plugins=[AtomicCheckpointIO()],
+                        logger=SAETensorBoardLogger(out, name=folder.name, version=""), plugins=[AtomicCheckpointIO()],
                         callbacks=[CheckpointAfterValidation(checkpoints / "last.ckpt"), StepProgressBar(),
                                    InterruptCheckpoint("the same sweep command resumes from it")])
     resume = _newest_checkpoint(checkpoints)
     if resume is not None:
-        print(f"[{cell}] resuming from {resume}")
+        print(f"[{folder.name}] resuming from {resume}")
+    elif grouped:
+        print(f"[{folder.name}] {len(cells)} cells from one forward: {', '.join(cells)}")
     started = time.perf_counter()
     trainer.fit(sweep, datamodule, ckpt_path=resume)
     seconds = time.perf_counter() - started
     trainer.validate(sweep, datamodule, verbose=False)  # the held-out window, at the final weights
-    results = {
-        "cell": cell,
-        "activations": datamodule.describe() if hasattr(datamodule, "describe") else None,
-        "steps": trainer.global_step,
-        "fit_seconds_this_run": seconds,
-        "members": {name: {"series": spec["series"], "architecture": sweep.members[name].sae.architecture,
-                           "point": spec["point"], "width": sweep.members[name].sae.width,
-                           "history": sweep.validation_history.get(name, []), **sweep.latest_validation[name],
-                           **(scorer(cell, sweep.members[name]) if scorer is not None else {})}
-                    for name, spec in members.items()},
-    }
-    (folder / RESULTS).write_text(json.dumps(results, indent=2))
-    return results
+    described = datamodule.describe() if hasattr(datamodule, "describe") else None
+    every = {}
+    for site, cell in enumerate(cells):
+        activations = site_description(described, cells, site) if grouped else described
+        mine = {name: sweep.members[key] for key, (owner, name, _) in placed.items() if owner == cell}
+        keys = {name: key for key, (owner, name, _) in placed.items() if owner == cell}
+        every[cell] = {
+            "cell": cell,
+            "activations": activations,
+            "steps": trainer.global_step,
+            "fit_seconds_this_run": seconds,
+            "members": {name: {"series": spec["series"], "architecture": mine[name].sae.architecture,
+                               "point": spec["point"], "width": mine[name].sae.width,
+                               "history": sweep.validation_history.get(keys[name], []),
+                               **sweep.latest_validation[keys[name]],
+                               **(scorer(cell, mine[name]) if scorer is not None else {})}
+                        for name, spec in members.items()},
+        }
+        (out / cell).mkdir(parents=True, exist_ok=True)
+        (out / cell / RESULTS).write_text(json.dumps(every[cell], indent=2))
+    return every
 
 
-def extend_finished_cell(config: dict[str, Any], folder: Path) -> bool:
-    """Whether a finished cell trains on to a larger max_steps. Its results move aside (`results.step<N>.json`)
-    and the fit resumes from the last checkpoint, which holds the budget history so far."""
-    finished = json.loads((folder / RESULTS).read_text())["steps"]
+def extend_finished_cells(config: dict[str, Any], out: Path, cells: list[str]) -> bool:
+    """Whether finished cells (a lone cell or a one-forward group) train on to a larger max_steps. Their results
+    move aside (`results.step<N>.json`) and the fit resumes from the last checkpoint, which holds the budget
+    history so far."""
+    finished = max(json.loads((out / cell / RESULTS).read_text())["steps"] for cell in cells)
     if trainer_settings(config)["max_steps"] <= finished:
         return False
+    folder = group_folder(out, cells)
     checkpoint = folder / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
-        raise ValueError(f"{folder / RESULTS} is done at {finished} steps, but {checkpoint} is gone, so it cannot "
+        raise ValueError(f"{folder.name} is done at {finished} steps, but {checkpoint} is gone, so it cannot "
                          f"be extended: run it afresh in another --out folder")
     decaying = sorted(name for name, spec in expand_members(config["members"]).items()
                       if float(spec["init_args"].get("lr_decay_fraction", 0)) > 0)
     if decaying:
         raise ValueError(f"{decaying} decay the LR over the last share of max_steps, so {folder} cannot be extended "
                          f"exactly: run the longer budget afresh in another --out folder")
-    (folder / RESULTS).replace(folder / f"results.step{finished}.json")
+    for cell in cells:
+        (out / cell / RESULTS).replace(out / cell / f"results.step{finished}.json")
     print(f"[{folder.name}] extending from {finished} steps")
     return True
 
@@ -232,13 +299,19 @@ def run_sweep(config: dict[str, Any], out: Path, cells: list[str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump({**config, "trainer": trainer_settings(config)}, sort_keys=False))
     (out / "environment.json").write_text(json.dumps(environment(), indent=2))
+    groups = forward_groups(config, cells or list(config["cells"]))
+    for group in groups:
+        finished = [cell for cell in group if (out / cell / RESULTS).is_file()]
+        if finished and len(finished) < len(group):
+            raise ValueError(f"one_forward trains {group} together, but only {finished} are finished in {out}: "
+                             f"run the others apart with --cells, or in a new --out folder")
     L.seed_everything(int(config.get("seed", 0)), workers=True)
-    for cell in cells or list(config["cells"]):
-        if (out / cell / RESULTS).is_file() and not extend_finished_cell(config, out / cell):
-            print(f"[{cell}] done already ({out / cell / RESULTS}); skipped")
+    for group in groups:
+        if (out / group[0] / RESULTS).is_file() and not extend_finished_cells(config, out, group):
+            print(f"[{'+'.join(group)}] done already ({out / group[0] / RESULTS}); skipped")
             continue
-        results = run_cell(config, cell, out, scorer)
-        print(f"[{cell}] {len(results['members'])} SAEs, {results['steps']} steps: {out / cell / RESULTS}")
+        for cell, results in run_cells(config, group, out, scorer).items():
+            print(f"[{cell}] {len(results['members'])} SAEs, {results['steps']} steps: {out / cell / RESULTS}")
 
 
 def select(config: dict[str, Any], series: list[str] | None, seeds: list[int] | None) -> dict[str, Any]:
