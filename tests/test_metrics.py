@@ -162,3 +162,20 @@ def test_firing_counts_in_row_blocks_match_a_direct_count():
     _, _, codes = sample(n=2 * FIRING_ROWS + 37)
     direct = [sum(1 for row in codes if row[j] != 0) for j in range(codes.shape[1])]
     assert firing_counts(codes).tolist() == direct
+
+
+def test_token_reuse_gap_scores_a_window_as_the_direct_formula():
+    """benchmarks.token_reuse_gap's R² and L0, summed chunk by chunk, equal 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² and the mean
+    count of non-zero codes computed at once, in the normalized scale the SAE trains in."""
+    from benchmarks.token_reuse_gap import window_fit
+    from sagsae.saes import build_sae
+
+    sae = build_sae("topk", d_in=8, width=32, k=3)
+    sae.set_scales([0.5])
+    rows = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0)) + 2.0
+    fit = window_fit(sae, rows, chunk=96)
+    x = 0.5 * rows.double()
+    codes = sae.encode(0.5 * rows)
+    x_hat = sae(0.5 * rows).double()
+    assert fit["r2"] == pytest.approx(float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), rel=1e-6)
+    assert fit["l0"] == pytest.approx(3.0) and fit["l0"] == float((codes != 0).sum()) / len(rows)
