@@ -5,6 +5,7 @@ and the levels survive a checkpoint."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -181,6 +182,31 @@ def test_an_export_keeps_the_levels_and_loads_back(architecture, tmp_path):
     loaded = load(tmp_path / "sae")
     assert loaded.nesting == nested.nesting
     assert torch.allclose(loaded(x * 2), nested(x) * 2, atol=1e-5)  # raw activations in, raw reconstruction out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sae_lens") is None,
+                    reason="sae-lens is not installed (optional; `pip install sae-lens` to run this check)")
+def test_saelens_loads_a_matryoshka_batchtopk_export_as_it_saves_its_own(tmp_path):
+    """SAELens saves a trained MatryoshkaBatchTopK SAE as a JumpReLU SAE; ours exports the same way, with the
+    levels in the metadata. SAELens's codes give our reconstruction, and each prefix of them our level's."""
+    from sae_lens import SAE
+
+    _, nested, x = pair("batchtopk")
+    nested.threshold.fill_(0.2)
+    nested.eval()
+    export(nested, tmp_path / "sae")
+    theirs = SAE.load_from_disk(str(tmp_path / "sae"))
+    assert theirs.cfg.architecture() == "jumprelu"
+    with torch.no_grad():
+        codes = theirs.encode(x)
+        assert (codes != 0).any() and (codes == 0).any()
+        torch.testing.assert_close(codes, nested.encode(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(codes), nested(x), rtol=1e-5, atol=1e-5)
+        levels = cumulative_decodes(codes, nested.W_dec, nested.b_dec, WIDTHS[:-1])
+        for width, level in zip(WIDTHS, levels):
+            prefix = codes.clone()
+            prefix[:, width:] = 0
+            torch.testing.assert_close(theirs.decode(prefix), level, rtol=1e-5, atol=1e-5)
 
 
 def test_fit_and_a_sweep_log_held_out_r2_per_prefix(tmp_path):
