@@ -241,6 +241,25 @@ def test_report_merges_same_named_cells_of_several_sweeps(tmp_path):
         main(["report", str(tmp_path / "first"), str(tmp_path / "first"), "--out", str(tmp_path / "twice")])
 
 
+def test_a_ce_verdict_says_when_every_member_lowers_the_lms_loss():
+    """On a cell where every seed of both series has ΔCE < 0 the ΔCE verdict is marked `below_zero` (a lower ΔCE
+    is then no better fit); one seed above zero clears the mark. R² verdicts never carry it."""
+    from sagsae.analysis.sweep_results import cell_verdicts
+
+    def cell(highest_ce: float) -> dict:
+        members = {f"{series}-{l0}-{seed}": {"series": series, "point": {"target_l0": l0, "init_seed": seed},
+                                              "width": 8, "l0": l0, "r2": 0.5 + 0.01 * l0 + shift,
+                                              "dead_fraction": 0.0, "tokens_seen": 100,
+                                              "ce_delta": highest_ce if (series, l0, seed) == ("X", 8, 1) else
+                                              -0.004 + 0.0001 * l0 - shift / 100}
+                   for series, shift in (("X", 0.0), ("Y", 0.1)) for l0 in (2, 4, 8) for seed in (0, 1)}
+        return {"members": members}
+
+    below = {v["metric"]: v["below_zero"] for v in cell_verdicts("A", cell(-0.001), [("Y", "X")])}
+    assert below == {"R²": False, "ΔCE": True}
+    assert [v["below_zero"] for v in cell_verdicts("A", cell(+0.001), [("Y", "X")])] == [False, False]
+
+
 def test_data_seed_changes_the_batches_and_nothing_else(synth_run, tmp_path):
     """--data_seed reorders every cell's data: same init seeds, different batches, different weights."""
     config = {**SYNTH, "cells": {"A": {"class_path": "datamodules.ActivationFileDataModule",

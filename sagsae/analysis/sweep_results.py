@@ -148,7 +148,8 @@ def only_series(cells: dict[str, dict], series: list[str]) -> dict[str, dict]:
 
 def cell_verdicts(label: str, cell: dict, pairs: list[tuple[str, str]]) -> list[dict]:
     """The Pareto verdict of each compared pair present in the cell, for R² and, where measured, ΔCE (gaps given
-    as A − B in the metric's own sign: ΔCE gaps are in nats, negative favouring A)."""
+    as A − B in the metric's own sign: ΔCE gaps are in nats, negative favouring A). `below_zero` marks a ΔCE
+    verdict where every seed of both series lowers the LM's loss (ΔCE < 0): there a lower ΔCE is no better fit."""
     series = sweep_points(cell)
     verdicts = []
     for a, b in pairs:
@@ -162,5 +163,7 @@ def cell_verdicts(label: str, cell: dict, pairs: list[tuple[str, str]]) -> list[
                              "min_gap": sign * (v.min_gap if sign > 0 else v.max_gap),
                              "max_gap": sign * (v.max_gap if sign > 0 else v.min_gap),
                              "dead_reduction": v.dead_reduction, "within_noise": v.within_noise,
-                             "paper": paper_claim(cell, a, b)})
+                             "paper": paper_claim(cell, a, b),
+                             "below_zero": metric == "ce_delta" and all(r[f"{metric}_max"] < 0
+                                                                        for r in series[a] + series[b])})
     return verdicts

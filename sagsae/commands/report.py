@@ -292,7 +292,8 @@ def verdict_table(verdicts: list[dict]) -> list[str]:
              "dead reduction B/A (geomean) | paper |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v in verdicts:
         span = f"{v['overlap'][0]:.1f}–{v['overlap'][1]:.1f}" if v["overlap"] else "none"
-        lines.append(f"| {v['cell']} | {v['a']} | {v['b']} | {v.get('metric', 'R²')} | {span} | **{v['verdict']}** | "
+        below = " (every ΔCE < 0: both lower the LM's loss)" if v.get("below_zero") else ""
+        lines.append(f"| {v['cell']} | {v['a']} | {v['b']} | {v.get('metric', 'R²')} | {span} | **{v['verdict']}**{below} | "
                      f"{_number(v['min_gap'])} / {_number(v['max_gap'])} | {_percent(v.get('within_noise'))} | "
                      f"{_number(v['dead_reduction'], 2)}× | {v['paper']} |")
     return lines
