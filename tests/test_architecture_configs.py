@@ -104,6 +104,22 @@ def test_sweep_configs_expand(config: Path):
         assert len(members) == 24 and set(spec["cells"]) == {"resid_mid", "mlp_out", "attn_out"}
 
 
+@pytest.mark.parametrize("jobs", sorted((REPO / "configs" / "sweeps").glob("*.jobs")), ids=lambda p: p.stem)
+def test_queued_sweep_jobs_name_existing_configs_cells_and_series(jobs: Path):
+    """Each line of a queue (configs/sweeps/queue.sh) names a sweep config, one of its cells and one of its
+    series, and a lock name and output folder no other line takes."""
+    import yaml
+
+    lines = [line for line in jobs.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    fields = [line.split("|") for line in lines]
+    assert lines and all(len(f) == 6 for f in fields)
+    for name, config, cell, series, out, _ in fields:
+        spec = yaml.safe_load((REPO / config).read_text())
+        assert cell in spec["cells"] and series in {m["name"] for m in spec["members"]}, name
+    assert len({f[0] for f in fields}) == len(fields)
+    assert len({(f[4], f[2], f[5]) for f in fields}) == len(fields)  # two jobs never train one cell folder
+
+
 def test_the_paper_configs_precision_trains_a_sweep_of_their_architectures_on_cpu():
     """bf16-mixed (the paper configs' precision) through the sweep path on CPU autocast: SA-GSAE and Gated train
     3 steps each, with finite weights that stay fp32."""
