@@ -245,20 +245,17 @@ def run_cells(config: dict[str, Any], cells: list[str], out: Path,
     every = {}
     for site, cell in enumerate(cells):
         activations = site_description(described, cells, site) if grouped else described
-        mine = {name: sweep.members[key] for key, (owner, name, _) in placed.items() if owner == cell}
-        keys = {name: key for key, (owner, name, _) in placed.items() if owner == cell}
-        every[cell] = {
-            "cell": cell,
-            "activations": activations,
-            "steps": trainer.global_step,
-            "fit_seconds_this_run": seconds,
-            "members": {name: {"series": spec["series"], "architecture": mine[name].sae.architecture,
-                               "point": spec["point"], "width": mine[name].sae.width,
-                               "history": sweep.validation_history.get(keys[name], []),
-                               **sweep.latest_validation[keys[name]],
-                               **(scorer(cell, mine[name]) if scorer is not None else {})}
-                        for name, spec in members.items()},
-        }
+        keys = {name: key for key, (owner, name, _) in placed.items() if owner == cell}  # member → sweep's name
+
+        def result(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+            trained = sweep.members[keys[name]]
+            return {"series": spec["series"], "architecture": trained.sae.architecture, "point": spec["point"],
+                    "width": trained.sae.width, "history": sweep.validation_history.get(keys[name], []),
+                    **sweep.latest_validation[keys[name]], **(scorer(cell, trained) if scorer is not None else {})}
+
+        every[cell] = {"cell": cell, "activations": activations, "steps": trainer.global_step,
+                       "fit_seconds_this_run": seconds,
+                       "members": {name: result(name, spec) for name, spec in members.items()}}
         (out / cell).mkdir(parents=True, exist_ok=True)
         (out / cell / RESULTS).write_text(json.dumps(every[cell], indent=2))
     return every
