@@ -26,8 +26,10 @@ demo: $(STAMP)
 	@echo "Next: open $(DEMO)/browser/index.html; then train the full default run (4,608 latents, 8.2M tokens):"
 	@echo "  .venv/bin/sagsae fit --config default"
 
+# Two test processes of one thread each (pytest-xdist), so that each core runs one; TEST_WORKERS=1 runs them in turn.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -rs -W ignore::UserWarning
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist worksteal -W ignore::UserWarning
 
 # The synthetic, threshold, 1x-grid, long and Gemma-3 sweeps of docs/results.md, regenerated (hours on 2 CPU cores;
 # each step resumes if stopped). The later studies' commands are in their configs' headers (configs/sweeps/).
