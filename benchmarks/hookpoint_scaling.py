@@ -5,8 +5,10 @@
 On the cache's own LM and held-out contexts (the verdict half, as the sweeps' ΔCE), it prints the next-token CE
 with the hookpoint's activation x replaced by α·x for each α, by the training mean of x (mean ablation), and by
 x plus Gaussian noise whose energy is (1 − R²) of x's for each R² asked (an error of an SAE's size, but in no
-preferred direction). Each row gives ΔCE = CE − CE_clean in nats. An SAE whose ΔCE is below zero lowers the LM's
-loss; if some α < 1 does too, a reconstruction that shrinks x can gain from the shrinking alone.
+preferred direction), and by x's projection on its top principal components, as many as explain that R² of the
+training tokens (an error that drops the low-variance directions, as a sparse dictionary of few latents tends to).
+Each row gives ΔCE = CE − CE_clean in nats. An SAE whose ΔCE is below zero lowers the LM's loss; if some α < 1
+does too, a reconstruction that shrinks x can gain from the shrinking alone.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--mean_tokens", type=int, default=131_072, help="training tokens for the mean")
     parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
     parser.add_argument("--noise_r2", type=float, nargs="+", default=NOISE_R2)
+    parser.add_argument("--pca_r2", type=float, nargs="*", default=NOISE_R2)
+    parser.add_argument("--skip_scaling", action="store_true", help="only the PCA rows (and clean, zero)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -45,9 +49,22 @@ def main() -> None:
             return x + noise * ((1 - r2) * x.pow(2).sum(-1, keepdim=True) / x.shape[-1]).sqrt()
         return replace
 
-    replacements = {f"alpha {alpha:g}": (lambda a: lambda x: a * x)(alpha) for alpha in args.alphas}
-    replacements["mean ablation"] = lambda x: mean.expand_as(x)
-    replacements.update({f"noise R2 {r2:g}": noised(r2) for r2 in args.noise_r2})
+    centered = (sample - mean).double()
+    variances, directions = torch.linalg.eigh(centered.T @ centered / len(sample))  # ascending
+    variances, directions = variances.flip(0), directions.flip(1).float()
+    explained = variances.cumsum(0) / variances.sum()
+
+    def projected(r2: float):
+        components = directions[:, : int((explained < r2).sum()) + 1]
+        return lambda x: mean + (x - mean) @ components @ components.T
+
+    replacements = {} if args.skip_scaling else {f"alpha {alpha:g}": (lambda a: lambda x: a * x)(alpha)
+                                                 for alpha in args.alphas}
+    if not args.skip_scaling:
+        replacements["mean ablation"] = lambda x: mean.expand_as(x)
+        replacements.update({f"noise R2 {r2:g}": noised(r2) for r2 in args.noise_r2})
+    replacements.update({f"PCA R2 {r2:g} ({int((explained < r2).sum()) + 1} components)": projected(r2)
+                         for r2 in args.pca_r2})
     rows = {}
     for name, replace in replacements.items():
         result = data.spliced_cross_entropy(replace, args.contexts)
@@ -56,8 +73,11 @@ def main() -> None:
     summary = {"cache": args.cache, "metadata": data.metadata, "contexts": args.contexts, "held_out": args.held_out,
                "ce_clean": result["ce_clean"], "ce_zero": result["ce_zero"], "mean_norm": float(mean.norm()),
                "rms_norm": float(energy.sqrt()), "rows": rows}
-    best = min((r for r in rows if r.startswith("alpha")), key=lambda r: rows[r]["ce"])
-    print(f"clean CE {result['ce_clean']:.4f}; lowest over α at {best} (ΔCE {rows[best]['ce_delta']:+.4f})")
+    scaled = [r for r in rows if r.startswith("alpha")]
+    print(f"clean CE {result['ce_clean']:.4f}, zeroed {result['ce_zero']:.4f}")
+    if scaled:
+        best = min(scaled, key=lambda r: rows[r]["ce"])
+        print(f"lowest over α at {best} (ΔCE {rows[best]['ce_delta']:+.4f})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=1))
