@@ -195,6 +195,25 @@ def test_sweep_resumes_an_unfinished_cell_and_extends_a_finished_one_exactly(syn
     assert (tmp_path / "extended/A/results.json").is_file(), "a refused extension moves nothing"
 
 
+def test_a_sweep_refuses_to_resume_from_a_checkpoint_whose_pickle_runs_code(synth_run, tmp_path):
+    """A sweep resumes through a weights_only read: a crafted last.ckpt is refused in one line that names it,
+    its code never runs, and nothing trains."""
+    from tests.test_export import RunsCode
+
+    config = {**SYNTH, "cells": {"A": {"class_path": "datamodules.ActivationFileDataModule",
+                                       "init_args": {"path": str(synth_run / "out/data/A"), "batch_size": 512}}}}
+    del config["synthetic"]
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    marker, checkpoint = tmp_path / "code-ran", tmp_path / "out/A/checkpoints/last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "sweep_members": {}, "loops": RunsCode(marker)}, checkpoint)
+    with pytest.raises(SystemExit, match="Refusing to open") as refused:
+        main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")])
+    message = str(refused.value.code)
+    assert "\n" not in message and str(checkpoint) in message and "posix.system" in message, message
+    assert not marker.exists() and not (tmp_path / "out/A/results.json").exists()
+
+
 def test_sweep_rejects_unknown_cells_and_missing_sections(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"cells": {}, "members": []}))
     with pytest.raises(SystemExit, match="non-empty 'cells'"):

@@ -60,6 +60,7 @@ from callbacks.run_info import StepProgressBar, environment
 from datamodules import LMActivationDataModule
 from lightning_modules import SweepModule
 from sagsae.analysis.sweep_results import RESULTS
+from sagsae.formats.serialization import read_checkpoint
 from sagsae.saes import SparseAutoencoder
 from sagsae.training import TrainingPlan, TrainingState
 Scorer = Callable[[str, TrainingState], dict[str, float]]  # (cell, trained member) → extra result columns
@@ -234,11 +235,12 @@ def run_cells(config: dict[str, Any], cells: list[str], out: Path,
                                    InterruptCheckpoint("the same sweep command resumes from it")])
     resume = _newest_checkpoint(checkpoints)
     if resume is not None:
+        read_checkpoint(resume)  # tensors and plain data only: a crafted pickle is refused here, naming the file
         print(f"[{folder.name}] resuming from {resume}")
     elif grouped:
         print(f"[{folder.name}] {len(cells)} cells from one forward: {', '.join(cells)}")
     started = time.perf_counter()
-    trainer.fit(sweep, datamodule, ckpt_path=resume)
+    trainer.fit(sweep, datamodule, ckpt_path=resume, weights_only=True)  # plain data: a crafted pickle cannot run
     seconds = time.perf_counter() - started
     trainer.validate(sweep, datamodule, verbose=False)  # the held-out window, at the final weights
     described = datamodule.describe() if hasattr(datamodule, "describe") else None
