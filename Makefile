@@ -27,10 +27,10 @@ demo: $(STAMP)
 	@echo "  .venv/bin/sagsae fit --config default"
 
 # Two test processes of one thread each (pytest-xdist), so that each core runs one; TEST_WORKERS=1 runs them in turn.
-# A module whose fixture trains SAEs marks itself `xdist_group`, so that only one process pays for it.
+# Each file runs whole in one process, so that a module's fixtures (several train SAEs) are built once.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup -W ignore::UserWarning
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile -W ignore::UserWarning
 
 # The synthetic, threshold, 1x-grid, long and Gemma-3 sweeps of docs/results.md, regenerated (hours on 2 CPU cores;
 # each step resumes if stopped). The later studies' commands are in their configs' headers (configs/sweeps/).

@@ -16,8 +16,6 @@ from datamodules import TensorActivationDataModule
 from lightning_modules import SAEModule
 from sagsae.analysis.synthetic import bipolar_sharing, protocol_a, signed_feature_recovery
 
-pytestmark = pytest.mark.xdist_group("signed_axes")  # one test process trains the module's SAEs (make test's -n 2)
-
 TRAIN = 200_000
 
 

