@@ -54,16 +54,20 @@ def main() -> None:
     variances, directions = variances.flip(0), directions.flip(1).float()
     explained = variances.cumsum(0) / variances.sum()
 
+    def components(r2: float) -> int:
+        """The fewest leading principal components that explain `r2` of the variance."""
+        return int((explained < r2).sum()) + 1
+
     def projected(r2: float):
-        components = directions[:, : int((explained < r2).sum()) + 1]
-        return lambda x: mean + (x - mean) @ components @ components.T
+        kept = directions[:, : components(r2)]
+        return lambda x: mean + (x - mean) @ kept @ kept.T
 
     replacements = {} if args.skip_scaling else {f"alpha {alpha:g}": (lambda a: lambda x: a * x)(alpha)
                                                  for alpha in args.alphas}
     if not args.skip_scaling:
         replacements["mean ablation"] = lambda x: mean.expand_as(x)
         replacements.update({f"noise R2 {r2:g}": noised(r2) for r2 in args.noise_r2})
-    replacements.update({f"PCA R2 {r2:g} ({int((explained < r2).sum()) + 1} components)": projected(r2)
+    replacements.update({f"PCA R2 {r2:g} ({components(r2)} components)": projected(r2)
                          for r2 in args.pca_r2})
     rows = {}
     for name, replace in replacements.items():

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from datamodules.activation_files import ActivationFileDataModule, leading_rows
+from lightning_modules.reconstruction_metrics import ReconstructionMetrics
 from sagsae.formats.serialization import read_checkpoint, sae_from_checkpoint, sae_from_spec
 from sagsae.saes import SparseAutoencoder
 
@@ -34,17 +35,15 @@ def trained_saes(checkpoint: Path) -> dict[str, SparseAutoencoder]:
 
 @torch.no_grad()
 def window_fit(sae: SparseAutoencoder, rows: Tensor, chunk: int = 4096) -> dict[str, float]:
-    """R² and L0 of `sae` over `rows` (raw activations [n, d]), summed chunk by chunk."""
+    """R² and L0 of `sae` over `rows` (raw activations [n, d]), by the sweeps' own held-out window metric."""
     sae.eval()
-    error, firing = 0.0, 0.0
+    metric = ReconstructionMetrics(sae.d_in, sae.width)
     for x in rows.split(chunk):
         normalized = sae.normalize(x)
         codes = sae.encode(normalized)
-        error += float((sae.decode(codes) - normalized).double().pow(2).sum())
-        firing += float((codes != 0).sum())
-    normalized = sae.normalize(rows).double()
-    variance = float((normalized - normalized.mean(0)).pow(2).sum())
-    return {"r2": 1 - error / variance, "l0": firing / len(rows)}
+        metric.update(normalized, sae.decode(codes), codes)
+    values = metric.compute()
+    return {"r2": float(values["r2"]), "l0": float(values["l0"])}
 
 
 def main() -> None:
