@@ -27,10 +27,11 @@ demo: $(STAMP)
 	@echo "  .venv/bin/sagsae fit --config default"
 
 # Two test processes of one thread each (pytest-xdist), so that each core runs one; TEST_WORKERS=1 runs them in turn.
+# Files marked slow (tests/conftest.py) start first, so that both processes end together.
 # Each file runs whole in one process, so that a module's fixtures (several train SAEs) are built once.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile -W ignore::UserWarning
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -W ignore::UserWarning
 
 # The synthetic, threshold, 1x-grid, long and Gemma-3 sweeps of docs/results.md, regenerated (hours on 2 CPU cores;
 # each step resumes if stopped). The later studies' commands are in their configs' headers (configs/sweeps/).

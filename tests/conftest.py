@@ -26,6 +26,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files marked slow first. `make test` hands whole files to its workers in this order
+    (--no-loadscope-reorder): a long file handed out last would leave the other worker idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_terminal_summary(terminalreporter):
     """The machine the suite ran on, under its timings: CI's duration depends on it, and so does the precision that
     every `fit` in the suite takes (sagsae/precision.py)."""

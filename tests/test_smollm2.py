@@ -58,3 +58,61 @@ def test_embedded_gemma_assembles_its_gguf_once():
 
     folder, name = embedded.embedded_model_files("embedded:gemma3-270m")
     assert (folder / name).stat().st_size > 200_000_000 and name.endswith(".gguf")
+
+
+def test_a_gguf_file_converts_once_to_the_same_weights_and_tokenizer(tmp_path, monkeypatch):
+    """The converted folder holds the GGUF's dequantized weights bit for bit and tokenizes alike; a second load
+    reads it without converting; an unwritable cache loads the GGUF file directly."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from datamodules import embedded, language_model
+
+    folder, gguf_file = embedded.embedded_model_files("embedded:smollm2-135m")
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(language_model.CACHE_HOME, str(blocker))
+    direct, direct_tokenizer = language_model.load_language_model("embedded:smollm2-135m", None, torch.float32,
+                                                                   torch.device("cpu"))
+    assert not blocker.with_name("gguf").exists()
+
+    monkeypatch.setenv(language_model.CACHE_HOME, str(tmp_path / "cache"))
+    converted = language_model.convert_gguf(folder, gguf_file)
+    assert converted == language_model.converted_folder(folder / gguf_file)
+    assert converted.parent.parent == tmp_path / "cache"
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _refuse_gguf(AutoModelForCausalLM.from_pretrained))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", _refuse_gguf(AutoTokenizer.from_pretrained))
+    model, tokenizer = language_model.load_language_model("embedded:smollm2-135m", None, torch.float32,
+                                                          torch.device("cpu"))
+    expected = direct.state_dict()
+    assert all(torch.equal(tensor, expected[name]) and tensor.dtype == torch.float32
+               for name, tensor in model.state_dict().items()) and set(model.state_dict()) == set(expected)
+    for text in ("The Eiffel Tower is 330 m tall.", "  tabs\tand Ünïcödé ✓\n\n12345", "<|im_start|>user\nhi"):
+        assert tokenizer(text).input_ids == direct_tokenizer(text).input_ids, text
+    assert tokenizer.eos_token == direct_tokenizer.eos_token and tokenizer.bos_token == direct_tokenizer.bos_token
+
+
+def _refuse_gguf(load):
+    def loading(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "the converted folder should load without the GGUF file"
+        return load(*args, **kwargs)
+    return loading
+
+
+def test_the_conversion_key_follows_the_file_and_the_transformers_version(tmp_path, monkeypatch):
+    import os
+
+    import transformers
+
+    from datamodules import language_model
+
+    monkeypatch.setenv(language_model.CACHE_HOME, str(tmp_path))
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"GGUF" + bytes(60))
+    first = language_model.converted_folder(weights)
+    assert first.parent == tmp_path / "gguf" and first.name.startswith("model-")
+    assert language_model.converted_folder(weights) == first
+    os.utime(weights, ns=(0, 10**18))
+    touched = language_model.converted_folder(weights)
+    monkeypatch.setattr(transformers, "__version__", "0.0.1")
+    assert len({first, touched, language_model.converted_folder(weights)}) == 3

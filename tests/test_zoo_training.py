@@ -45,7 +45,7 @@ CASES = {
     "sagsae-untied": ("sagsae", {"sparsity_coefficient": 8.0, "tie_r": False, "tie_theta": False}),
     "sagsae-one-sided": ("sagsae", {"sparsity_coefficient": 8.0, "one_sided_gate": True}),
     "sagsae-no-signed-magnitude": ("sagsae", {"sparsity_coefficient": 8.0, "signed_magnitude": False}),
-    "sagsae-soft": ("sagsae", {"sparsity_coefficient": 8.0, "gate_path": "soft"}),
+    "sagsae-jump": ("sagsae", {"sparsity_coefficient": 8.0, "gate_path": "jump"}),
     "relu": ("relu", {"sparsity_coefficient": 5.0}),
     "gated": ("gated", {"sparsity_coefficient": 3.0}),
     "gated-form-a": ("gated", {"sparsity_coefficient": 3.0, "unit_norm_decoder": True}),
