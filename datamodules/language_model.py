@@ -1,9 +1,8 @@
 """Loading the frozen LM and its tokenizer: an embedded GGUF model, any HF hub name, or a local folder.
 
 A local GGUF file is converted once into a folder of config, tokenizer and float32 safetensors under
-$SAGSAE_CACHE_DIR (default ~/.cache/sagsae). transformers re-parses a GGUF file for each of config, tokenizer and
-weights; for SmolLM2-135M that is about 10 s a load on one core, against half a second for the converted folder.
-The weights are the GGUF's own dequantized values, bit for bit (tests/test_smollm2.py).
+$SAGSAE_CACHE_DIR (default ~/.cache/sagsae): transformers re-parses a GGUF file for each of config, tokenizer and
+weights, many times slower than reading safetensors. The weights are the GGUF's own dequantized values, bit for bit (tests/test_smollm2.py).
 """
 
 from __future__ import annotations
