@@ -2,7 +2,8 @@
 
 A local GGUF file is converted once into a folder of config, tokenizer and float32 safetensors under
 $SAGSAE_CACHE_DIR (default ~/.cache/sagsae): transformers re-parses a GGUF file for each of config, tokenizer and
-weights, many times slower than reading safetensors. The weights are the GGUF's own dequantized values, bit for bit (tests/test_smollm2.py).
+weights, many times slower than reading safetensors. The weights are the GGUF's own dequantized values, bit for
+bit (tests/test_smollm2.py).
 """
 
 from __future__ import annotations
