@@ -61,7 +61,7 @@ def convert_gguf(folder: Path, gguf_file: str) -> Path | None:
     """The converted folder of `folder/gguf_file`, converting it on first use; None (with one line that says why)
     where it cannot be written, and the GGUF file loads as it is."""
     from safetensors.torch import save_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = converted_folder(folder / gguf_file)
     if target.is_dir():  # complete: it appears only by the rename below
@@ -75,11 +75,9 @@ def convert_gguf(folder: Path, gguf_file: str) -> Path | None:
               "to a writable folder to load it faster.", flush=True)
         return None
     try:
-        config = AutoConfig.from_pretrained(str(folder), gguf_file=gguf_file)
         AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file).save_pretrained(staging)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, gguf_file=gguf_file,
-                                                     dtype=torch.float32)
-        config.save_pretrained(staging)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+        model.config.save_pretrained(staging)
         save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})  # tied weights once
         staging.rename(target)
     except OSError as error:

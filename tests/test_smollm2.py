@@ -61,42 +61,61 @@ def test_embedded_gemma_assembles_its_gguf_once():
 
 
 def test_a_gguf_file_converts_once_to_the_same_weights_and_tokenizer(tmp_path, monkeypatch):
-    """The converted folder holds the GGUF's dequantized weights bit for bit and tokenizes alike; a second load
-    reads it without converting; an unwritable cache loads the GGUF file directly."""
+    """The GGUF file is read once, to convert it; the converted folder then loads the very weights (bit for bit)
+    and tokenizer that transformers built from the GGUF file."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from datamodules import embedded, language_model
-
-    folder, gguf_file = embedded.embedded_model_files("embedded:smollm2-135m")
-    blocker = tmp_path / "a file"
-    blocker.write_text("not a folder")
-    monkeypatch.setenv(language_model.CACHE_HOME, str(blocker))
-    direct, direct_tokenizer = language_model.load_language_model("embedded:smollm2-135m", None, torch.float32,
-                                                                   torch.device("cpu"))
-    assert not blocker.with_name("gguf").exists()
+    from datamodules import language_model
 
     monkeypatch.setenv(language_model.CACHE_HOME, str(tmp_path / "cache"))
-    converted = language_model.convert_gguf(folder, gguf_file)
-    assert converted == language_model.converted_folder(folder / gguf_file)
-    assert converted.parent.parent == tmp_path / "cache"
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _refuse_gguf(AutoModelForCausalLM.from_pretrained))
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", _refuse_gguf(AutoTokenizer.from_pretrained))
+    from_gguf, calls = {}, []
+
+    def spy(load, key):
+        def loading(*args, **kwargs):
+            built = load(*args, **kwargs)
+            calls.append((key, bool(kwargs.get("gguf_file"))))
+            if kwargs.get("gguf_file"):
+                from_gguf[key] = built
+            return built
+        return loading
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy(AutoModelForCausalLM.from_pretrained, "model"))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy(AutoTokenizer.from_pretrained, "tokenizer"))
     model, tokenizer = language_model.load_language_model("embedded:smollm2-135m", None, torch.float32,
                                                           torch.device("cpu"))
-    expected = direct.state_dict()
+    assert calls == [("tokenizer", True), ("model", True), ("tokenizer", False), ("model", False)]
+    converted = list((tmp_path / "cache" / "gguf").iterdir())
+    assert len(converted) == 1 and (converted[0] / "model.safetensors").is_file()
+    expected = from_gguf["model"].state_dict()
+    assert set(model.state_dict()) == set(expected)
     assert all(torch.equal(tensor, expected[name]) and tensor.dtype == torch.float32
-               for name, tensor in model.state_dict().items()) and set(model.state_dict()) == set(expected)
+               for name, tensor in model.state_dict().items())
+    direct_tokenizer = from_gguf["tokenizer"]
     for text in ("The Eiffel Tower is 330 m tall.", "  tabs\tand Ünïcödé ✓\n\n12345", "<|im_start|>user\nhi"):
         assert tokenizer(text).input_ids == direct_tokenizer(text).input_ids, text
     assert tokenizer.eos_token == direct_tokenizer.eos_token and tokenizer.bos_token == direct_tokenizer.bos_token
 
 
-def _refuse_gguf(load):
-    def loading(*args, **kwargs):
-        assert "gguf_file" not in kwargs, "the converted folder should load without the GGUF file"
-        return load(*args, **kwargs)
-    return loading
+def test_an_unwritable_cache_loads_the_gguf_file_directly(tmp_path, monkeypatch, capsys):
+    import torch
+    from transformers import AutoConfig
+
+    from datamodules import language_model
+
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(language_model.CACHE_HOME, str(blocker))
+    asked = {}
+
+    def config_only(location, **kwargs):  # what the loader asks for first; stop there
+        asked.update(kwargs, location=location)
+        raise OSError("stop")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", config_only)
+    with pytest.raises(FileNotFoundError):
+        language_model.load_language_model("embedded:smollm2-135m", None, torch.float32, torch.device("cpu"))
+    assert asked["gguf_file"].endswith(".gguf") and "Cannot write" in capsys.readouterr().out
 
 
 def test_the_conversion_key_follows_the_file_and_the_transformers_version(tmp_path, monkeypatch):
