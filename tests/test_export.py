@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import needs
+from tests.conftest import REPO, needs
 
 import sagsae
 from callbacks import SAEMetrics
@@ -147,9 +147,11 @@ def test_load_needs_neither_lightning_nor_transformers(checkpoints, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_export_cli_writes_the_folder(checkpoints, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "sagsae", "export", "--ckpt_path", str(checkpoints["gated"][0]),
-                             "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=120)
+def test_export_cli_writes_the_folder_without_lightning(checkpoints, tmp_path):
+    code = (f"import sys; from sagsae.__main__ import main; "
+            f"main(['export', '--ckpt_path', {str(checkpoints['gated'][0])!r}, '--out', {str(tmp_path / 'cli')!r}]); "
+            "assert 'lightning' not in sys.modules, 'export imported Lightning'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "gated SAE, width 32" in (tmp_path / "cli" / "README.md").read_text()
 
