@@ -29,9 +29,10 @@ def test_short_fit_on_embedded_smollm2_mlp_out(tmp_path):
         "--data.init_args.batch_size", "1024", "--data.init_args.lm_batch_size", "8",
         "--data.init_args.shuffle_buffer_tokens", "4096", "--data.init_args.val_tokens", "2048",
         "--data.init_args.normalization_tokens", "2048",
+        "--trainer.callbacks.init_args.contexts", "4",  # the last callback, SplicedLMLoss: ΔCE on 4 contexts, not 16
     ])
     logged = scalars(tmp_path / "lightning_logs" / "version_0")
-    for tag in ("train/loss", "train/l0", "train/r2", "train/dead_fraction", "val/r2", "val/l0"):
+    for tag in ("train/loss", "train/l0", "train/r2", "train/dead_fraction", "val/r2", "val/l0", "val/ce_delta"):
         assert all(math.isfinite(v) for _, v in logged[tag]), tag
     r2 = [v for _, v in logged["train/r2"]]
     assert len(r2) == 12
