@@ -26,6 +26,8 @@ from sagsae.measures import deciles
 from sagsae.training import TrainingPlan, TrainingState
 from sagsae.training.migrations import CHECKPOINT_VERSION, VERSION_KEY, migrate_checkpoint
 
+LM_LOSS_KEYS = ("ce_delta", "ce_recovered", "ce_clean")
+
 
 class SweepModule(L.LightningModule):
     """Trains `members` (name → TrainingPlan) side by side; logs `train/<name>/…` and `val/<name>/…`.
@@ -211,9 +213,10 @@ class SweepModule(L.LightningModule):
             row |= member.training_diagnostics() | deciles(values["firing_density"], "density")
             row["sparsity_coefficient"] = torch.as_tensor(member.sparsity_coefficient())  # λ, which target_l0 steers
             history = self.validation_history.setdefault(name, [])
-            if history and history[-1]["tokens_seen"] == int(member.tokens_seen):
-                history.pop()  # the same weights evaluated again (a final validate after fit)
-            if self._lm_loss_due(len(history)):
+            again = history.pop() if history and history[-1]["tokens_seen"] == int(member.tokens_seen) else {}
+            if "ce_delta" in again:  # the same weights evaluated again (a final validate after fit): same ΔCE
+                row |= {key: torch.as_tensor(again[key]) for key in LM_LOSS_KEYS}
+            elif self._lm_loss_due(len(history)):
                 row |= self._lm_loss(name, member)
             self.latest_validation[name] = {key: float(value) for key, value in row.items()}
             self.latest_validation[name]["tokens_seen"] = int(member.tokens_seen)
@@ -240,7 +243,7 @@ class SweepModule(L.LightningModule):
             sae.train(was_training)
         for key in ("ce_delta", "ce_recovered"):
             self.log(f"val/{name}/{key}", values[key], sync_dist=False)
-        return {key: values[key] for key in ("ce_delta", "ce_recovered", "ce_clean")}
+        return {key: values[key] for key in LM_LOSS_KEYS}
 
     def on_validation_epoch_end(self) -> None:
         self._finish_evaluation("val")

@@ -209,9 +209,9 @@ def test_resume_from_cache_continues_the_stream_exactly(cache_dir, tmp_path):
     assert torch.equal(next(data.batches()), fresh[6])
 
 
-def test_a_sweep_from_a_cache_scores_every_members_lm_loss(cache_dir, tmp_path):
+def test_a_sweep_from_a_cache_scores_every_members_lm_loss(cache_dir, tmp_path, monkeypatch):
     """The cache names its LM and held-out documents, so a sweep cell on it adds ΔCE and CE recovered to every
-    `every`-th budget checkpoint and to the final row, per member; the same SAE scores what a live fit would."""
+    `every`-th budget checkpoint and to the final row, per member, once; the same SAE scores what a live fit would."""
     import yaml
 
     from sagsae.__main__ import main
@@ -223,6 +223,10 @@ def test_a_sweep_from_a_cache_scores_every_members_lm_loss(cache_dir, tmp_path):
               "members": [{"name": "SA", "sae": "sagsae", "init_args": {"width": 16, "init_seed": 0}},
                           {"name": "G", "sae": "gated", "init_args": {"width": 16, "init_seed": 1}}]}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    scored_contexts = []
+    splice = ActivationFileDataModule.spliced_cross_entropy
+    monkeypatch.setattr(ActivationFileDataModule, "spliced_cross_entropy",
+                        lambda self, *args, **kwargs: scored_contexts.append(args) or splice(self, *args, **kwargs))
     main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")])
     members = json.loads((tmp_path / "out/c/results.json").read_text())["members"]
     for member in members.values():
@@ -230,6 +234,16 @@ def test_a_sweep_from_a_cache_scores_every_members_lm_loss(cache_dir, tmp_path):
         assert scored == [False, True, True], scored  # budgets 2, 4 (every 2nd) and the final one
         assert math.isfinite(member["ce_delta"]) and 0 < member["ce_delta"] and member["ce_recovered"] < 1
     assert members["SA"]["ce_delta"] != members["G"]["ce_delta"]
+    assert len(scored_contexts) == 4  # 2 members × 2 scored rows
+
+    config["trainer"]["max_steps"] = 8  # the last budget, 8, is due in the fit: the final validate reuses it
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "longer")])
+    longer = json.loads((tmp_path / "longer/c/results.json").read_text())["members"]
+    for name, member in longer.items():
+        assert [("ce_delta" in row) for row in member["history"]] == [False, True, False, True]
+        assert member["ce_delta"] == member["history"][-1]["ce_delta"]
+    assert len(scored_contexts) == 4 + 4, "the final validate scored the same weights again"
     cached = ActivationFileDataModule(str(cache_dir))
     assert cached.language_model_data().hparams.layer == 2
     identity = cached.spliced_cross_entropy(lambda x: x, contexts=4)
