@@ -128,6 +128,23 @@ def test_synth_writes_data_trains_and_scores_against_the_truth(synth_run):
     assert {m["series"] for m in results["members"].values()} == {"SA-GSAE(K)", "Gated(2K)"}
 
 
+def test_report_shows_the_synthetic_scores_that_a_cell_holds(synth_run, tmp_path):
+    """A hierarchy cell's absorption gets its column, beside recovery; a cell without it gets none."""
+    import shutil
+
+    shutil.copytree(synth_run / "out" / "A", tmp_path / "out" / "A")
+    results = json.loads((tmp_path / "out/A/results.json").read_text())
+    for member in results["members"].values():
+        member["absorption"] = 0.25
+    (tmp_path / "out/A/results.json").write_text(json.dumps(results))
+    main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report")])
+    header = next(line for line in (tmp_path / "report/report.md").read_text().splitlines()
+                  if line.startswith("| series | point"))
+    assert header.endswith("| recovery | bipolar_sharing | absorption | true_l0 |"), header
+    main(["report", str(synth_run / "out"), "--out", str(tmp_path / "plain")])
+    assert "absorption" not in (tmp_path / "plain/report.md").read_text()
+
+
 def test_report_writes_tables_plots_and_verdicts(synth_run):
     main(["report", str(synth_run / "out"), "--out", str(synth_run / "report")])
     report = (synth_run / "report/report.md").read_text()

@@ -77,6 +77,7 @@ def compared_series(pairs: list[tuple[str, str]]) -> list[str]:
 
 
 R2_FLOOR = -0.5  # budget plots draw lower held-out R² at this floor, marked ▼
+SYNTHETIC_SCORES = ("recovery", "bipolar_sharing", "absorption", "true_l0")  # columns where `synth` scored them
 
 
 def plot_budgets(label: str, cell: dict, pairs: list[tuple[str, str]], path: Path) -> None:
@@ -268,7 +269,7 @@ def cell_section(label: str, cell: dict, pairs: list[tuple[str, str]], image: st
               f"{', '.join(f'{t:,}' for t in tokens)}.", ""]
     if image:
         lines += [f"![{label}]({image})", ""]
-    extra = [key for key in ("recovery", "bipolar_sharing", "true_l0") if any(key in r for rows in series.values() for r in rows)]
+    extra = [key for key in SYNTHETIC_SCORES if any(key in r for rows in series.values() for r in rows)]
     header = ["series", "point", "seeds", "L0", "R² (min–max)", "dead", "silent (held-out)", "bipolar", *extra]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, rows in series.items():
