@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,33 @@ def test_the_conversion_key_follows_the_file_and_the_transformers_version(tmp_pa
     touched = language_model.converted_folder(weights)
     monkeypatch.setattr(transformers, "__version__", "0.0.1")
     assert len({first, touched, language_model.converted_folder(weights)}) == 3
+
+
+def test_a_conversion_that_another_process_finished_first_is_used_and_its_staging_removed(tmp_path, monkeypatch):
+    """Two DDP ranks (or test workers) may convert at once: the one that renames second keeps the first's folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from datamodules import language_model
+
+    monkeypatch.setenv(language_model.CACHE_HOME, str(tmp_path / "cache"))
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+    target = language_model.converted_folder(tmp_path / "model.gguf")
+
+    class Saves:
+        def save_pretrained(self, folder):
+            (Path(folder) / "saved.json").write_text("{}")
+
+    class Model(torch.nn.Linear):
+        config = Saves()
+
+    def model_built_while_another_process_renames(*args, **kwargs):
+        target.mkdir()
+        (target / "model.safetensors").write_bytes(b"the other process's")
+        return Model(2, 2)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *args, **kwargs: Saves())
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", model_built_while_another_process_renames)
+    assert language_model.convert_gguf(tmp_path, "model.gguf") == target
+    assert (target / "model.safetensors").read_bytes() == b"the other process's"
+    assert [path.name for path in target.parent.iterdir()] == [target.name]  # no staging folder left
