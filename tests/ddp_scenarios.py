@@ -163,14 +163,17 @@ def fit_and_validate(spec: dict[str, Any]) -> None:
 
 
 def live_fit(spec: dict[str, Any]) -> None:
-    """A fit of `steps` steps on the tiny LM's live stream (from `ckpt` if given), ending in checkpoint `save`,
-    which every rank joins: it gathers every rank's stream state."""
+    """A fit of `steps` steps on the tiny LM's live stream (from `ckpt` if given); with `every`, `fit`'s own
+    LastCheckpoint saves `<out>/checkpoints/step=N.ckpt` every that many steps, mid-run. Every rank joins each
+    save: it gathers every rank's stream state."""
+    from callbacks import LastCheckpoint
     from datamodules import LMActivationDataModule
 
     module = SAEModule.from_arguments("sagsae", d_in=32, width=16, lr=0.01, init_seed=0, sparsity_warmup_steps=2)
-    trainer = ddp_trainer(spec["steps"])
+    every = [LastCheckpoint(dirpath=Path(spec["out"]) / "checkpoints", filename="{step}", save_top_k=-1,
+                            every_n_train_steps=spec["every"])] if "every" in spec else []
+    trainer = ddp_trainer(spec["steps"], callbacks=every, enable_checkpointing=bool(every))
     trainer.fit(module, LMActivationDataModule(**spec["datamodule"]), ckpt_path=spec.get("ckpt"), weights_only=False)
-    trainer.save_checkpoint(spec["save"])
     save(spec, trainer, {"global_step": trainer.global_step,
                          "state": {k: v.clone() for k, v in module.state_dict().items()}})
 

@@ -170,20 +170,22 @@ def test_ddp_validation_sees_every_held_out_token_once_and_reports_what_one_proc
 
 
 def test_a_live_stream_under_ddp_resumes_every_rank_where_it_stood(tiny_llama, text_file, tmp_path):
-    """4 steps, then a resume to 8, trains on the same batches as 8 steps straight on both ranks: the checkpoint
-    holds each rank's own stream state (ShuffledStream), not rank 0's."""
+    """A resume to step 8 from the checkpoint that `fit`'s LastCheckpoint wrote at step 4 of an 8-step run trains
+    on the same batches as the run did, on both ranks: the checkpoint holds each rank's own stream state
+    (ShuffledStream), not rank 0's, and a save mid-run counts no batch that the ranks fetched ahead."""
     datamodule = {"model": str(tiny_llama), "dataset": "json", "data_files": str(text_file), "layer": 1,
                   "context_length": 16, "lm_batch_size": 4, "batch_size": 32, "shuffle_buffer_tokens": 160,
                   "val_tokens": 64, "normalization_tokens": 128}
-    spec = {"scenario": "live_fit", "datamodule": datamodule}
-    straight = launch({**spec, "steps": 8, "save": str(tmp_path / "straight.ckpt")}, tmp_path / "straight")
-    launch({**spec, "steps": 4, "save": str(tmp_path / "half.ckpt")}, tmp_path / "half")
-    saved = torch.load(tmp_path / "half.ckpt", weights_only=False)["LMActivationDataModule"]
-    assert len(saved["ranks"]) == 2 and saved["ranks"][0]["position"] != saved["ranks"][1]["position"]
-    resumed = launch({**spec, "steps": 8, "save": str(tmp_path / "resumed.ckpt"), "ckpt": str(tmp_path / "half.ckpt")},
-                     tmp_path / "resumed")
+    spec = {"scenario": "live_fit", "datamodule": datamodule, "steps": 8}
+    straight = launch({**spec, "every": 4}, tmp_path / "straight")
+    half = tmp_path / "straight" / "checkpoints" / "step=4.ckpt"
+    saved = torch.load(half, weights_only=False)
+    assert saved["global_step"] == 4
+    ranks = saved["LMActivationDataModule"]["ranks"]
+    assert len(ranks) == 2 and ranks[0]["position"] != ranks[1]["position"]
+    resumed = launch({**spec, "ckpt": str(half)}, tmp_path / "resumed")
     for rank in (0, 1):
-        assert resumed[rank]["global_step"] == 8
+        assert resumed[rank]["global_step"] == straight[rank]["global_step"] == 8
         for name, value in straight[rank]["state"].items():
             torch.testing.assert_close(resumed[rank]["state"][name], value, rtol=0, atol=0, msg=name)
 
