@@ -267,7 +267,8 @@ def test_selection_and_verdict_halves_split_the_held_out_data(cache_dir):
 
 
 def test_cache_refuses_an_existing_folder_and_a_missing_gpu_before_loading_the_lm(cache_dir):
-    """Both are caught by the command line, with the flag named, before any model loads; the folder is untouched."""
+    """Both are caught by the command line, with the flag named, before any model loads (the GPU's before
+    Lightning loads); the folder is untouched."""
     before = sorted(p.name for p in cache_dir.rglob("*"))
     base = [sys.executable, "-m", "sagsae", "cache", "--config", "configs/default.yaml"]
     result = subprocess.run([*base, "--out", str(cache_dir)], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -275,7 +276,9 @@ def test_cache_refuses_an_existing_folder_and_a_missing_gpu_before_loading_the_l
     assert sorted(p.name for p in cache_dir.rglob("*")) == before
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the missing-GPU message cannot be shown here")
-    result = subprocess.run([*base, "--out", str(cache_dir.parent / "new"), "--device", "cuda"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "--device cuda: this machine has no CUDA device" in result.stderr
+    arguments = ["cache", "--config", "configs/default.yaml", "--out", str(cache_dir.parent / "new"), "--device", "cuda"]
+    code = (f"import sys; from sagsae.__main__ import main\ntry: main({arguments!r})\n"
+            "finally: assert 'lightning' not in sys.modules, 'the refusal waited for Lightning'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--device cuda: this machine has no CUDA device" in result.stderr, result.stderr
     assert not (cache_dir.parent / "new").exists()

@@ -19,19 +19,22 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from datamodules.activation_cache import write_caches
 from datamodules.hookpoints import UnknownHookpointError, parse_hookpoint
 from datamodules.language_model import DTYPES
-from datamodules.lm_activations import LMActivationDataModule
+
+if TYPE_CHECKING:  # Lightning loads once the arguments pass, so that `--help` and their refusals come at once
+    from datamodules.lm_activations import LMActivationDataModule
 
 
 def datamodule_from_configs(training_args: list[str]) -> LMActivationDataModule:
     """The datamodule that `fit` builds from the same `--config` files and dotted overrides: the training CLI's
     own parser reads them, so one config serves every command."""
     from callbacks import hide_logger_advertisements
+    from datamodules.lm_activations import LMActivationDataModule
     from sagsae.commands.train import SAGSAECLI
 
     hide_logger_advertisements()
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--device {args.device!r}: {error}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+    from datamodules.activation_cache import write_caches
+
     try:
         datamodule = datamodule_from_configs([arg for config in args.config for arg in ("--config", config)] + overrides)
         hookpoints = requested_hookpoints(args.hookpoints, args.layers, datamodule)
