@@ -276,7 +276,8 @@ def test_cache_refuses_an_existing_folder_and_a_missing_gpu_before_loading_the_l
     assert sorted(p.name for p in cache_dir.rglob("*")) == before
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the missing-GPU message cannot be shown here")
-    arguments = ["cache", "--config", "configs/default.yaml", "--out", str(cache_dir.parent / "new"), "--device", "cuda"]
+    arguments = ["cache", "--config", "configs/default.yaml", "--out", str(cache_dir.parent / "new"),
+                 "--device", "cuda"]
     code = (f"import sys; from sagsae.__main__ import main\ntry: main({arguments!r})\n"
             "finally: assert 'lightning' not in sys.modules, 'the refusal waited for Lightning'")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
