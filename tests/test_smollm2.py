@@ -27,8 +27,8 @@ def test_short_fit_on_embedded_smollm2_mlp_out(tmp_path):
         "--trainer.default_root_dir", str(tmp_path),
         "--model.sae.width", "1152", "--model.sparsity_warmup_steps", "10",
         "--model.lr_warmup_steps", "2",
-        "--data.init_args.batch_size", "1024", "--data.init_args.lm_batch_size", "8",
-        "--data.init_args.shuffle_buffer_tokens", "4096", "--data.init_args.val_tokens", "2048",
+        "--data.init_args.batch_size", "512", "--data.init_args.lm_batch_size", "8",
+        "--data.init_args.shuffle_buffer_tokens", "2048", "--data.init_args.val_tokens", "2048",
         "--data.init_args.normalization_tokens", "2048",
         "--trainer.callbacks.init_args.contexts", "4",  # the last callback, SplicedLMLoss: ΔCE on 4 contexts, not 16
     ])

@@ -157,10 +157,15 @@ def test_the_training_module_sets_the_switch_and_refuses_a_share_outside_zero_to
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_auto_decodes_sparsely_below_its_share_for_fp32_codes_on_cpu_only(dtype):
     """"auto" resolves from the codes: AUTO_SPARSE_SHARE for fp32 on CPU (the measured crossover), dense for bf16
-    (where the sparse decode measured slower); the decoded values are the dense decode's either way."""
-    from sagsae.saes.base import AUTO_SPARSE_SHARE
+    (where the sparse decode measured slower); the decoded values are the dense decode's either way. Below
+    AUTO_SPARSE_FULL_D_IN the share falls in proportion to d_in, as the measured crossover does."""
+    from sagsae.saes.base import AUTO_SPARSE_FULL_D_IN, AUTO_SPARSE_SHARE
 
-    sae = build_sae("gated", d_in=6, width=200)
+    narrow = build_sae("gated", d_in=AUTO_SPARSE_FULL_D_IN // 4, width=8)
+    narrow.sparse_decode_below = "auto"
+    assert narrow.sparse_share(torch.zeros(2, 8, dtype=dtype)) == (AUTO_SPARSE_SHARE / 4 if dtype == torch.float32
+                                                                   else None)
+    sae = build_sae("gated", d_in=AUTO_SPARSE_FULL_D_IN, width=200)
     sae.sparse_decode_below = "auto"
     generator = torch.Generator().manual_seed(0)
     for density, sparse_expected in ((AUTO_SPARSE_SHARE / 2, dtype == torch.float32), (AUTO_SPARSE_SHARE * 2, False)):

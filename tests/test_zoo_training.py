@@ -46,7 +46,7 @@ CASES = {
     "sagsae-one-sided": ("sagsae", {"sparsity_coefficient": 8.0, "one_sided_gate": True}),
     "sagsae-no-signed-magnitude": ("sagsae", {"sparsity_coefficient": 8.0, "signed_magnitude": False}),
     "sagsae-jump": ("sagsae", {"sparsity_coefficient": 8.0, "gate_path": "jump"}),
-    "relu": ("relu", {"sparsity_coefficient": 5.0}),
+    "relu": ("relu", {"sparsity_coefficient": 2.0}),
     "gated": ("gated", {"sparsity_coefficient": 3.0}),
     "gated-form-a": ("gated", {"sparsity_coefficient": 3.0, "unit_norm_decoder": True}),
     "jumprelu": ("jumprelu", {"sparsity_coefficient": 0.5}),
@@ -60,7 +60,7 @@ CASES = {
 def test_trains_200_steps_without_nan_and_r2_rises(case, smollm2_activations):
     architecture, switches = CASES[case]
     L.seed_everything(0)
-    module = SAEModule.from_arguments(architecture, width=1152, lr=1e-3, lr_warmup_steps=10, sparsity_warmup_steps=50,
+    module = SAEModule.from_arguments(architecture, width=576, lr=1e-3, lr_warmup_steps=10, sparsity_warmup_steps=50,
                           dead_window_tokens=50_000, **switches)
     recorder = RecordR2()
     trainer = L.Trainer(max_steps=200, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -108,8 +108,10 @@ def random_unit_columns(d_in: int, width: int) -> Tensor:
 
 
 # "auto"'s share for fp32 codes on CPU. The sparse decode's step wins below 11% density at width 4,608 and below 5.8%
-# at 16,384 in fp32 on CPU; under bf16 it lost at 1% (docs/performance.md, "The sparse decode").
+# at 16,384 in fp32 on CPU; under bf16 it lost at 1% (docs/performance.md, "The sparse decode"). Below d_in 256 the
+# dense decode is cheap and the crossover falls with d_in (1.5% at d_in 64, 3.3% at 128), so the share scales down.
 AUTO_SPARSE_SHARE = 0.05
+AUTO_SPARSE_FULL_D_IN = 256
 SKIP_START_RIDGE = 0.1  # the least-squares start's ridge: best of 1e-8 … 1 on SmolLM2's first batch (docs/method.md)
 
 
@@ -167,7 +169,7 @@ class SparseAutoencoder(nn.Module):
     use_fused_chain: bool = True
     # Decode from the non-zero codes alone, a gather-sum over each token's active latents (`nonzero_decode`), when
     # at most this share of the codes is non-zero; None decodes densely; "auto" takes AUTO_SPARSE_SHARE for fp32
-    # codes on CPU and decodes densely otherwise. The main reconstruction and the gate path's both go through
+    # codes on CPU (less below d_in 256) and decodes densely otherwise. The main reconstruction and the gate path's both go through
     # `decode`, and the decoder's and the codes' gradients then touch the active entries only.
     sparse_decode_below: float | str | None = None
 
@@ -294,7 +296,9 @@ class SparseAutoencoder(nn.Module):
         for these codes."""
         if self.sparse_decode_below != "auto":
             return self.sparse_decode_below
-        return AUTO_SPARSE_SHARE if codes.device.type == "cpu" and codes.dtype == torch.float32 else None
+        if codes.device.type != "cpu" or codes.dtype != torch.float32:
+            return None
+        return AUTO_SPARSE_SHARE * min(1.0, self.d_in / AUTO_SPARSE_FULL_D_IN)
 
     def sparse_pairs(self, codes: Tensor) -> tuple[Tensor, Tensor] | None:
         """(rows, cols) of the non-zero codes where `decode` goes sparse for them, else None."""
