@@ -15,6 +15,8 @@ import yaml
 from callbacks.run_info import git_state, settle_line
 from sagsae.commands.train import run
 
+pytestmark = pytest.mark.slow(41)  # seconds in all: the longest files run first (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -15,6 +15,8 @@ from sagsae.training import TargetL0Controller, TrainingPlan
 from sagsae.training.controller import CHECK_STEPS, SCALE_BOUNDS
 from sagsae.training.schedules import linear_warmup
 
+pytestmark = pytest.mark.slow(57)  # seconds in all: the longest files run first (tests/conftest.py)
+
 Plant = Callable[[int, list[float]], float]  # (step, every λ so far) → the L0 that the controller reads
 
 

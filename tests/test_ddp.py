@@ -25,7 +25,7 @@ from tests.ddp_scenarios import STEP_DATA, validate
 from tests.test_architecture_configs import CONFIGS
 from tests.test_cli import REPO
 
-pytestmark = pytest.mark.slow  # over a minute in all: run first (tests/conftest.py)
+pytestmark = pytest.mark.slow(195)  # seconds in all: the longest files run first (tests/conftest.py)
 
 QUANTILE_STARTS = {  # every architecture whose start is data-driven; lr 0 keeps the start through the step
     "start-sagsae": {"sae": "sagsae", "width": 16, "theta_init_quantile": 0.9, "lr": 0.0, "init_seed": 1},

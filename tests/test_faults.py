@@ -21,6 +21,8 @@ import yaml
 from callbacks.checkpoint_io import AtomicCheckpointIO, partial_path
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow(73)  # seconds in all: the longest files run first (tests/conftest.py)
+
 LIMIT_BYTES = 40_000  # larger than configs, logs and events of the runs below, smaller than their checkpoints
 
 

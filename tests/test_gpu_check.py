@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow(39)  # seconds in all: the longest files run first (tests/conftest.py)
 
 
 def test_the_gpu_check_dry_run_reports_steps_cache_and_fit(tmp_path):

@@ -15,6 +15,8 @@ import torch
 from sagsae.analysis.inspection import HISTOGRAM_BINS, LatentStatistics, histogram_bin, logit_effects
 from tests.conftest import REPO, needs
 
+pytestmark = pytest.mark.slow(51)  # seconds in all: the longest files run first (tests/conftest.py)
+
 BEFORE, AFTER, TOP_K, RANDOM_K = 3, 2, 4, 3
 
 

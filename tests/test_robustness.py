@@ -20,6 +20,8 @@ from lightning_modules import SAEModule
 from sagsae.commands.train import run
 from tests.test_cli import REPO, tiny_args
 
+pytestmark = pytest.mark.slow(46)  # seconds in all: the longest files run first (tests/conftest.py)
+
 
 def trainer_for(root, steps, callbacks=()):
     return L.Trainer(max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,

@@ -17,6 +17,8 @@ from lightning_modules import SAEModule
 from sagsae.analysis.synthetic import protocol_a
 from tests.test_robustness import SpikeBatch
 
+pytestmark = pytest.mark.slow(53)  # seconds in all: the longest files run first (tests/conftest.py)
+
 TRAIN = 100_000
 
 

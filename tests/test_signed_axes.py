@@ -16,7 +16,7 @@ from datamodules import TensorActivationDataModule
 from lightning_modules import SAEModule
 from sagsae.analysis.synthetic import bipolar_sharing, protocol_a, signed_feature_recovery
 
-pytestmark = pytest.mark.slow  # over a minute in all: run first (tests/conftest.py)
+pytestmark = pytest.mark.slow(114)  # seconds in all: the longest files run first (tests/conftest.py)
 
 TRAIN = 200_000
 

