@@ -27,7 +27,7 @@ pytestmark = [
 def smollm2_activations() -> torch.Tensor:
     data = LMActivationDataModule(hookpoint="mlp_out", layer=15, lm_batch_size=16)
     data.setup()
-    return take_tokens(data.training_chunks(), 12_000)
+    return take_tokens(data.training_chunks(), 8_000)
 
 
 class RecordR2(L.Callback):
