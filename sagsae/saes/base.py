@@ -169,8 +169,8 @@ class SparseAutoencoder(nn.Module):
     use_fused_chain: bool = True
     # Decode from the non-zero codes alone, a gather-sum over each token's active latents (`nonzero_decode`), when
     # at most this share of the codes is non-zero; None decodes densely; "auto" takes AUTO_SPARSE_SHARE for fp32
-    # codes on CPU (less below d_in 256) and decodes densely otherwise. The main reconstruction and the gate path's both go through
-    # `decode`, and the decoder's and the codes' gradients then touch the active entries only.
+    # codes on CPU (less below d_in 256) and decodes densely otherwise. The main reconstruction and the gate path's
+    # both go through `decode`, and the decoder's and the codes' gradients then touch the active entries only.
     sparse_decode_below: float | str | None = None
 
     def __init__(self, d_in: int, width: int, unit_norm_decoder: bool = False) -> None:
