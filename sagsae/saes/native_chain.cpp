@@ -25,14 +25,25 @@ inline float load(uint16_t bits) {
   return value;
 }
 
-template <typename S> inline S store(float value);
-template <> inline float store<float>(float value) { return value; }
-template <> inline uint16_t store<uint16_t>(float value) {  // round to nearest even, as torch's bf16 cast
+// A float rounded to bf16 (nearest even, as torch's cast; NaN stays NaN), kept in 32-bit lanes so that the rounding
+// vectorizes without packing to 16 bits.
+inline float bf16_rounded(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof bits);
-  uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  uint32_t nan = 0x7FC0u;  // 32-bit lanes throughout, so the select vectorizes
-  return uint16_t((bits & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);
+  uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  rounded = (bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : rounded;
+  float out;
+  std::memcpy(&out, &rounded, sizeof out);
+  return out;
+}
+
+template <typename S> inline S store(float value);
+template <> inline float store<float>(float value) { return value; }
+template <> inline uint16_t store<uint16_t>(float value) {
+  uint32_t bits;
+  float rounded = bf16_rounded(value);
+  std::memcpy(&bits, &rounded, sizeof bits);
+  return uint16_t(bits >> 16);
 }
 
 struct Latents {  // per-latent parameters, each [H] fp32
@@ -115,8 +126,8 @@ inline void backward_row(const float* __restrict__ x, const float* __restrict__ 
     float gate_code = SOFT ? (open ? pi - (pi > 0.0f ? theta_pos : -theta_neg) : 0.0f) : (open ? pi : 0.0f);
     float code = keep ? magnitude : 0.0f;
     if (ROUND) {
-      gate_code = load(store<uint16_t>(gate_code));
-      code = load(store<uint16_t>(code));
+      gate_code = bf16_rounded(gate_code);
+      code = bf16_rounded(code);
     }
     float sign = float(gate_code > 0.0f) - float(gate_code < 0.0f);
     float gate_grad = gate_grads[j] + sign * grad_l1[j];
