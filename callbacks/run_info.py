@@ -73,7 +73,8 @@ class RunInfo(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.checks = list(state_dict.get("checks", []))
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        # after every on_fit_start, so that the module has estimated (or restored) its input scale
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
             self._write_metadata(trainer, pl_module, folder)

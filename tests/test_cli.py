@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -85,7 +86,7 @@ def test_fit_writes_finite_rising_metrics_config_and_checkpoint(fitted_run):
     config = yaml.safe_load((version / "config.yaml").read_text())
     assert config["model"]["sae"]["init_args"]["width"] == 64
     assert (version / "checkpoints" / "last.ckpt").is_file()
-    assert (version / "run_metadata.json").is_file()
+    assert math.isfinite(json.loads((version / "run_metadata.json").read_text())["input_scale"])
     assert not (version / "metrics.json").exists(), "reports belong to stand-alone validate/test runs only"
 
 
@@ -138,6 +139,15 @@ def test_the_demo_config_trains_on_a_cache_and_says_whether_it_settled(cache_dir
     assert config["data"]["class_path"] == "datamodules.ActivationFileDataModule"
     assert config["model"]["lr_decay_fraction"] > 0 and config["model"]["sae"]["init_args"]["width"] == 64
     assert "Settled at target L0 8:" in capsys.readouterr().out
+
+
+def test_the_demo_prints_the_full_default_runs_committed_figures():
+    """`make demo` ends with what the full default run reached, read from its committed metrics.json."""
+    metrics = json.loads((REPO / "docs" / "results" / "default_run" / "metrics.json").read_text())["metrics"]
+    done = subprocess.run(["make", "--no-print-directory", "full-run-figures", f"PY={sys.executable}"], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    assert f"R² {metrics['val/r2']:.3f}" in done.stdout and f"L0 {metrics['val/l0']:.1f}" in done.stdout
+    assert metrics["val/l0"] > 0 and 0 < metrics["val/r2"] < 1
 
 
 def test_the_settle_line_reads_the_last_third_against_the_target():

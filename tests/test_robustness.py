@@ -70,7 +70,7 @@ def test_sigterm_saves_a_resumable_checkpoint(delay, tiny_llama, text_file, tmp_
     process = subprocess.Popen([sys.executable, "-m", "sagsae", "fit", *tiny_args(tiny_llama, text_file, tmp_path, 100_000)],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while not list(tmp_path.rglob("run_metadata.json")) and time.time() < deadline:  # written at fit start
+    while not list(tmp_path.rglob("run_metadata.json")) and time.time() < deadline:  # written as training starts
         time.sleep(0.5)
     time.sleep(delay)
     process.send_signal(signal.SIGTERM)
