@@ -13,8 +13,9 @@ It divides those bytes by the bandwidth of a plain copy of one [B, H] fp32 tenso
 Each chain runs eagerly (the fused autograd functions) and, for the gated chains, compiled (`traceable_chain`
 through torch.compile, forward and backward) and, on CPU, as the C++ kernel (sagsae/saes/native_chain.py), in fp32
 and with bf16 codes, as autocast gives them. The kernel also runs "in cache": the same rows in slices of
-IN_CACHE_ROWS that stay in the CPU's cache, which times its arithmetic without the trips to memory. Where that alone
-exceeds the floor's multiple, the chain is bound by its arithmetic, not by the bytes it moves.
+IN_CACHE_ROWS that stay in the CPU's cache, one autograd call each, which times its arithmetic (and those calls)
+without the trips to memory. Where that alone exceeds the floor's multiple, the chain is bound by its arithmetic,
+not by the bytes it moves.
 """
 
 from __future__ import annotations
