@@ -27,7 +27,8 @@ $(TEST_STAMP): $(STAMP)
 # The C++ chain (sagsae/saes/native_chain.py) compiles on one core while the LM caches, instead of before the first step.
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(PY) -m sagsae.saes.native_chain & build=$$!; \
+	$(PY) -c "from sagsae.saes.native_chain import native_chain_available as built; print('C++ chain built:', built())" \
+	  & build=$$!; \
 	  $(PY) -m sagsae cache --config configs/default.yaml --train_tokens 131072 --val_tokens 16384 --out $(DEMO)/cache \
 	  && wait $$build
 	$(PY) -m sagsae fit --config configs/default.yaml --config configs/demo.yaml

@@ -5,8 +5,6 @@ cannot build. tests/test_gated_chain.py checks both against the composed torch o
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -103,10 +101,3 @@ def test_without_a_compiler_the_chain_warns_once_and_runs_eagerly(monkeypatch):
         codes, _, _ = gated_chain(*(leaves[name] for name in NAMES), 0.4)
     reference, _, _ = eager_gated_chain(*(leaves[name] for name in NAMES), 0.4)
     assert torch.equal(codes, reference)
-
-
-def test_running_the_module_builds_the_kernel_ahead_of_a_run():
-    """`make demo` builds the kernel with `python -m sagsae.saes.native_chain` while the LM caches."""
-    done = subprocess.run([sys.executable, "-m", "sagsae.saes.native_chain"], capture_output=True, text=True,
-                          check=True)
-    assert done.stdout.strip() == "C++ gated chain: built"

@@ -109,7 +109,3 @@ def native_gated_chain(u: Tensor, b_gate: Tensor, log_rescale: Tensor, b_mag: Te
     fp32 or bf16 on CPU (`native_chain_applies`)."""
     return _NativeGatedChain.apply(u, b_gate, log_rescale, b_mag, theta_pos, theta_neg, bandwidth,
                                    sign_consistency, soft)
-
-
-if __name__ == "__main__":  # `python -m sagsae.saes.native_chain` builds the kernel ahead of a run (make demo)
-    print("C++ gated chain:", "built" if native_chain_available() else "not built; the eager chain runs")
