@@ -78,7 +78,8 @@ def test_grid_expansion_names_and_errors():
 
 
 def test_series_and_seed_selection_split_a_sweep():
-    """--series keeps the named members only; --seeds replaces every member's seed grid (a new seed's run)."""
+    """--series keeps the named members only; --seeds replaces every member's seed grid (a new seed's run); --only
+    keeps one grid point of each member."""
     config = {"members": [
         {"name": "SA-GSAE(H)", "sae": "sagsae", "grid": {"sparsity_coefficient": [1, 2], "init_seed": [0, 1]}},
         {"name": "Gated(2H)", "sae": "gated", "grid": {"sparsity_coefficient": [4]}}]}
@@ -88,6 +89,12 @@ def test_series_and_seed_selection_split_a_sweep():
     assert select(config, None, None) == config
     with pytest.raises(ValueError, match=r"Unknown series \['TopK'\]"):
         select(config, ["TopK"], None)
+    assert sorted(expand_members(select(config, ["SA-GSAE(H)"], None, ["sparsity_coefficient=2"])["members"])) == [
+        "SA-GSAE-H-l2-s0", "SA-GSAE-H-l2-s1"]
+    with pytest.raises(ValueError, match="series 'Gated\\(2H\\)' has no grid point sparsity_coefficient=2"):
+        select(config, None, None, ["sparsity_coefficient=2"])
+    with pytest.raises(ValueError, match="--only takes KEY=VALUE"):
+        select(config, None, None, ["sparsity_coefficient"])
 
 
 SYNTH = {
@@ -311,6 +318,23 @@ def test_data_seed_changes_the_batches_and_nothing_else(synth_run, tmp_path):
         assert yaml.safe_load((out / "sweep.yaml").read_text())["data_seed"] == seed
     first, again, other = runs.values()
     assert first == again and other != first
+
+
+def test_a_grid_point_run_alone_trains_as_in_the_joint_run(synth_run, tmp_path):
+    """--only splits a sweep into one job per grid point: the member's weights, so its scores, are the joint run's."""
+    config = {**SYNTH, "cells": {"A": {"class_path": "datamodules.ActivationFileDataModule",
+                                       "init_args": {"path": str(synth_run / "out/data/A"), "batch_size": 512}}}}
+    del config["synthetic"]
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    scores = []
+    for only in ([], ["--only", "sparsity_coefficient=4"]):
+        out = tmp_path / f"run{len(scores)}"
+        main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--out", str(out), "--max_steps", "3",
+              "--series", "SA-GSAE(K)", "--seeds", "0", *only])
+        members = json.loads((out / "A/results.json").read_text())["members"]
+        scores.append((len(members), members["SA-GSAE-K-s0-l4"]["r2"], members["SA-GSAE-K-s0-l4"]["l0"]))
+    (joint, *joint_scores), (alone, *alone_scores) = scores
+    assert (joint, alone) == (2, 1) and joint_scores == alone_scores
 
 
 def test_report_reads_every_member_at_an_earlier_budget(tmp_path):

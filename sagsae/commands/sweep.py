@@ -31,7 +31,8 @@ one from its newest checkpoint (last.ckpt after every validation, or interrupted
 train (a constant LR: with `lr_decay_fraction` > 0 the schedule depends on max_steps, so it is refused); the
 shorter run's results stay beside it as `results.step<N>.json`.
 
-A sweep splits across processes or machines with `--cells` and `--series`, and grows by a seed with
+A sweep splits across processes or machines with `--cells`, `--series` and `--only` (grid points such as
+`target_l0=20`: members are independent, so a split run trains as the joint one), and grows by a seed with
 `--seeds 2 --out <new folder>`; `python -m sagsae report` merges the same-named cells of several output folders.
 Every member of a cell sees the same batches, so seeds of one run differ in their initialization only; a run
 with `--data_seed N` (every cell's datamodule `seed`) varies the data order too, and `--seeds N --data_seed N
@@ -313,8 +314,10 @@ def run_sweep(config: dict[str, Any], out: Path, cells: list[str] | None = None,
             print(f"[{cell}] {len(results['members'])} SAEs, {results['steps']} steps: {out / cell / RESULTS}")
 
 
-def select(config: dict[str, Any], series: list[str] | None, seeds: list[int] | None) -> dict[str, Any]:
-    """The config with only the named member series, and every member's `init_seed` grid replaced by `seeds`."""
+def select(config: dict[str, Any], series: list[str] | None, seeds: list[int] | None,
+           only: list[str] | None = None) -> dict[str, Any]:
+    """The config with only the named member series, every member's `init_seed` grid replaced by `seeds`, and
+    each grid cut to the points that `only` names ("KEY=VALUE", e.g. target_l0=20: one job per point)."""
     members = config.get("members") or []
     if series:
         unknown = sorted(set(series) - {entry.get("name") for entry in members})
@@ -323,13 +326,24 @@ def select(config: dict[str, Any], series: list[str] | None, seeds: list[int] | 
         members = [entry for entry in members if entry.get("name") in series]
     if seeds:
         members = [{**entry, "grid": {**(entry.get("grid") or {}), "init_seed": seeds}} for entry in members]
+    for point in only or []:
+        key, separator, text = point.partition("=")
+        if not separator:
+            raise ValueError(f"--only takes KEY=VALUE (e.g. target_l0=20); got {point!r}")
+        value = yaml.safe_load(text)
+        for entry in members:
+            values = (entry.get("grid") or {}).get(key)
+            if value not in (values if isinstance(values, list) else [values]):
+                raise ValueError(f"--only {point}: series {entry.get('name')!r} has no grid point {key}={text} "
+                                 f"(its grid: {entry.get('grid') or {}}); pick its series with --series")
+        members = [{**entry, "grid": {**entry["grid"], key: [value]}} for entry in members]
     return {**config, "members": members}
 
 
 def sweep_command(command: str, description: str, default_config: Path | None, argv: list[str] | None,
                   run: Callable[[dict[str, Any], Path, list[str] | None], None]) -> None:
-    """The command line shared by `sweep` and `synth`: --config, --out, --cells, --series, --seeds, --data_seed,
-    --max_steps."""
+    """The command line shared by `sweep` and `synth`: --config, --out, --cells, --series, --seeds, --only,
+    --data_seed, --max_steps."""
     parser = argparse.ArgumentParser(prog=f"sagsae {command}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=default_config, required=default_config is None,
@@ -338,6 +352,8 @@ def sweep_command(command: str, description: str, default_config: Path | None, a
     parser.add_argument("--cells", nargs="+", help="run only these cells")
     parser.add_argument("--series", nargs="+", help="run only these members (their `name`s)")
     parser.add_argument("--seeds", nargs="+", type=int, help="replace every member's init_seed grid by these seeds")
+    parser.add_argument("--only", nargs="+", metavar="KEY=VALUE",
+                        help="run only the grid points with these values (e.g. target_l0=20), one job per point")
     parser.add_argument("--data_seed", type=int, help="the data order's seed (every cell's datamodule `seed`)")
     parser.add_argument("--max_steps", type=int, help="override trainer.max_steps")
     args = parser.parse_args(argv)
@@ -351,7 +367,7 @@ def sweep_command(command: str, description: str, default_config: Path | None, a
     out = args.out or (Path(config["out"]) if config.get("out") else None)
     if out is None:
         parser.error("name the output folder with --out or the config's `out`")
-    run(select(config, args.series, args.seeds), out, args.cells)  # bad input: one line from the front door
+    run(select(config, args.series, args.seeds, args.only), out, args.cells)  # bad input: one line from the front door
 
 
 def main(argv: list[str] | None = None) -> None:
