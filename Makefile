@@ -31,7 +31,7 @@ demo: $(STAMP)
 	  & build=$$!; \
 	  $(PY) -m sagsae cache --config configs/default.yaml --train_tokens 131072 --val_tokens 16384 --out $(DEMO)/cache \
 	  && wait $$build
-	$(PY) -m sagsae fit --config configs/default.yaml --config configs/demo.yaml
+	$(PY) -m sagsae fit --config configs/default.yaml --config configs/demo.yaml --trainer.callbacks.init_args.every 3
 	@$(MAKE) --no-print-directory full-run-figures
 	$(PY) -m sagsae inspect --ckpt_path $(DEMO)/lightning_logs/version_0/checkpoints/last.ckpt --tokens 10000 \
 	  --out $(DEMO)/browser

@@ -141,6 +141,15 @@ def test_the_demo_config_trains_on_a_cache_and_says_whether_it_settled(cache_dir
     assert "Settled at target L0 8:" in capsys.readouterr().out
 
 
+def test_the_spliced_lm_loss_runs_at_every_nth_validation_and_the_last(fitted_run, tiny_llama, text_file, tmp_path):
+    """Every validation by default; with `every` 2, the 2nd and the last of three (the LM's forwards are most of a
+    small run's validation time)."""
+    every_one = scalars(fitted_run / "lightning_logs" / "version_0")["val/ce_sae"]
+    run(["fit", *tiny_args(tiny_llama, text_file, tmp_path), "--trainer.callbacks.init_args.every", "2"])
+    every_two = scalars(tmp_path / "lightning_logs" / "version_0")["val/ce_sae"]
+    assert len(every_one) == 3 and [step for step, _ in every_two] == [step for step, _ in every_one[1:]]
+
+
 def test_the_demo_prints_the_full_default_runs_committed_figures():
     """`make demo` ends with what the full default run reached, read from its committed metrics.json."""
     metrics = json.loads((REPO / "docs" / "results" / "default_run" / "metrics.json").read_text())["metrics"]
