@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -392,3 +394,23 @@ def test_report_reads_each_member_against_the_settle_criteria(tmp_path):
     assert rows["quiet-s0"].endswith("| yes |") and rows["quiet-s1"].endswith("| yes |") and "| 2 |" in rows["quiet-s0"]
     assert rows["drift-s0"].endswith("| **no** |")
     assert rows["on-target"].endswith("| yes |") and rows["off-target"].endswith("| **no** |")
+
+
+def test_collect_copies_progress_then_results_into_the_docs(tmp_path):
+    """configs/sweeps/collect.sh: an unfinished cell's progress.json as a snapshot; once finished, its results with
+    the job's sweep.yaml and environment.json, and the snapshot gone."""
+    script = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "collect.sh"
+    job, dest = tmp_path / "runs" / "study_gated_t20", tmp_path / "docs"
+    (job / "mlp_out").mkdir(parents=True)
+    (job / "sweep.yaml").write_text("seed: 0\n")
+    (job / "environment.json").write_text("{}")
+    (job / "mlp_out" / "progress.json").write_text('{"steps": 250}')
+    subprocess.run(["bash", str(script), str(dest), str(job)], check=True, capture_output=True)
+    snapshot = dest / "in_progress" / "mlp_out_study_gated_t20.json"
+    assert json.loads(snapshot.read_text()) == {"steps": 250}
+    (job / "mlp_out" / "results.json").write_text('{"steps": 4000}')
+    subprocess.run(["bash", str(script), str(dest), str(job)], check=True, capture_output=True)
+    finished = dest / "sweeps" / "study_gated_t20"
+    assert json.loads((finished / "mlp_out" / "results.json").read_text()) == {"steps": 4000}
+    assert (finished / "sweep.yaml").is_file() and (finished / "environment.json").is_file()
+    assert not snapshot.exists()
