@@ -286,6 +286,31 @@ def test_report_merges_same_named_cells_of_several_sweeps(tmp_path):
         main(["report", str(tmp_path / "first"), str(tmp_path / "first"), "--out", str(tmp_path / "twice")])
 
 
+def test_tagged_groups_keep_the_same_series_at_two_widths_apart(tmp_path, capsys):
+    """`report --tag 1× A --tag 4× B`: one cell, the series named by group, the config's pairs tagged with them."""
+    from sagsae.analysis.sweep_results import load_cells
+
+    for sweep, width, offset in (("narrow", 8, 0.0), ("wide", 32, 0.1)):
+        members = {f"{series}-{l0}": {"series": series, "point": {"target_l0": l0}, "width": width, "l0": l0,
+                                      "r2": 0.5 + 0.01 * l0 + offset + (0.05 if series == "Y" else 0),
+                                      "dead_fraction": 0.0, "silent_fraction": 0.0, "tokens_seen": 100}
+                   for series in ("X", "Y") for l0 in (2, 4, 8)}
+        (tmp_path / sweep / "A").mkdir(parents=True)
+        (tmp_path / sweep / "A" / "results.json").write_text(json.dumps({"cell": "A", "steps": 5, "members": members}))
+        (tmp_path / sweep / "sweep.yaml").write_text(yaml.safe_dump({"compare": [["Y", "X"]]}))
+    tags = {tmp_path / "narrow": "1×", tmp_path / "wide": "4×"}
+    cells = load_cells(list(tags), tags)
+    assert {member["series"] for member in cells["A"]["members"].values()} == {"X 1×", "Y 1×", "X 4×", "Y 4×"}
+    main(["report", "--tag", "1×", str(tmp_path / "narrow"), "--tag", "4×", str(tmp_path / "wide"),
+          "--out", str(tmp_path / "report")])
+    verdicts = json.loads((tmp_path / "report" / "verdicts.json").read_text())
+    assert {(v["a"], v["b"], v["verdict"]) for v in verdicts if v["metric"] == "R²"} == {
+        ("Y 1×", "X 1×", "dominates"), ("Y 4×", "X 4×", "dominates")}
+    with pytest.raises(SystemExit):
+        main(["report", "--tag", "1×", "--out", str(tmp_path / "none")])
+    assert "--tag 1× names no sweep folder" in capsys.readouterr().err
+
+
 def test_a_ce_verdict_says_when_every_member_lowers_the_lms_loss():
     """On a cell where every seed of both series has ΔCE < 0 the ΔCE verdict is marked `below_zero` (a lower ΔCE
     is then no better fit); one seed above zero clears the mark. R² verdicts never carry it."""

@@ -21,19 +21,29 @@ PAPER = {  # the paper's (docs/results.md): half-width SA-GSAE vs full-width Gat
 }
 
 
-def load_cells(sweeps: list[Path]) -> dict[str, dict]:
+def tagged(name: str, tag: str | None) -> str:
+    """A series' name within a tagged group of sweeps ("SA-GSAE(H)" of the group "4×": "SA-GSAE(H) 4×")."""
+    return f"{name} {tag}" if tag else name
+
+
+def load_cells(sweeps: list[Path], tags: dict[Path, str] | None = None) -> dict[str, dict]:
     """cell name → results.json of every finished cell of the given sweep folders. Cells of the same name in
     several sweeps (the same data) are merged, so that series from separate sweeps can be compared; their
     step counts are listed, since a comparison is only fair at one budget. A member found in two folders is
-    refused: it would count twice as a seed."""
+    refused: it would count twice as a seed. A folder with a tag (e.g. its width, "4×") has the tag added to its
+    series' and members' names, so that the same series at two widths stay apart."""
     cells: dict[str, dict] = {}
     origin: dict[tuple[str, str], Path] = {}
     for sweep in sweeps:
         files = sorted(sweep.glob(f"*/{RESULTS}"))
         if not files:
             raise FileNotFoundError(f"{sweep} holds no finished cell (no */{RESULTS}); run the sweep first")
+        tag = (tags or {}).get(sweep)
         for path in files:
             cell = json.loads(path.read_text())
+            if tag:
+                cell["members"] = {f"{member} {tag}": {**values, "series": tagged(values["series"], tag)}
+                                   for member, values in cell["members"].items()}
             name = path.parent.name
             for member in cell["members"]:
                 if (name, member) in origin:

@@ -5,7 +5,8 @@ a band), a table of every sweep point, the Pareto verdict of each compared pair 
 with the sweep-geomean dead reduction, the bipolar census of signed SAEs, and what the paper reports for that
 kind of hookpoint. Compared pairs come from `--compare A B` or the sweep config's `compare: [[A, B], …]`.
 `--at_tokens N` reads every member as it stood after N training tokens (sweeps keep every budget checkpoint);
-`--series A B …` reports only those series.
+`--series A B …` reports only those series. `--tag 4× FOLDER …` names a group's series "SERIES 4×", so that one
+report holds the same series at several widths.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import yaml
 from sagsae.analysis.convergence import (L0_TOLERANCE, NOISE_MULTIPLE, R2_TOLERANCE, REFERENCE_POINTS, Plateau,
                                          at_target, converged_at, settling)
 from sagsae.analysis.sweep_results import (at_budget, cell_verdicts, grid_point, has_metric, load_cells,
-                                           only_series, own_band_readings, sweep_points)
+                                           only_series, own_band_readings, sweep_points, tagged)
 
 
 def series_style(name: str, focus: list[str], index: int) -> dict:
@@ -301,8 +302,9 @@ def verdict_table(verdicts: list[dict]) -> list[str]:
 
 
 def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | None = None,
-                 at_tokens: int | None = None, series: list[str] | None = None) -> Path:
-    cells = load_cells(sweeps)
+                 at_tokens: int | None = None, series: list[str] | None = None,
+                 tags: dict[Path, str] | None = None) -> Path:
+    cells = load_cells(sweeps, tags)
     if series:
         cells = only_series(cells, series)
     if at_tokens is not None:
@@ -311,7 +313,11 @@ def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | N
         pairs = []
         for sweep in sweeps:
             config = yaml.safe_load((sweep / "sweep.yaml").read_text()) if (sweep / "sweep.yaml").is_file() else {}
-            pairs += [tuple(pair) for pair in (config or {}).get("compare", []) if tuple(pair) not in pairs]
+            tag = (tags or {}).get(sweep)
+            for pair in (config or {}).get("compare", []):
+                pair = tuple(tagged(name, tag) for name in pair)
+                if pair not in pairs:
+                    pairs.append(pair)
     out.mkdir(parents=True, exist_ok=True)
     sections, verdicts = [], []
     for label, cell in cells.items():
@@ -345,8 +351,11 @@ def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sagsae report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweeps", nargs="+", type=Path,
+    parser.add_argument("sweeps", nargs="*", type=Path,
                         help="sweep output folders (from `sweep` or `synth`); same-named cells are merged")
+    parser.add_argument("--tag", nargs="+", action="append", metavar=("TAG", "FOLDER"),
+                        help="a tag and its sweep folders (repeatable): their series are named 'SERIES TAG', e.g. "
+                             "--tag 1× A --tag 4× B puts 'SA-GSAE(H) 1×' beside 'SA-GSAE(H) 4×'")
     parser.add_argument("--out", type=Path, help="report folder (default: <first sweep>/report)")
     parser.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
                         help="series to compare (repeatable); default: the sweep config's `compare`")
@@ -357,6 +366,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.at_tokens is not None and args.at_tokens <= 0:
         parser.error("--at_tokens must be positive")
-    report = write_report(args.sweeps, args.out or args.sweeps[0] / "report",
-                          [tuple(pair) for pair in args.compare] if args.compare else None, args.at_tokens, args.series)
+    tags = {}
+    for tag, *folders in args.tag or []:
+        if not folders:
+            parser.error(f"--tag {tag} names no sweep folder: --tag TAG FOLDER [FOLDER …]")
+        tags.update((Path(folder), tag) for folder in folders)
+    sweeps = [*args.sweeps, *tags]
+    if not sweeps:
+        parser.error("name at least one sweep folder (or --tag TAG FOLDER …)")
+    report = write_report(sweeps, args.out or sweeps[0] / "report",
+                          [tuple(pair) for pair in args.compare] if args.compare else None, args.at_tokens, args.series,
+                          tags)
     print(f"Wrote {report}")
