@@ -330,7 +330,8 @@ def write_report(sweeps: list[Path], out: Path, pairs: list[tuple[str, str]] | N
         lines, cell_verdicts = cell_section(label, cell, pairs, image, budget_image)
         sections += lines
         verdicts += cell_verdicts
-    lines = ["# Sweep report", "", "Sweeps: " + ", ".join(f"`{s}`" for s in sweeps), ""]
+    lines = ["# Sweep report", "", "Sweeps: " + ", ".join(f"`{s}`" + (f" ({tags[s]})" if s in (tags or {}) else "")
+                                                    for s in sweeps), ""]
     if at_tokens is not None:
         lines += [f"Every member as it stood after {at_tokens:,} training tokens (its last budget checkpoint "
                   f"within them; `--at_tokens`).", ""]
