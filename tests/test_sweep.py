@@ -439,3 +439,21 @@ def test_collect_copies_progress_then_results_into_the_docs(tmp_path):
     assert json.loads((finished / "mlp_out" / "results.json").read_text()) == {"steps": 4000}
     assert (finished / "sweep.yaml").is_file() and (finished / "environment.json").is_file()
     assert not snapshot.exists()
+
+
+def test_the_queue_skips_jobs_whose_results_are_committed(tmp_path):
+    """configs/sweeps/queue.sh on a new machine: a job whose results collect.sh committed is not trained again."""
+    scripts = tmp_path / "configs" / "sweeps"
+    scripts.mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "queue.sh", scripts)
+    committed = tmp_path / "docs" / "results" / "study" / "sweeps" / "study_a" / "mlp_out"
+    committed.mkdir(parents=True)
+    (committed / "results.json").write_text("{}")
+    jobs = tmp_path / "study.jobs"
+    jobs.write_text("# name|config|cell|series|out|more\n"
+                    "a|c.yaml|mlp_out|X|runs/sweeps/study_a|--only k=1\n"
+                    "b|c.yaml|mlp_out|X|runs/sweeps/study_b|--only k=2\n")
+    done = subprocess.run(["bash", str(scripts / "queue.sh"), str(jobs)], env={"PATH": "/usr/bin:/bin",
+                          "PYTHON": "echo"}, capture_output=True, text=True, check=True)
+    assert "start b" in done.stdout and "start a" not in done.stdout
+    assert "--out runs/sweeps/study_b --only k=2" in done.stdout
