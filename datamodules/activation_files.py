@@ -30,6 +30,7 @@ from sagsae.measures import normalization_scales
 
 KEY = "activations"
 METADATA = "metadata.json"
+BASELINES = "lm_loss_baselines.json"  # the clean and zeroed LM loss of its held-out contexts (lm_evaluation)
 
 
 def shard_files(path: str | Path, split: str = "train") -> list[Path]:
@@ -181,8 +182,10 @@ class ActivationFileDataModule(L.LightningDataModule):
         return self.lm_data
 
     def spliced_cross_entropy(self, reconstruct, contexts: int = 16) -> dict[str, float]:
-        """The spliced LM loss of `LMActivationDataModule`, on the LM and held-out documents of this cache."""
-        return self.language_model_data().spliced_cross_entropy(reconstruct, contexts, self.hparams.held_out)
+        """The spliced LM loss of `LMActivationDataModule`, on the LM and held-out documents of this cache; the
+        clean and zeroed CE are kept in the cache folder, so that every later run on it skips those LM passes."""
+        return self.language_model_data().spliced_cross_entropy(reconstruct, contexts, self.hparams.held_out,
+                                                                baselines=Path(self.hparams.path) / BASELINES)
 
     def _my_shards(self) -> list[Path]:
         rank, world = rank_and_world(self.trainer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -272,10 +273,11 @@ class LMActivationDataModule(L.LightningDataModule):
         return [normalization_scale(total, int(count), self.d_model) for total in sums]
 
     def spliced_cross_entropy(self, reconstruct: Callable[[Tensor], Tensor], contexts: int = 16,
-                              part: str = "all", site: int = 0) -> dict[str, float]:
+                              part: str = "all", site: int = 0, baselines: Path | None = None) -> dict[str, float]:
         """Spliced LM loss (lm_evaluation) on the first `contexts` held-out contexts of `part` (all, or the
         selection or verdict half, activation_stream.held_out_part), the same ones every time (their clean and
-        zeroed losses computed once), with the reconstruction written at `site` (of `more_hookpoints`)."""
+        zeroed losses computed once, or read from `baselines`), with the reconstruction written at `site` (of
+        `more_hookpoints`)."""
         if site and (self.site_readers is None or site >= len(self.site_readers)):
             raise ValueError(f"No site {site}: this datamodule reads {self.sites or 1} hookpoint(s)")
         if (contexts, part, site) not in self.evaluators:
@@ -285,7 +287,8 @@ class LMActivationDataModule(L.LightningDataModule):
                 rank_zero_warn(f"The {part} held-out documents hold {len(chosen)} contexts, fewer than the {contexts} "
                                f"asked for the LM loss: raise data.val_fraction for more")
             writer = None if not site else self.site_readers[site]
-            self.evaluators[contexts, part, site] = LMLossEvaluator(self.lm, torch.tensor(chosen), writer)
+            self.evaluators[contexts, part, site] = LMLossEvaluator(self.lm, torch.tensor(chosen), writer,
+                                                                    baselines=baselines)
         return self.evaluators[contexts, part, site].evaluate(reconstruct)
 
     # ----- dataloaders ------------------------------------------------------------------------------

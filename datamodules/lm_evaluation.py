@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -24,11 +28,30 @@ class LMLossEvaluator:
     gets the CE that one process gets (all ranks must call together)."""
 
     def __init__(self, lm: HookedLanguageModel, input_ids: Tensor, writer: ActivationReader | None = None,
-                 chunk: int = 16) -> None:
-        """`writer`: the hookpoint replaced, when it is not the LM's own (a site of `more_hookpoints`)."""
+                 chunk: int = 16, baselines: Path | None = None) -> None:
+        """`writer`: the hookpoint replaced, when it is not the LM's own (a site of `more_hookpoints`).
+        `baselines`: a JSON file that keeps the clean and zeroed CE of these contexts, so that later runs on one
+        cache skip those two LM passes; used by a single process only."""
         self.lm, self.input_ids, self.writer, self.chunk = lm, input_ids, writer, chunk
+        store = baselines if process_rank_and_world()[1] == 1 else None
+        key = self.baselines_key()
+        saved = read_baselines(store).get(key) if store else None
+        if saved:
+            self.clean, self.zero = saved["ce_clean"], saved["ce_zero"]
+            return
         self.clean = self.cross_entropy(None)
         self.zero = self.cross_entropy(torch.zeros_like)
+        if store:
+            write_baselines(store, key, {"ce_clean": self.clean, "ce_zero": self.zero})
+
+    def baselines_key(self) -> str:
+        """What the clean and zeroed CE depend on: the contexts, the hookpoint zeroed, the LM's dtype and device,
+        and the software and CPU that ran it (a new machine measures them again)."""
+        digest = hashlib.sha256(self.input_ids.cpu().numpy().tobytes()).hexdigest()[:16]
+        zeroed = self.writer or self.lm.target_reader or self.lm.reader
+        dtype = next(zeroed.model.parameters()).dtype
+        return (f"{digest} {tuple(self.input_ids.shape)} {zeroed.hookpoint} layer {zeroed.layer} {dtype} "
+                f"{self.lm.device} torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}")
 
     @torch.no_grad()
     def cross_entropy(self, make: Reconstruct | None) -> float:
@@ -64,3 +87,18 @@ class LMLossEvaluator:
         recovered = (self.zero - spliced) / (self.zero - self.clean) if self.zero != self.clean else float("nan")
         return {"ce_clean": self.clean, "ce_sae": spliced, "ce_zero": self.zero, "ce_delta": spliced - self.clean,
                 "ce_recovered": recovered}
+
+
+def read_baselines(path: Path) -> dict[str, dict[str, float]]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def write_baselines(path: Path, key: str, values: dict[str, float]) -> None:
+    """Adds one entry, written whole (a temporary file renamed over the old), so a reader never sees half a file."""
+    entries = {**read_baselines(path), key: values}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(json.dumps(entries, indent=1))
+    temporary.replace(path)

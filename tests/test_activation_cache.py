@@ -250,6 +250,28 @@ def test_a_sweep_from_a_cache_scores_every_members_lm_loss(cache_dir, tmp_path, 
     assert identity["ce_delta"] == pytest.approx(0.0, abs=1e-6) and identity["ce_recovered"] == pytest.approx(1.0)
 
 
+def test_the_clean_and_zeroed_lm_loss_are_kept_in_the_cache_folder(cache_dir, tmp_path):
+    """The first spliced LM loss on a cache writes its clean and zeroed CE beside it; a later run reads them
+    instead of running the LM twice more (shown by an edited value coming back), for the same contexts only."""
+    import shutil
+
+    from datamodules.activation_files import BASELINES
+
+    folder = tmp_path / "cache"
+    shutil.copytree(cache_dir, folder)
+    (folder / BASELINES).unlink(missing_ok=True)  # earlier tests' runs on the shared cache wrote theirs
+    first = ActivationFileDataModule(str(folder)).spliced_cross_entropy(lambda x: 0.5 * x, contexts=4)
+    stored = json.loads((folder / BASELINES).read_text())
+    (key, values), = stored.items()
+    assert values == {"ce_clean": first["ce_clean"], "ce_zero": first["ce_zero"]}
+    stored[key]["ce_zero"] = 99.0
+    (folder / BASELINES).write_text(json.dumps(stored))
+    again = ActivationFileDataModule(str(folder)).spliced_cross_entropy(lambda x: 0.5 * x, contexts=4)
+    assert again["ce_zero"] == 99.0 and again["ce_sae"] == first["ce_sae"] and again["ce_clean"] == first["ce_clean"]
+    other = ActivationFileDataModule(str(folder)).spliced_cross_entropy(lambda x: 0.5 * x, contexts=3)
+    assert other["ce_zero"] != 99.0 and len(json.loads((folder / BASELINES).read_text())) == 2
+
+
 def test_selection_and_verdict_halves_split_the_held_out_data(cache_dir):
     """A recipe chosen on the selection half is reported on the verdict half: disjoint held-out tokens and LM
     contexts, which together are all of them."""
