@@ -34,7 +34,7 @@ class LMLossEvaluator:
         cache skip those two LM passes; used by a single process only."""
         self.lm, self.input_ids, self.writer, self.chunk = lm, input_ids, writer, chunk
         store = baselines if process_rank_and_world()[1] == 1 else None
-        key = self.baselines_key()
+        key = self.baselines_key() if store else None
         saved = read_baselines(store).get(key) if store else None
         if saved:
             self.clean, self.zero = saved["ce_clean"], saved["ce_zero"]

@@ -42,7 +42,7 @@ def load_cells(sweeps: list[Path], tags: dict[Path, str] | None = None) -> dict[
         for path in files:
             cell = json.loads(path.read_text())
             if tag:
-                cell["members"] = {f"{member} {tag}": {**values, "series": tagged(values["series"], tag)}
+                cell["members"] = {tagged(member, tag): {**values, "series": tagged(values["series"], tag)}
                                    for member, values in cell["members"].items()}
             name = path.parent.name
             for member in cell["members"]:

@@ -336,7 +336,7 @@ def select(config: dict[str, Any], series: list[str] | None, seeds: list[int] | 
             if value not in (values if isinstance(values, list) else [values]):
                 raise ValueError(f"--only {point}: series {entry.get('name')!r} has no grid point {key}={text} "
                                  f"(its grid: {entry.get('grid') or {}}); pick its series with --series")
-        members = [{**entry, "grid": {**entry["grid"], key: [value]}} for entry in members]
+        members = [{**entry, "grid": {**(entry.get("grid") or {}), key: [value]}} for entry in members]
     return {**config, "members": members}
 
 
